@@ -1,0 +1,130 @@
+"""Training-time inner maximisation: PGD (Madry), TRADES-KL and DAT's EAEG.
+
+Every attack is L-inf in [0, 1] pixel space, runs the model in eval mode (restoring
+its ``training`` flag afterwards), never accumulates parameter gradients, and uses the
+BN branch the caller routes (``branch=...`` or an enclosing ``bn_branch``). Losses are
+summed over the batch, so a sample's step does not depend on what else is in the
+batch: attacking ``cat([x, x_hat])`` with split BN equals two separate attacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .losses import cw_margin, kl_divergence
+from .models.dual_bn import bn_branch
+
+__all__ = ["eaeg", "eval_mode", "pgd", "project", "trades_kl"]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode inside the block and restore its flag after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
+    """Project onto the L-inf ball of radius ``eps`` around ``x`` and onto [0, 1]."""
+    x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
+    return x_adv.clamp(0.0, 1.0)
+
+
+def _branch(model: nn.Module, branch: str | None):
+    return bn_branch(model, branch) if branch else contextlib.nullcontext()
+
+
+def _ascend(model, x, x_adv, loss_fn, eps, alpha, steps, branch) -> Tensor:
+    with eval_mode(model), _branch(model, branch):
+        for _ in range(steps):
+            x_adv = x_adv.detach().requires_grad_(True)
+            loss = loss_fn(model(x_adv))
+            (grad,) = torch.autograd.grad(loss, x_adv)
+            x_adv = project(x_adv.detach() + alpha * grad.sign(), x, eps)
+    return x_adv.detach()
+
+
+def _gaussian_start(x: Tensor, std: float, noise: Tensor | None) -> Tensor:
+    noise = torch.randn_like(x) if noise is None else noise
+    return (x + std * noise).clamp(0.0, 1.0).detach()
+
+
+def pgd(
+    model: nn.Module, x: Tensor, y: Tensor, eps: float = 8 / 255, alpha: float = 2 / 255,
+    steps: int = 10, random_start: bool = True, loss: str = "ce",
+    label_smoothing: float = 0.0, branch: str | None = None, start: Tensor | None = None,
+) -> Tensor:
+    """Madry et al. PGD: ascend CE (or the CW margin, ``loss="cw"``) from a uniform start.
+
+    ``start`` overrides the random start (an initial perturbation in [-eps, eps]).
+    """
+    x = x.detach()
+    if start is not None:
+        x_adv = project(x + start, x, eps)
+    elif random_start:
+        x_adv = project(x + torch.empty_like(x).uniform_(-eps, eps), x, eps)
+    else:
+        x_adv = x.clone()
+
+    def objective(logits: Tensor) -> Tensor:
+        if loss == "cw":
+            return cw_margin(logits, y).sum()
+        return F.cross_entropy(logits.float(), y, reduction="sum",
+                               label_smoothing=label_smoothing)
+
+    if loss not in ("ce", "cw"):
+        raise ValueError(f"unknown PGD loss {loss!r}; use 'ce' or 'cw'")
+    return _ascend(model, x, x_adv, objective, eps, alpha, steps, branch)
+
+
+def trades_kl(
+    model: nn.Module, x: Tensor, eps: float = 8 / 255, alpha: float = 2 / 255,
+    steps: int = 10, init_std: float = 0.001, target_logits: Tensor | None = None,
+    branch: str | None = None, noise: Tensor | None = None,
+) -> Tensor:
+    """TRADES inner maximisation: ascend KL(p(x) || p(x')) from a 0.001 Gaussian start.
+
+    The target p(x) is computed once (eval mode) unless ``target_logits`` is given.
+    """
+    return eaeg(model, x, None, eps, alpha, steps, beta=1.0, init_std=init_std,
+                target_logits=target_logits, branch=branch, noise=noise)
+
+
+def eaeg(
+    model: nn.Module, x: Tensor, y: Tensor | None, eps: float = 8 / 255,
+    alpha: float = 2 / 255, steps: int = 5, beta: float = 15.0,
+    label_smoothing: float = 0.0, init_std: float = 0.001,
+    target_logits: Tensor | None = None, branch: str | None = None,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """DAT's efficient adversarial example generation (EAEG).
+
+    Ascends ``CE(f(x'), y) + beta * KL(p(x) || p(x'))`` for ``steps`` signed-gradient
+    steps from ``x + init_std * N(0, I)``. The KL target p(x) does not change during
+    the attack, so it is computed once (the published code recomputes it every step).
+    With ``y=None`` the CE term is dropped (TRADES). ``noise`` injects the start draw.
+    """
+    x = x.detach()
+    if target_logits is None:
+        with torch.no_grad(), eval_mode(model), _branch(model, branch):
+            target_logits = model(x)
+    target_logits = target_logits.detach()
+
+    def objective(logits: Tensor) -> Tensor:
+        loss = beta * kl_divergence(target_logits, logits, reduction="sum")
+        if y is not None:
+            loss = loss + F.cross_entropy(logits.float(), y, reduction="sum",
+                                          label_smoothing=label_smoothing)
+        return loss
+
+    x_adv = _gaussian_start(x, init_std, noise)
+    return _ascend(model, x, x_adv, objective, eps, alpha, steps, branch)

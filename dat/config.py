@@ -1,0 +1,318 @@
+"""Typed run configuration: dataclasses with commented defaults, YAML presets, overrides.
+
+The defaults are the paper's full DAT setting (ResNet-18, CIFAR-10, official amplitude
+scale). Presets in ``configs/`` change only what differs. Values like ``8/255`` are
+accepted wherever a float is expected, in YAML and on the command line.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+__all__ = [
+    "AttackConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "GeneratorConfig",
+    "MethodConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "PerfConfig",
+    "TrainConfig",
+    "config_to_dict",
+    "config_to_yaml",
+    "find_preset",
+    "load_config",
+    "validate",
+]
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+METHODS = ("pgd_at", "trades", "mart", "dat")
+DATASETS = ("cifar10", "cifar100", "imagefolder", "cifar10-sample")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and the fix."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "cifar10"  # cifar10 | cifar100 | imagefolder | cifar10-sample
+    root: str = "data"  # torchvision binary folder, or ImageFolder tree with train/ + test/
+    val_size: int = 1000  # images held out from train (stratified) for model selection
+    split_seed: int = 0  # fixes the validation split, independent of train.seed
+    batch_size: int = 128  # per process
+    eval_batch_size: int = 500
+    loader: str = "auto"  # auto | resident | dataloader; resident = uint8 tensors on device
+    num_workers: int = 2  # DataLoader path only
+    crop_padding: int = 4  # random crop padding (pixels) of the clean branch
+    flip: bool = True  # random horizontal flip of the clean branch
+    train_subset: int = 0  # use only N training images (0 = all); quick runs and tests
+    test_subset: int = 0  # evaluate on only N test images (0 = all)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"  # see dat.models.list_models(), or timm/<name>
+    sync_bn: bool = False  # SyncBatchNorm across DDP ranks (both BN branches)
+
+
+@dataclass
+class AttackConfig:
+    """Training-time inner maximisation (L-inf, [0, 1] pixel scale)."""
+
+    eps: float = 8 / 255  # L-inf radius
+    alpha: float = 2 / 255  # step size
+    steps: int = 5  # K: 5 for DAT's EAEG, 10 for PGD-AT / TRADES
+    init: str = "gaussian"  # gaussian (0.001 * N(0, I), TRADES/EAEG) | uniform (PGD-AT)
+
+
+@dataclass
+class GeneratorConfig:
+    """The Adversarial Amplitude Generator (AAG) and its optimiser."""
+
+    noise_dim: int = 100
+    hidden: list[int] = field(default_factory=lambda: [128, 256, 512, 1024])
+    amplitude_scale: str = "official"  # official (sigmoid as is) | dataset (x 2 mean |FFT|)
+    lr: float = 0.1  # SGD, fixed (no schedule)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+
+
+@dataclass
+class MethodConfig:
+    name: str = "dat"  # pgd_at | trades | mart | dat
+    beta: float = 15.0  # KL weight (TRADES: 6, DAT: 15, MART: 6)
+    omega: float = 2.0  # DAT: weight of the JS consistency term
+    label_smoothing: float = 0.5  # CE label smoothing in attack and loss (published DAT: 0.5)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    generator_update: str = "alternating"  # alternating (published) | reversal (one backward)
+    mu: float = 1.0  # lam ~ U(0, mu) per sample
+    amplitude_source: str = "generator"  # generator | random_image (no AAG) | brightness
+    mix: str = "mix"  # mix (lam * A_G + (1 - lam) * A(x)) | replace (lam = 1, no mix-up)
+    split_bn: bool = True  # recombined images use the auxiliary BN branch
+    second_attack: bool = True  # false: single AE (mix A_G into x' instead of attacking x_hat)
+    outer: str = "dat"  # loss of each branch: dat (EAEG + TRADES form) | pgd_at | trades
+    recombined_padding: int = 3  # random crop padding of x_hat (published: 3)
+    recombined_branch: bool = True  # false: baseline (EAEG adversarial training only)
+    awp_gamma: float = 0.0  # adversarial weight perturbation size (0 = off; paper: 0.005)
+    awp_warmup: int = 0  # epochs before AWP starts
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1  # at reference_batch_size
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "piecewise"  # piecewise | cosine | constant
+    milestones: list[int] = field(default_factory=lambda: [100, 110])  # epochs
+    gamma: float = 0.1  # lr factor at each milestone
+    warmup_epochs: int = 0
+    lr_scaling: str = "none"  # none | linear (lr x global_batch / reference_batch_size)
+    reference_batch_size: int = 128
+
+
+@dataclass
+class PerfConfig:
+    """Fast-path switches; each can be turned off to compare with the plain path."""
+
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    channels_last: str = "auto"  # auto (on for CUDA) | on | off
+    batched_branches: bool = True  # attack x and x_hat as one 2B batch with split BN
+    compile: bool = False  # torch.compile the model
+    log_every: int = 50  # steps between host syncs for logging
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 150
+    seed: int = 0
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
+    out_dir: str = "runs"  # a run writes out_dir/run_name/
+    run_name: str = ""  # empty: <method>-<model>-<dataset>-<timestamp>
+    resume: str = ""  # checkpoint path, or "auto" (run_name's last.pt)
+    steps_per_epoch: int = 0  # cap steps per epoch (0 = full epoch); quick runs
+    val_every: int = 1  # epochs between validation PGD runs (0 = never)
+    val_pgd_steps: int = 10  # PGD steps for checkpoint selection
+    val_examples: int = 1000  # validation images used for selection
+    test_attacks: list[str] = field(default_factory=lambda: ["clean", "pgd20"])
+    image_every: int = 500  # steps between TensorBoard image grids (0 = never)
+    weight_averaging: str = "none"  # none | ema | swa
+    ema_decay: float = 0.999
+    swa_start: int = 100  # epoch from which SWA averages
+    max_bad_steps: int = 10  # consecutive non-finite steps before the run stops
+    keep_checkpoints: int = 2  # last.pt plus this many older good ones for fallback
+    callbacks: list[str] = field(default_factory=list)  # "module:function" entries
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+_FRACTION = re.compile(r"^\s*(-?\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")
+
+
+def _fractions_to_floats(value: Any) -> Any:
+    """Turn strings like ``"8/255"`` into floats, recursively."""
+    if isinstance(value, str):
+        m = _FRACTION.match(value)
+        return float(m.group(1)) / float(m.group(2)) if m else value
+    if isinstance(value, dict):
+        return {k: _fractions_to_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fractions_to_floats(v) for v in value]
+    return value
+
+
+def find_preset(name_or_path: str) -> Path:
+    """Resolve a YAML path, or a preset name in ``configs/`` (with or without ``.yaml``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / name_or_path, CONFIG_DIR / f"{name_or_path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+    raise ConfigError(f"config {name_or_path!r} not found; give a YAML path or a preset: {known}")
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=2)")
+    key, raw = item.split("=", 1)
+    value = OmegaConf.from_dotlist([f"v={raw}"]).v if raw != "" else ""
+    return key.strip(), _fractions_to_floats(value)
+
+
+def _merge(base: Any, update: Any, where: str) -> Any:
+    try:
+        return OmegaConf.merge(base, update)
+    except OmegaConfBaseException as err:
+        first = str(err).splitlines()[0]
+        key = getattr(err, "full_key", None)
+        hint = f" at {key}" if key else ""
+        raise ConfigError(f"{where}{hint}: {first} (see dat/config.py for valid keys)") from None
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file or preset ``path``, then ``key=value`` overrides; validated."""
+    cfg = OmegaConf.structured(Config)
+    if path:
+        file = find_preset(path)
+        loaded = OmegaConf.to_container(OmegaConf.load(file))
+        cfg = _merge(cfg, _fractions_to_floats(loaded or {}), f"in {file}")
+    for item in overrides or []:
+        key, value = _parse_override(item)
+        update = OmegaConf.create({})
+        try:
+            OmegaConf.update(update, key, value, force_add=True)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"override {item!r}: {str(err).splitlines()[0]}") from None
+        cfg = _merge(cfg, update, f"override {item!r}")
+    config: Config = OmegaConf.to_object(cfg)
+    validate(config)
+    return config
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain nested dict of primitives (safe to store in checkpoints)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def config_from_dict(data: dict) -> Config:
+    """Inverse of :func:`config_to_dict`, validated."""
+    cfg = _merge(OmegaConf.structured(Config), data, "stored config")
+    config: Config = OmegaConf.to_object(cfg)
+    validate(config)
+    return config
+
+
+def config_to_yaml(cfg: Config) -> str:
+    """The resolved configuration as YAML (saved with every run)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _choice(value: str, allowed: tuple[str, ...], key: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not valid; use one of {', '.join(allowed)}")
+
+
+def _check_attack(a: AttackConfig, key: str) -> None:
+    if a.eps > 1:
+        raise ConfigError(
+            f"{key}.eps={a.eps:g} looks like 0-255 units; images are in [0, 1], "
+            f"so write {key}.eps={a.eps:g}/255"
+        )
+    if a.alpha > 1:
+        raise ConfigError(f"{key}.alpha={a.alpha:g} looks like 0-255 units; write {a.alpha:g}/255")
+    if a.eps < 0 or a.alpha <= 0:
+        raise ConfigError(f"{key}.eps must be >= 0 and {key}.alpha > 0")
+    if a.alpha > a.eps > 0:
+        raise ConfigError(
+            f"{key}.alpha={a.alpha:.4g} is larger than {key}.eps={a.eps:.4g}; "
+            "use a step size <= eps (e.g. eps=8/255, alpha=2/255)"
+        )
+    if a.steps < 1:
+        raise ConfigError(f"{key}.steps={a.steps} must be >= 1")
+    _choice(a.init, ("gaussian", "uniform"), f"{key}.init")
+
+
+def validate(cfg: Config) -> None:
+    """Raise :class:`ConfigError` with a one-line message naming the fix."""
+    from .models import list_models
+
+    _choice(cfg.data.name, DATASETS, "data.name")
+    _choice(cfg.data.loader, ("auto", "resident", "dataloader"), "data.loader")
+    if cfg.data.batch_size < 1 or cfg.data.eval_batch_size < 1:
+        raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
+    if cfg.data.val_size < 0:
+        raise ConfigError("data.val_size must be >= 0")
+    if not cfg.model.name.startswith("timm/") and cfg.model.name not in list_models():
+        raise ConfigError(
+            f"model.name={cfg.model.name!r} is unknown; use one of {list_models()} "
+            "or timm/<name>"
+        )
+    m = cfg.method
+    _choice(m.name, METHODS, "method.name")
+    _check_attack(m.attack, "method.attack")
+    _choice(m.generator.amplitude_scale, ("official", "dataset"),
+            "method.generator.amplitude_scale")
+    _choice(m.generator_update, ("alternating", "reversal"), "method.generator_update")
+    _choice(m.amplitude_source, ("generator", "random_image", "brightness"),
+            "method.amplitude_source")
+    _choice(m.mix, ("mix", "replace"), "method.mix")
+    _choice(m.outer, ("dat", "pgd_at", "trades"), "method.outer")
+    if not 0 <= m.label_smoothing < 1:
+        raise ConfigError(f"method.label_smoothing={m.label_smoothing} must be in [0, 1)")
+    if not 0 <= m.mu <= 1:
+        raise ConfigError(f"method.mu={m.mu} must be in [0, 1]")
+    if m.beta < 0 or m.omega < 0 or m.awp_gamma < 0:
+        raise ConfigError("method.beta, method.omega and method.awp_gamma must be >= 0")
+    o = cfg.optim
+    _choice(o.schedule, ("piecewise", "cosine", "constant"), "optim.schedule")
+    _choice(o.lr_scaling, ("none", "linear"), "optim.lr_scaling")
+    if o.lr <= 0:
+        raise ConfigError(f"optim.lr={o.lr} must be > 0")
+    _choice(cfg.perf.precision, ("auto", "bf16", "fp32"), "perf.precision")
+    _choice(cfg.perf.channels_last, ("auto", "on", "off"), "perf.channels_last")
+    t = cfg.train
+    if t.epochs < 1:
+        raise ConfigError(f"train.epochs={t.epochs} must be >= 1")
+    _choice(t.weight_averaging, ("none", "ema", "swa"), "train.weight_averaging")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
+        raise ConfigError(f"train.device={t.device!r}; use auto, cpu, cuda or cuda:N")

@@ -1,0 +1,42 @@
+"""Any timm architecture behind the toolkit's interface: [0, 1] input, normalisation inside."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from .normalize import CIFAR10_MEAN, CIFAR10_STD, Normalize
+
+__all__ = ["TimmClassifier", "create_timm"]
+
+
+class TimmClassifier(nn.Module):
+    """A timm model preceded by :class:`Normalize`; the timm net is ``self.net``."""
+
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(self.normalize(x))
+
+
+def create_timm(
+    name: str,
+    num_classes: int = 10,
+    in_chans: int = 3,
+    mean: Sequence[float] = CIFAR10_MEAN,
+    std: Sequence[float] = CIFAR10_STD,
+    **kwargs,
+) -> TimmClassifier:
+    """Build ``timm.create_model(name)`` with random weights (no network access needed)."""
+    import timm
+
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm model {name!r}; see timm.list_models() for names")
+    net = timm.create_model(
+        name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs
+    )
+    return TimmClassifier(net, mean, std)
