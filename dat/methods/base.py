@@ -1,0 +1,35 @@
+"""The interface every training method implements, so the trainer stays method-agnostic."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+__all__ = ["MethodStep"]
+
+
+class MethodStep:
+    """One optimisation step of a training method: ``stats = step(x, y, x_raw=None)``.
+
+    ``run`` does the work and returns detached 0-d tensors, so the trainer can log them
+    every N steps without a host sync per step; ``__call__`` returns plain floats for
+    users' own loops. ``state_dict`` holds everything besides the classifier and its
+    optimiser that a resume needs (tensors and primitives only).
+    """
+
+    def run(self, x: Tensor, y: Tensor, x_raw: Tensor | None = None) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def __call__(self, x: Tensor, y: Tensor, x_raw: Tensor | None = None) -> dict[str, float]:
+        return {k: float(v) for k, v in self.run(x, y, x_raw).items()}
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Hook for schedules inside a method (e.g. AWP warm-up)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} has no state but got keys {sorted(state)}")
