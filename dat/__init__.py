@@ -1,17 +1,27 @@
 """dat: adversarial training with generative amplitude mix-up (DAT, NeurIPS 2024)."""
 
-from . import attacks, config, data, losses, models, spectral
+from . import attacks, config, data, generator, losses, mixing, models, spectral
 from .config import Config, load_config
+from .evaluation import evaluate
+from .generator import AmplitudeGenerator
+from .methods.dat import DATStep
+from .mixing import AmplitudeMix
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AmplitudeGenerator",
+    "AmplitudeMix",
     "Config",
+    "DATStep",
     "attacks",
     "config",
     "data",
+    "evaluate",
+    "generator",
     "load_config",
     "losses",
+    "mixing",
     "models",
     "spectral",
 ]

@@ -4,7 +4,9 @@ Every attack is L-inf in [0, 1] pixel space, runs the model in eval mode (restor
 its ``training`` flag afterwards), never accumulates parameter gradients, and uses the
 BN branch the caller routes (``branch=...`` or an enclosing ``bn_branch``). Losses are
 summed over the batch, so a sample's step does not depend on what else is in the
-batch: attacking ``cat([x, x_hat])`` with split BN equals two separate attacks.
+batch: attacking ``cat([x, x_hat])`` with split BN equals two separate attacks (bit for
+bit on CPU and in fp64 on CUDA; with TF32/bf16 convolutions rounding flips the sign of
+some small gradients, so the two differ in a fraction of pixels by multiples of alpha).
 """
 
 from __future__ import annotations
@@ -24,13 +26,18 @@ __all__ = ["eaeg", "eval_mode", "pgd", "project", "trades_kl"]
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode inside the block and restore its flag after."""
-    was_training = model.training
+    """Put ``model`` in eval mode inside the block and restore every module's flag after.
+
+    Flags are restored per module, so a sub-module the user froze in eval mode (e.g. a
+    frozen BatchNorm) stays frozen after an attack.
+    """
+    flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for m, flag in flags:
+            m.training = flag
 
 
 def project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
@@ -44,7 +51,8 @@ def _branch(model: nn.Module, branch: str | None):
 
 
 def _ascend(model, x, x_adv, loss_fn, eps, alpha, steps, branch) -> Tensor:
-    with eval_mode(model), _branch(model, branch):
+    # enable_grad: callers often attack inside torch.no_grad() (evaluation loops).
+    with eval_mode(model), _branch(model, branch), torch.enable_grad():
         for _ in range(steps):
             x_adv = x_adv.detach().requires_grad_(True)
             loss = loss_fn(model(x_adv))
@@ -53,9 +61,10 @@ def _ascend(model, x, x_adv, loss_fn, eps, alpha, steps, branch) -> Tensor:
     return x_adv.detach()
 
 
-def _gaussian_start(x: Tensor, std: float, noise: Tensor | None) -> Tensor:
+def _gaussian_start(x: Tensor, std: float, eps: float, noise: Tensor | None) -> Tensor:
     noise = torch.randn_like(x) if noise is None else noise
-    return (x + std * noise).clamp(0.0, 1.0).detach()
+    # Projected too: 0.001 * N(0, I) can leave a small eps-ball (eps = 0 or 1/255).
+    return project(x + std * noise, x, eps).detach()
 
 
 def pgd(
@@ -67,6 +76,8 @@ def pgd(
 
     ``start`` overrides the random start (an initial perturbation in [-eps, eps]).
     """
+    if loss not in ("ce", "cw"):
+        raise ValueError(f"unknown PGD loss {loss!r}; use 'ce' or 'cw'")
     x = x.detach()
     if start is not None:
         x_adv = project(x + start, x, eps)
@@ -81,8 +92,6 @@ def pgd(
         return F.cross_entropy(logits.float(), y, reduction="sum",
                                label_smoothing=label_smoothing)
 
-    if loss not in ("ce", "cw"):
-        raise ValueError(f"unknown PGD loss {loss!r}; use 'ce' or 'cw'")
     return _ascend(model, x, x_adv, objective, eps, alpha, steps, branch)
 
 
@@ -126,5 +135,5 @@ def eaeg(
                                           label_smoothing=label_smoothing)
         return loss
 
-    x_adv = _gaussian_start(x, init_std, noise)
+    x_adv = _gaussian_start(x, init_std, eps, noise)
     return _ascend(model, x, x_adv, objective, eps, alpha, steps, branch)

@@ -26,6 +26,7 @@ __all__ = [
     "OptimConfig",
     "PerfConfig",
     "TrainConfig",
+    "config_from_dict",
     "config_to_dict",
     "config_to_yaml",
     "find_preset",
@@ -152,6 +153,8 @@ class TrainConfig:
     max_bad_steps: int = 10  # consecutive non-finite steps before the run stops
     keep_checkpoints: int = 2  # last.pt plus this many older good ones for fallback
     callbacks: list[str] = field(default_factory=list)  # "module:function" entries
+    checkpoint_every: int = 0  # steps between mid-epoch saves of last.pt (0 = epoch ends only)
+    ema_warmup: bool = True  # EMA decay min(ema_decay, (1 + n) / (10 + n)) over n updates
 
 
 @dataclass
@@ -272,6 +275,19 @@ def _check_attack(a: AttackConfig, key: str) -> None:
     _choice(a.init, ("gaussian", "uniform"), f"{key}.init")
 
 
+def _check_model_name(name: str, known: list[str]) -> None:
+    if name.startswith("timm/"):
+        import timm  # only when asked for: importing timm takes about a second
+
+        if not timm.is_model(name.removeprefix("timm/")):
+            raise ConfigError(
+                f"model.name={name!r}: timm has no model {name.removeprefix('timm/')!r}; "
+                "pick a name from timm.list_models()"
+            )
+    elif name not in known:
+        raise ConfigError(f"model.name={name!r} is unknown; use one of {known} or timm/<name>")
+
+
 def validate(cfg: Config) -> None:
     """Raise :class:`ConfigError` with a one-line message naming the fix."""
     from .models import list_models
@@ -282,11 +298,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
     if cfg.data.val_size < 0:
         raise ConfigError("data.val_size must be >= 0")
-    if not cfg.model.name.startswith("timm/") and cfg.model.name not in list_models():
-        raise ConfigError(
-            f"model.name={cfg.model.name!r} is unknown; use one of {list_models()} "
-            "or timm/<name>"
-        )
+    _check_model_name(cfg.model.name, list_models())
     m = cfg.method
     _choice(m.name, METHODS, "method.name")
     _check_attack(m.attack, "method.attack")
@@ -316,3 +328,23 @@ def validate(cfg: Config) -> None:
     _choice(t.weight_averaging, ("none", "ema", "swa"), "train.weight_averaging")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
         raise ConfigError(f"train.device={t.device!r}; use auto, cpu, cuda or cuda:N")
+    _check_train_loop(t, cfg.perf.log_every)
+
+
+def _check_train_loop(t: TrainConfig, log_every: int) -> None:
+    """Counts and intervals of the training loop (trainer, checkpoints, callbacks)."""
+    if log_every < 1:
+        raise ConfigError(f"perf.log_every={log_every} must be >= 1")
+    for key in ("steps_per_epoch", "val_every", "image_every", "checkpoint_every",
+                "keep_checkpoints"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"train.{key}={getattr(t, key)} must be >= 0 (0 = off / all)")
+    for key in ("val_pgd_steps", "val_examples", "max_bad_steps"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key}={getattr(t, key)} must be >= 1")
+    if not 0 < t.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay={t.ema_decay} must be in (0, 1), e.g. 0.999")
+    for entry in t.callbacks:
+        if not re.fullmatch(r"[\w.]+:[\w.]+", entry):
+            raise ConfigError(f"train.callbacks entry {entry!r} is not 'module:function' "
+                              "(e.g. mypkg.hooks:on_event)")

@@ -4,24 +4,22 @@ Every loader yields :class:`Batch` (``x`` augmented, ``x_raw`` un-augmented, ``y
 float images in [0, 1] on the target device. Augmentation (random crop with zero
 padding + horizontal flip) runs on whole batches on the device, with random draws made
 on a CPU generator, so the resident and DataLoader paths give identical batches for the
-same seed on any device.
+same seed on a given device (CUDA's x / 255 can differ from the CPU's in the last bit).
 """
 
 from __future__ import annotations
 
-import io
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .config import DataConfig
+from .datasets import DataError, ImageSet, load_cifar, load_imagefolder, load_sample
 
 __all__ = [
     "Batch",
@@ -36,56 +34,11 @@ __all__ = [
     "stratified_split",
 ]
 
-SAMPLE_PATH = Path(__file__).resolve().parent / "assets" / "cifar10_sample.npz"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
-
-
-class DataError(ValueError):
-    """A dataset cannot be found or read; the message names the fix."""
-
 
 class Batch(NamedTuple):
     x: Tensor  # (B, C, H, W) float in [0, 1], augmented
     x_raw: Tensor  # (B, C, H, W) float in [0, 1], un-augmented (DAT's recombined branch)
     y: Tensor  # (B,) int64
-
-
-@dataclass
-class ImageSet:
-    """Labelled images: decoded uint8 ``images`` (N, C, H, W), or lazily read ``files``."""
-
-    labels: Tensor  # (N,) int64
-    images: Tensor | None = None
-    files: list[str] | None = None
-    image_shape: tuple[int, int, int] = (3, 32, 32)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        if self.images is not None:
-            return self.images[i], int(self.labels[i])
-        return _read_image(self.files[i], self.image_shape), int(self.labels[i])
-
-    def subset(self, index: Tensor) -> ImageSet:
-        return ImageSet(
-            labels=self.labels[index],
-            images=None if self.images is None else self.images[index],
-            files=None if self.files is None else [self.files[int(i)] for i in index],
-            image_shape=self.image_shape,
-        )
-
-    def materialize(self) -> ImageSet:
-        """Decode every file into one uint8 tensor (for the resident loader)."""
-        if self.images is not None:
-            return self
-        images = torch.stack([_read_image(f, self.image_shape) for f in self.files])
-        return ImageSet(self.labels, images=images, image_shape=self.image_shape)
-
-    def tensors(self) -> tuple[Tensor, Tensor]:
-        """``(x, y)``: float images in [0, 1] and labels (for evaluation)."""
-        images = self.materialize().images
-        return images.float().div_(255), self.labels
 
 
 @dataclass
@@ -102,114 +55,6 @@ class DatasetSplits:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return self.train.image_shape
-
-
-_grayscale_noted: set[str] = set()
-
-
-def _to_rgb_array(img, source: str) -> np.ndarray:
-    if img.mode != "RGB":
-        if img.mode in ("L", "LA", "I", "I;16", "1", "P") and source not in _grayscale_noted:
-            _grayscale_noted.add(source)
-            warnings.warn(f"{source}: {img.mode} images converted to RGB", stacklevel=3)
-        img = img.convert("RGB")
-    return np.asarray(img, dtype=np.uint8)
-
-
-def _read_image(path: str, shape: tuple[int, int, int] | None = None) -> Tensor:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            arr = _to_rgb_array(img, str(Path(path).parent.parent))
-    except OSError as err:
-        raise DataError(f"cannot read image {path}: {err}; remove or replace the file") from None
-    if shape is not None and arr.shape[:2] != shape[1:]:
-        raise DataError(
-            f"{path} is {arr.shape[1]}x{arr.shape[0]} but the dataset's images are "
-            f"{shape[2]}x{shape[1]}; resize all images to one size"
-        )
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
-
-
-def _decode_jpegs(buffer: np.ndarray, offsets: np.ndarray) -> Tensor:
-    from PIL import Image
-
-    out = np.empty((len(offsets) - 1, 32, 32, 3), dtype=np.uint8)
-    for i in range(len(offsets) - 1):
-        blob = buffer[offsets[i] : offsets[i + 1]].tobytes()
-        with Image.open(io.BytesIO(blob)) as img:
-            out[i] = np.asarray(img.convert("RGB"))
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
-
-
-def _load_sample() -> tuple[ImageSet, ImageSet, list[str]]:
-    with np.load(SAMPLE_PATH, allow_pickle=False) as f:
-        sets = [
-            ImageSet(torch.from_numpy(f[f"{s}_labels"]),
-                     images=_decode_jpegs(f[f"{s}_jpeg"], f[f"{s}_offsets"]))
-            for s in ("train", "test")
-        ]
-        classes = [str(c) for c in f["classes"]]
-    return sets[0], sets[1], classes
-
-
-def _scan_folder(folder: Path, classes: list[str] | None = None) -> tuple[ImageSet, list[str]]:
-    found = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    classes = classes or found
-    if not classes:
-        raise DataError(f"{folder} has no class sub-folders; expected {folder}/<class>/<image>")
-    unknown = set(found) - set(classes)
-    if unknown:
-        raise DataError(f"{folder} has classes {sorted(unknown)} that train/ lacks")
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        for p in sorted((folder / name).rglob("*")):
-            if p.suffix.lower() in IMAGE_SUFFIXES:
-                files.append(str(p))
-                labels.append(label)
-    if not files:
-        raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {folder}")
-    shape = tuple(_read_image(files[0]).shape)
-    return ImageSet(torch.tensor(labels, dtype=torch.int64), files=files, image_shape=shape), classes
-
-
-def _load_imagefolder(root: Path) -> tuple[ImageSet, ImageSet, list[str]]:
-    if not (root / "train").is_dir():
-        raise DataError(
-            f"data.root={str(root)!r} has no train/ folder; an ImageFolder tree needs "
-            "train/<class>/* and val/<class>/* or test/<class>/*"
-        )
-    train, classes = _scan_folder(root / "train")
-    held = next((root / s for s in ("test", "val") if (root / s).is_dir()), None)
-    if held is None:
-        raise DataError(f"data.root={str(root)!r} has train/ but neither test/ nor val/")
-    test, _ = _scan_folder(held, classes)
-    if test.image_shape != train.image_shape:
-        raise DataError(f"{held} images are {test.image_shape}, train/ images {train.image_shape}")
-    return train, test, classes
-
-
-def _load_cifar(name: str, root: Path) -> tuple[ImageSet, ImageSet, list[str]]:
-    import torchvision
-
-    if (root / "train").is_dir():
-        return _load_imagefolder(root)
-    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-    sets = []
-    for train in (True, False):
-        try:
-            ds = cls(str(root), train=train, download=not (root / cls.base_folder).is_dir())
-        except Exception as err:  # offline download, corrupt archive, unwritable root
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise DataError(
-                f"{name} not found under data.root={str(root)!r} and could not be downloaded "
-                f"({reason}); set data.root to torchvision's folder (holding {cls.base_folder}/) "
-                "or to an ImageFolder tree with train/ and test/"
-            ) from None
-        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-        sets.append(ImageSet(torch.tensor(ds.targets, dtype=torch.int64), images=images))
-    return sets[0], sets[1], list(ds.classes)
 
 
 def stratified_split(labels: Tensor, size: int, seed: int) -> tuple[Tensor, Tensor]:
@@ -232,30 +77,40 @@ def stratified_split(labels: Tensor, size: int, seed: int) -> tuple[Tensor, Tens
     return mask.nonzero().flatten(), held_idx
 
 
-def load_dataset(cfg: DataConfig) -> DatasetSplits:
-    """Load ``cfg.name`` and hold out a stratified validation split from its training set."""
+def _read_dataset(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str]]:
     root = Path(cfg.root).expanduser()
     if cfg.name == "cifar10-sample":
-        train, test, classes = _load_sample()
-    elif cfg.name in ("cifar10", "cifar100"):
-        train, test, classes = _load_cifar(cfg.name, root)
-    elif cfg.name == "imagefolder":
+        return load_sample()
+    if cfg.name in ("cifar10", "cifar100"):
+        return load_cifar(cfg.name, root)
+    if cfg.name == "imagefolder":
         if not root.is_dir():
             raise DataError(f"data.root={str(root)!r} does not exist; point it at a folder "
                             "with train/<class>/* and val/ or test/")
-        train, test, classes = _load_imagefolder(root)
-    else:
-        raise DataError(f"unknown dataset {cfg.name!r}")
-    if cfg.train_subset:
-        keep, _ = stratified_split(train.labels, len(train) - cfg.train_subset, cfg.split_seed)
-        train = train.subset(keep) if cfg.train_subset < len(train) else train
-    keep, held = stratified_split(train.labels, cfg.val_size, cfg.split_seed)
-    if cfg.test_subset and cfg.test_subset < len(test):
-        test = test.subset(torch.arange(cfg.test_subset))
+        return load_imagefolder(root)
+    raise DataError(f"unknown dataset {cfg.name!r}; use cifar10, cifar100, imagefolder "
+                    "or cifar10-sample")
+
+
+def load_dataset(cfg: DataConfig) -> DatasetSplits:
+    """Load ``cfg.name`` and hold out a stratified validation split from its training set.
+
+    The validation split depends only on the dataset, ``val_size`` and ``split_seed``: it
+    is drawn before ``train_subset``, so quick runs select on the same images as full runs.
+    """
+    train, test, classes = _read_dataset(cfg)
     if train.images is not None:
-        shape = tuple(train.images.shape[1:])
-        train.image_shape = test.image_shape = shape
-    return DatasetSplits(train.subset(keep), train.subset(held), test, classes)
+        train.image_shape = test.image_shape = tuple(train.images.shape[1:])
+    keep, held = stratified_split(train.labels, cfg.val_size, cfg.split_seed)
+    train, val = train.subset(keep), train.subset(held)
+    if 0 < cfg.train_subset < len(train):
+        _, chosen = stratified_split(train.labels, cfg.train_subset, cfg.split_seed)
+        train = train.subset(chosen)
+    if 0 < cfg.test_subset < len(test):
+        # stratified, not the first N: test sets are often stored sorted by label
+        _, chosen = stratified_split(test.labels, cfg.test_subset, cfg.split_seed)
+        test = test.subset(chosen)
+    return DatasetSplits(train, val, test, classes)
 
 
 def augment_batch(
@@ -282,13 +137,30 @@ def augment_batch(
     return images
 
 
+def _num_batches(n: int, batch_size: int) -> int:
+    """Batches from ``n`` samples; a last batch of one sample joins the previous batch."""
+    full, rest = divmod(n, batch_size)
+    if rest == 1 and full > 0 and batch_size > 1:  # BatchNorm needs 2+ samples: merge, not drop
+        return full
+    return full + (1 if rest else 0)
+
+
 def _epoch_batches(n: int, batch_size: int, shuffle: bool, gen: torch.Generator,
                    rank: int, world: int) -> list[Tensor]:
+    """This rank's index batches: every sample once across ranks, equal counts on all ranks.
+
+    Equal counts matter because DDP ranks that step a different number of times hang; the
+    count is that of the largest shard, ``ceil(n / world)``.
+    """
     order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
-    order = order[rank::world]
-    chunks = list(order.split(batch_size))
-    if len(chunks) > 1 and len(chunks[-1]) < 2:  # BatchNorm needs 2+ samples: merge, not drop
-        chunks[-2] = torch.cat([chunks[-2], chunks.pop()])
+    chunks = list(order[rank::world].split(batch_size))
+    if len(chunks) > _num_batches(-(-n // world), batch_size):
+        last = chunks.pop()  # pop before indexing: the list shrinks
+        chunks[-1] = torch.cat([chunks[-1], last])
+    if len(chunks) > 1 and len(chunks[-1]) == 1 and len(chunks[-2]) > 2:
+        # A shard one sample shorter than the largest: borrow one so no batch has size 1.
+        chunks[-1] = torch.cat([chunks[-2][-1:], chunks[-1]])
+        chunks[-2] = chunks[-2][:-1]
     return chunks
 
 
@@ -299,18 +171,30 @@ class _LoaderBase:
         self.data, self.batch_size, self.device = data, batch_size, torch.device(device)
         self.shuffle, self.augment, self.padding, self.flip = shuffle, augment, padding, flip
         self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank={rank} must be in [0, world_size={world_size})")
+        if len(data) < world_size:
+            raise DataError(f"{len(data)} images cannot be sharded over {world_size} ranks")
 
     def set_epoch(self, epoch: int) -> None:
-        """Reshuffle deterministically: the order depends on (seed, epoch) only."""
+        """Reshuffle deterministically: order and crops depend on (seed, epoch, rank) only."""
         self.epoch = epoch
 
     def __len__(self) -> int:
-        n = len(range(self.rank, len(self.data), self.world_size))
-        full, rest = divmod(n, self.batch_size)
-        return full + (1 if rest >= 2 or (rest == 1 and full == 0) else 0)
+        return _num_batches(-(-len(self.data) // self.world_size), self.batch_size)
 
-    def _generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+    def _generators(self) -> tuple[torch.Generator, torch.Generator]:
+        """(order, augmentation) generators: the order is shared by all ranks (so shards
+        partition it), the augmentation draws differ per rank."""
+        base = self.seed * 100003 + self.epoch
+        order = torch.Generator().manual_seed(base)
+        return order, torch.Generator().manual_seed(base * 1009 + 1 + self.rank)
+
+    def _batches(self) -> tuple[list[Tensor], torch.Generator]:
+        order, augment = self._generators()
+        batches = _epoch_batches(len(self.data), self.batch_size, self.shuffle, order,
+                                 self.rank, self.world_size)
+        return batches, augment
 
     def _finish(self, images_u8: Tensor, labels: Tensor, gen: torch.Generator) -> Batch:
         x_raw = images_u8.float().div_(255)
@@ -332,9 +216,8 @@ class ResidentLoader(_LoaderBase):
         self.labels = self.data.labels.to(self.device)
 
     def __iter__(self) -> Iterator[Batch]:
-        gen = self._generator()
-        for idx in _epoch_batches(len(self.data), self.batch_size, self.shuffle, gen,
-                                  self.rank, self.world_size):
+        batches, gen = self._batches()
+        for idx in batches:
             idx = idx.to(self.device)
             yield self._finish(self.images[idx], self.labels[idx], gen)
 
@@ -359,9 +242,7 @@ class DataLoaderLoader(_LoaderBase):
         self.num_workers = num_workers
 
     def __iter__(self) -> Iterator[Batch]:
-        gen = self._generator()
-        batches = _epoch_batches(len(self.data), self.batch_size, self.shuffle, gen,
-                                 self.rank, self.world_size)
+        batches, gen = self._batches()
         loader = torch.utils.data.DataLoader(
             self.data, batch_sampler=_OrderSampler(batches), num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda", persistent_workers=False,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -60,5 +59,3 @@ def _reduce(values: Tensor, reduction: str) -> Tensor:
     if reduction == "none":
         return values
     raise ValueError(f"unknown reduction {reduction!r}; use mean, sum or none")
-
-

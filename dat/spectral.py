@@ -59,12 +59,37 @@ def mix_amplitude(
     ``amplitude`` is a half spectrum (B, C, H, W//2+1) or broadcastable to it.
     """
     amp_x, pha_x = decompose(x)  # (B, C, H, W//2+1) each
-    lam_t = torch.as_tensor(lam, dtype=torch.float32, device=x.device)
-    if lam_t.dim() == 1:
-        lam_t = lam_t.view(-1, 1, 1, 1)
+    _check_broadcast(amplitude, amp_x.shape)
+    lam_t = _lam_tensor(lam, x)  # () or (B, 1, 1, 1)
     mixed = lam_t * amplitude.float() + (1.0 - lam_t) * amp_x
     out = recombine(mixed, pha_x, size=(x.shape[-2], x.shape[-1]))
     # lam = 0 must give x exactly, not x up to FFT round-off.
     out = torch.where(lam_t == 0, x.float(), out)
     out = out.clamp(0.0, 1.0) if clip else out
     return out.to(x.dtype) if x.is_floating_point() else out
+
+
+def _check_broadcast(amplitude: Tensor, spectrum_shape: torch.Size) -> None:
+    """Fail with a readable message when ``amplitude`` cannot mix with the image's spectrum."""
+    try:
+        shape = torch.broadcast_shapes(amplitude.shape, spectrum_shape)
+    except RuntimeError:
+        shape = None
+    if shape != spectrum_shape:
+        raise ValueError(
+            f"amplitude of shape {tuple(amplitude.shape)} does not fit the images' half "
+            f"spectrum {tuple(spectrum_shape)}; pass (B, C, H, W//2+1) or a broadcastable shape"
+        )
+
+
+def _lam_tensor(lam: Tensor | float, x: Tensor) -> Tensor:
+    """``lam`` as float32 on ``x``'s device: a scalar () or per-sample (B, 1, 1, 1)."""
+    lam_t = torch.as_tensor(lam, dtype=torch.float32, device=x.device)
+    if lam_t.dim() == 0:
+        return lam_t
+    if lam_t.numel() != x.shape[0] or lam_t.dim() not in (1, 4):
+        raise ValueError(
+            f"lam of shape {tuple(lam_t.shape)} does not match a batch of {x.shape[0]}; "
+            "pass a float, a (B,) tensor or a (B, 1, 1, 1) tensor"
+        )
+    return lam_t.reshape(-1, 1, 1, 1)

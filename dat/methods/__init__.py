@@ -1,5 +1,63 @@
-"""Training methods as callable steps: PGD-AT, TRADES, MART and DAT."""
+"""Training methods as callable steps: PGD-AT, TRADES, MART and DAT.
 
+``create(cfg, model, optimizer, ...)`` builds the step ``cfg.method.name`` names, so the
+trainer never needs to know a method's internals.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import Config, ConfigError
 from .base import MethodStep
+from .dat import DATDraws, DATStep, build_dat
+from .mart import MARTStep
+from .pgd_at import BaselineStep, PGDATStep
+from .trades import TRADESStep
 
-__all__ = ["MethodStep"]
+__all__ = [
+    "BaselineStep",
+    "DATDraws",
+    "DATStep",
+    "MARTStep",
+    "MethodStep",
+    "PGDATStep",
+    "TRADESStep",
+    "build_dat",
+    "create",
+    "needs_dual_bn",
+]
+
+
+def needs_dual_bn(cfg: Config) -> bool:
+    """True when the method routes recombined images through an auxiliary BN branch."""
+    return cfg.method.name == "dat" and cfg.method.split_bn
+
+
+def create(
+    cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, *, num_classes: int,
+    image_shape: tuple[int, int, int], train_images=None,
+    autocast_dtype: torch.dtype | None = None,
+) -> MethodStep:
+    """The training step for ``cfg.method.name`` (pgd_at | trades | mart | dat).
+
+    ``autocast_dtype`` (None = fp32) is passed to the baseline steps; DAT reads its own
+    precision through ``build_dat`` where it supports it.
+    """
+    m = cfg.method
+    if m.name == "dat":
+        from .dat import build_dat  # written alongside; imported lazily
+
+        return build_dat(cfg, model, optimizer, num_classes=num_classes,
+                         image_shape=image_shape, train_images=train_images)
+    common = dict(eps=m.attack.eps, alpha=m.attack.alpha, steps=m.attack.steps,
+                  label_smoothing=m.label_smoothing, autocast_dtype=autocast_dtype,
+                  keep_images=8 if cfg.train.image_every > 0 else 0)
+    if m.name == "pgd_at":
+        return PGDATStep(model, optimizer, init=m.attack.init, **common)
+    if m.name == "trades":
+        return TRADESStep(model, optimizer, beta=m.beta, **common)
+    if m.name == "mart":
+        return MARTStep(model, optimizer, beta=m.beta, init=m.attack.init, **common)
+    raise ConfigError(f"method.name={m.name!r} is not valid; use pgd_at, trades, mart or dat")

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The one GPU check script (run by the device tool from the repo root).
+# Carry: .devdata (cifar10_25k.npz) and .whl/site (pure-python packages missing there).
+# Everything lands in /tmp/res and is packed into $OUT/results.tgz after each stage, so a
+# timeout still returns what finished (the device tool returns at most 8 files).
+set -u
+export PYTHONPATH=$PWD/.whl/site:$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; R=/tmp/res; mkdir -p "$OUT" "$R"
+pack() { tar -czf "$OUT/results.tgz" -C "$R" . ; echo "== packed after $1 ($(date +%T))"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$R/gpu.txt"
+python -c "import torch; print(torch.__version__)" | tee -a "$R/gpu.txt"
+# 1. throughput at batch 128 (every row) and 512 (DAT rows)
+python bench/throughput.py --device cuda --batch-size 128 --iters ${ITERS:-20} --json "$R/throughput_b128.json" 2>&1 | tee "$R/throughput_b128.txt"
+pack throughput128
+python bench/throughput.py --device cuda --batch-size 512 --iters ${ITERS512:-10} --rows "${ROWS512:-reference,fast_dat,plain}" --json "$R/throughput_b512.json" 2>&1 | tee "$R/throughput_b512.txt"
+pack throughput512
+# 2. same-budget training reference vs fast, bf16 attack objective, WRN-34-10 memory
+python bench/gpu_check.py --data .devdata/cifar10_25k.npz --out "$R" --epochs ${GC_EPOCHS:-2} 2>&1 | tee "$R/gpu_check.txt"
+pack gpu_check
+# 3. the real trainer on the GPU, then evaluate.py with AutoAttack on 1,000 test images
+python bench/unpack_npz.py .devdata/cifar10_25k.npz /tmp/c10 >/dev/null
+python train.py model.name=resnet18 data.name=imagefolder data.root=/tmp/c10 train.epochs=${TRAIN_EPOCHS:-5} \
+  optim.schedule=cosine data.batch_size=256 optim.lr=0.2 train.val_examples=500 train.image_every=0 \
+  train.out_dir=/tmp/runs train.run_name=gpu data.test_subset=2000 2>&1 | tr '\r' '\n' | grep -v '%|' | tee "$R/train.txt"
+cp /tmp/runs/gpu/metrics.json "$R/train_metrics.json" 2>/dev/null
+pack train
+python evaluate.py --checkpoint /tmp/runs/gpu/checkpoints/best.pt --attacks clean,pgd20,cw,aa \
+  --n-examples 1000 --out "$R/eval" --no-progress 2>&1 | tee "$R/eval.txt"
+pack eval

@@ -1,0 +1,234 @@
+"""Training and evaluation throughput, fast paths against the plain reference, one table.
+
+    python bench/throughput.py                       # CPU, tiny model (anyone, CI)
+    python bench/throughput.py --device cuda          # GPU, ResNet-18 at CIFAR shapes
+    python bench/throughput.py --device cuda --model wrn34_10 --batch-size 128
+
+Every row runs in the same process on the same synthetic CIFAR-shaped batch already on
+the device (data loading excluded, as in the anchor measurements), after warm-up
+iterations, and reports the median time per iteration. ``ratio`` is images/s over the
+reference DAT step's images/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import dat  # noqa: E402
+from dat.generator import AmplitudeGenerator  # noqa: E402
+from dat.methods.dat import DATDraws, DATStep  # noqa: E402
+from dat.methods.pgd_at import PGDATStep  # noqa: E402
+from dat.methods.trades import TRADESStep  # noqa: E402
+from reference_dat import reference_dat_step  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
+    """Median seconds per call after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class _Setup:
+    """Fresh model/generator/optimisers per row, so rows do not share state."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
+        self.args, self.device = args, device
+        gen = torch.Generator().manual_seed(0)
+        b = args.batch_size
+        self.x = torch.rand(b, 3, 32, 32, generator=gen).to(device)
+        self.x_raw = torch.rand(b, 3, 32, 32, generator=gen).to(device)
+        self.y = torch.randint(0, 10, (b,), generator=gen).to(device)
+
+    def model(self, dual_bn: bool = True, channels_last: bool = False):
+        torch.manual_seed(0)
+        model = dat.models.create(self.args.model, 10, dual_bn=dual_bn).to(self.device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        return model, opt
+
+    def generator(self):
+        g = AmplitudeGenerator(num_classes=10, image_shape=(3, 32, 32)).to(self.device)
+        opt = torch.optim.SGD(g.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        return g, opt
+
+    def inputs(self, channels_last: bool):
+        if not channels_last:
+            return self.x, self.x_raw
+        cl = torch.channels_last
+        return self.x.contiguous(memory_format=cl), self.x_raw.contiguous(memory_format=cl)
+
+
+def _reference_row(s: _Setup):
+    model, opt = s.model()
+    g, gopt = s.generator()
+    draws = DATDraws.sample(len(s.x), (3, 32, 32), device=s.device)
+    return lambda: reference_dat_step(model, g, opt, gopt, s.x, s.y, s.x_raw, draws)
+
+
+def _fast_row(s: _Setup, *, bf16: bool, channels_last: bool, batched: bool, update: str,
+              compile_model: bool = False):
+    model, opt = s.model(channels_last=channels_last)
+    g, gopt = s.generator()
+    net = torch.compile(model) if compile_model else model
+    step = DATStep(net, g, opt, gopt, batched=batched, generator_update=update,
+                   autocast_dtype=torch.bfloat16 if bf16 else None)
+    step.model = net
+    x, x_raw = s.inputs(channels_last)
+    return lambda: step.run(x, s.y, x_raw)
+
+
+def _baseline_row(s: _Setup, cls, *, bf16: bool, channels_last: bool, **kw):
+    model, opt = s.model(dual_bn=False, channels_last=channels_last)
+    step = cls(model, opt, steps=10, autocast_dtype=torch.bfloat16 if bf16 else None, **kw)
+    x, _ = s.inputs(channels_last)
+    return lambda: step.run(x, s.y)
+
+
+def _plain_row(s: _Setup, *, bf16: bool, channels_last: bool):
+    model, opt = s.model(dual_bn=False, channels_last=channels_last)
+    x, _ = s.inputs(channels_last)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step():
+        with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(model(x), s.y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def _pgd20_eval_row(s: _Setup, *, bf16: bool, n: int):
+    from dat.evaluation.suite import make_attack
+
+    model, _ = s.model(dual_bn=False)
+    model.eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(n, 3, 32, 32, generator=gen).to(s.device)
+    y = torch.randint(0, 10, (n,), generator=gen).to(s.device)
+    attack = make_attack("pgd20", 8 / 255)
+    bs = s.args.eval_batch_size
+
+    def run():
+        with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=bf16):
+            for xb, yb in zip(x.split(bs), y.split(bs), strict=True):
+                attack.fn(model, xb, yb)
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description="DAT throughput benchmark")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--model", default=None, help="default: resnet18 (cuda), resnet_tiny (cpu)")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--eval-batch-size", type=int, default=None)
+    parser.add_argument("--eval-examples", type=int, default=None)
+    parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--compile", action="store_true", help="add a torch.compile row")
+    parser.add_argument("--rows", default="all", help="comma list of row-name prefixes")
+    parser.add_argument("--json", default=None, help="also write the table as JSON here")
+    args = parser.parse_args(argv)
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device cuda but torch sees no CUDA device; use --device cpu")
+    args.model = args.model or ("resnet18" if cuda else "resnet_tiny")
+    args.batch_size = args.batch_size or (128 if cuda else 32)
+    args.eval_batch_size = args.eval_batch_size or (1000 if cuda else 100)
+    args.eval_examples = args.eval_examples or (10000 if cuda else 200)
+    args.iters = args.iters or (20 if cuda else 3)
+    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True
+    s = _Setup(args, device)
+    fast = dict(bf16=cuda, channels_last=cuda, batched=True)
+    rows: dict[str, Callable] = {
+        "reference_dat (published procedure, fp32)": lambda: _reference_row(s),
+        "fast_dat reversal (all fast paths)": lambda: _fast_row(s, update="reversal", **fast),
+        "fast_dat alternating": lambda: _fast_row(s, update="alternating", **fast),
+        "fast_dat reversal, no batched branches":
+            lambda: _fast_row(s, update="reversal", **{**fast, "batched": False}),
+        "fast_dat reversal, fp32":
+            lambda: _fast_row(s, update="reversal", **{**fast, "bf16": False}),
+        "fast_dat reversal, no channels_last":
+            lambda: _fast_row(s, update="reversal", **{**fast, "channels_last": False}),
+        "pgd_at10": lambda: _baseline_row(s, PGDATStep, bf16=cuda, channels_last=cuda),
+        "trades10": lambda: _baseline_row(s, TRADESStep, bf16=cuda, channels_last=cuda),
+        "plain_step (fwd+bwd+SGD)": lambda: _plain_row(s, bf16=cuda, channels_last=cuda),
+    }
+    if args.compile:
+        rows["fast_dat reversal + torch.compile"] = lambda: _fast_row(
+            s, update="reversal", compile_model=True, **fast)
+    eval_rows = {
+        "pgd20_eval fp32": lambda: _pgd20_eval_row(s, bf16=False, n=args.eval_examples),
+        "pgd20_eval bf16": lambda: _pgd20_eval_row(s, bf16=True, n=args.eval_examples),
+    }
+    wanted = args.rows.split(",") if args.rows != "all" else None
+    table, ref_ips = {}, None
+    for name, build in {**rows, **eval_rows}.items():
+        if wanted and not any(name.startswith(w) for w in wanted):
+            continue
+        fn = build()
+        is_eval = name in eval_rows
+        seconds = _time(fn, device, 1 if is_eval else args.warmup, 1 if is_eval else args.iters)
+        images = args.eval_examples if is_eval else args.batch_size
+        ips = images / seconds
+        if name.startswith("reference_dat"):
+            ref_ips = ips
+        table[name] = {"ms_per_iter": round(seconds * 1000, 2), "img_per_s": round(ips, 1),
+                       "epoch_s_50k": round(50000 / ips, 1), "seconds": round(seconds, 3)}
+        print(f"  measured {name}: {ips:.1f} img/s", file=sys.stderr, flush=True)
+    for row in table.values():
+        row["ratio_vs_reference"] = round(row["img_per_s"] / ref_ips, 2) if ref_ips else None
+    _print_table(table, args, device)
+    if args.json:
+        meta = {"device": torch.cuda.get_device_name(device) if cuda else "cpu",
+                "torch": torch.__version__, "model": args.model, "batch_size": args.batch_size,
+                "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": table}, indent=1))
+    return table
+
+
+def _print_table(table: dict, args: argparse.Namespace, device: torch.device) -> None:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"cpu, {torch.get_num_threads()} threads")
+    print(f"\n{name}, torch {torch.__version__}, model {args.model}, batch {args.batch_size}, "
+          f"eval batch {args.eval_batch_size} x {args.eval_examples} images")
+    print(f"| {'row':<44} | {'ms/iter':>9} | {'img/s':>9} | {'s/50k ep':>8} | {'x ref':>6} |")
+    print(f"|{'-' * 46}|{'-' * 11}|{'-' * 11}|{'-' * 10}|{'-' * 8}|")
+    for row, v in table.items():
+        ratio = "" if v["ratio_vs_reference"] is None else f"{v['ratio_vs_reference']:.2f}"
+        print(f"| {row:<44} | {v['ms_per_iter']:>9.1f} | {v['img_per_s']:>9.1f} | "
+              f"{v['epoch_s_50k']:>8.1f} | {ratio:>6} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Build the pieces of a training run from a config, checking user input on the way.
+
+Each check turns a would-be traceback deep in the loop into a one-line error naming
+the fix: CUDA asked for but absent, labels outside the class range, images the model
+cannot take, an output directory that cannot be written.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import Config, ConfigError, OptimConfig
+from .data import DataError, DatasetSplits
+from .methods import needs_dual_bn
+from .models import create
+
+__all__ = [
+    "build_model",
+    "check_labels",
+    "check_test_attacks",
+    "learning_rate",
+    "prepare_run_dir",
+    "resolve_device",
+    "resolve_precision",
+    "seed_everything",
+]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; CUDA asked for but absent -> error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name} but CUDA is not available; "
+                          "use train.device=cpu (or auto)")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype: ``auto`` = bf16 on CUDA, fp32 (None) on CPU."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_labels(splits: DatasetSplits) -> None:
+    """Every label of every split must lie in ``0 .. num_classes - 1``."""
+    n = splits.num_classes
+    for name in ("train", "val", "test"):
+        labels = getattr(splits, name).labels
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= n):
+            raise DataError(
+                f"{name} labels range {int(labels.min())}..{int(labels.max())} but the dataset "
+                f"has {n} classes; labels must be 0..{n - 1}: fix the labels or the class list")
+
+
+def check_test_attacks(names: list[str]) -> None:
+    """Unknown ``train.test_attacks`` names fail now, not after hours of training."""
+    from .evaluation.suite import EvaluationError, validate_attack_names
+
+    try:
+        validate_attack_names(list(names))
+    except EvaluationError as err:
+        raise ConfigError(f"train.test_attacks: {err}") from None
+
+
+def _check_fits(model: nn.Module, name: str, shape: tuple[int, int, int],
+                num_classes: int, device: torch.device) -> None:
+    """One eval-mode forward of two blank images: a clear error instead of one mid-run."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *shape, device=device))
+    except Exception as err:  # shape errors surface as RuntimeError, AssertionError, ...
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise DataError(
+            f"images of size {shape[0]}x{shape[1]}x{shape[2]} do not fit model {name} "
+            f"({detail}); resize the images or choose a model made for this size") from None
+    finally:
+        model.train(was_training)
+    if tuple(out.shape) != (2, num_classes):
+        raise DataError(f"model {name} returns shape {tuple(out.shape)} for 2 images; "
+                        f"expected (2, {num_classes}) logits")
+
+
+def build_model(cfg: Config, num_classes: int, image_shape: tuple[int, int, int],
+                device: torch.device) -> nn.Module:
+    """The registry model (dual BN when the method needs it) on ``device``, checked."""
+    try:
+        model = create(cfg.model.name, num_classes=num_classes, dual_bn=needs_dual_bn(cfg))
+    except ValueError as err:
+        raise ConfigError(f"model.name={cfg.model.name!r}: {err}") from None
+    model = model.to(device)
+    if cfg.perf.channels_last == "on" or (cfg.perf.channels_last == "auto"
+                                          and device.type == "cuda"):
+        model = model.to(memory_format=torch.channels_last)
+    _check_fits(model, cfg.model.name, image_shape, num_classes, device)
+    return model
+
+
+def prepare_run_dir(cfg: Config, resume: Path | None) -> Path:
+    """Create (or, on resume, reuse) ``out_dir/run_name``; fill in a default run_name."""
+    if resume is not None and resume.parent.name == "checkpoints":
+        run_dir = resume.parent.parent
+        cfg.train.run_name = run_dir.name
+    else:
+        if not cfg.train.run_name:
+            model = cfg.model.name.replace("/", "_")
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            cfg.train.run_name = f"{cfg.method.name}-{model}-{cfg.data.name}-{stamp}"
+        run_dir = Path(cfg.train.out_dir) / cfg.train.run_name
+        if resume is None and (run_dir / "checkpoints" / "last.pt").exists():
+            raise ConfigError(f"{run_dir} already holds a run; resume it with --resume auto "
+                              "(train.resume=auto) or choose another train.run_name")
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"train.out_dir={cfg.train.out_dir!r} is not writable "
+                          f"({err.strerror or err}); choose another with train.out_dir=DIR"
+                          ) from None
+    return run_dir
+
+
+def learning_rate(o: OptimConfig, epoch: int, step: int, steps_per_epoch: int,
+                  total_epochs: int, global_batch: int) -> float:
+    """Learning rate for batch ``step`` of 0-based ``epoch``.
+
+    ``lr_scaling=linear`` multiplies ``optim.lr`` by global_batch / reference_batch_size.
+    Warm-up is linear over ``warmup_epochs``. ``piecewise`` multiplies by ``gamma`` once
+    for every milestone reached, with 1-based epoch numbers as in the TRADES/DAT code
+    (milestone 100: epochs 100, 101, ... use lr x 0.1); ``cosine`` anneals per step to 0.
+    """
+    lr = o.lr * (global_batch / o.reference_batch_size if o.lr_scaling == "linear" else 1.0)
+    done = epoch * steps_per_epoch + step  # steps taken before this one
+    warmup = o.warmup_epochs * steps_per_epoch
+    if done < warmup:
+        return lr * (done + 1) / warmup
+    if o.schedule == "piecewise":
+        return lr * o.gamma ** sum(epoch + 1 >= m for m in o.milestones)
+    if o.schedule == "cosine":
+        t = (done - warmup) / max(total_epochs * steps_per_epoch - warmup, 1)
+        return lr * 0.5 * (1.0 + math.cos(math.pi * t))
+    return lr

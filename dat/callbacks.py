@@ -1,0 +1,200 @@
+"""Things the training loop calls at step, log and epoch ends.
+
+Built in: :class:`ValidationCallback` (clean + PGD accuracy on held-out images, picks
+``best.pt``), :class:`CheckpointCallback` (``last.pt`` every epoch and every
+``train.checkpoint_every`` steps) and :class:`TensorBoardCallback`. Your own: subclass
+:class:`Callback`, or pass any ``fn(trainer, event, payload)`` to
+``trainer.add_callback(fn)`` or name it in the config as ``train.callbacks:
+["module:function"]``. Events: ``train_start``, ``step_start``, ``step_end`` (payload:
+stats as device tensors, do not sync), ``log`` (payload: means as floats), ``epoch_end``
+(payload: epoch), ``train_end`` (payload: metrics).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from .attacks import eval_mode, pgd
+from .config import ConfigError
+from .models import bn_branch, has_dual_bn
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+__all__ = [
+    "Callback",
+    "CheckpointCallback",
+    "FunctionCallback",
+    "TensorBoardCallback",
+    "ValidationCallback",
+    "load_callback",
+    "robust_accuracy",
+]
+
+
+class Callback:
+    """Base class: override the events you need; each receives the trainer."""
+
+    def on_train_start(self, trainer: Trainer) -> None: ...
+    def on_step_start(self, trainer: Trainer) -> None: ...
+    def on_step_end(self, trainer: Trainer, stats: dict[str, Tensor]) -> None: ...
+    def on_log(self, trainer: Trainer, means: dict[str, float]) -> None: ...
+    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None: ...
+    def on_train_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
+
+
+class FunctionCallback(Callback):
+    """Adapts ``fn(trainer, event, payload)`` to :class:`Callback`."""
+
+    def __init__(self, fn: Callable[[Any, str, Any], None]) -> None:
+        self.fn = fn
+
+    def on_train_start(self, trainer):
+        self.fn(trainer, "train_start", None)
+
+    def on_step_start(self, trainer):
+        self.fn(trainer, "step_start", None)
+
+    def on_step_end(self, trainer, stats):
+        self.fn(trainer, "step_end", stats)
+
+    def on_log(self, trainer, means):
+        self.fn(trainer, "log", means)
+
+    def on_epoch_end(self, trainer, epoch):
+        self.fn(trainer, "epoch_end", epoch)
+
+    def on_train_end(self, trainer, metrics):
+        self.fn(trainer, "train_end", metrics)
+
+
+def load_callback(spec: str) -> Callback:
+    """``"module:function"`` (or a Callback class / instance) -> :class:`Callback`."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(f"train.callbacks {spec!r}: cannot import {module_name!r} ({err}); "
+                          "put its folder on PYTHONPATH") from None
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise ConfigError(f"train.callbacks {spec!r}: {module_name} has no {attr!r}")
+        target = getattr(target, part)
+    if isinstance(target, type) and issubclass(target, Callback):
+        return target()
+    if isinstance(target, Callback):
+        return target
+    if not callable(target):
+        raise ConfigError(f"train.callbacks {spec!r} is not callable")
+    return FunctionCallback(target)
+
+
+@torch.no_grad()
+def _count_correct(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    return (model(x).argmax(dim=1) == y).sum()
+
+
+def robust_accuracy(
+    model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps: int,
+    batch_size: int = 500, seed: int = 0,
+) -> tuple[float, float]:
+    """(clean, PGD-``steps``) accuracy in percent, for checkpoint selection.
+
+    Runs on the model's device in eval mode with the main BN branch, under a forked RNG
+    seeded with ``seed``: the result is reproducible and training's random stream is
+    untouched (which exact resume relies on).
+    """
+    device = next(model.parameters()).device
+    forked = [device] if device.type == "cuda" else []
+    clean, robust = torch.zeros((), device=device), torch.zeros((), device=device)
+    main = bn_branch(model, "main") if has_dual_bn(model) else contextlib.nullcontext()
+    with torch.random.fork_rng(devices=forked), eval_mode(model), main:
+        torch.manual_seed(seed)
+        for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
+            xb, yb = xb.to(device), yb.to(device)
+            clean += _count_correct(model, xb, yb)
+            x_adv = pgd(model, xb, yb, eps, alpha, steps)  # (B, C, H, W)
+            robust += _count_correct(model, x_adv, yb)
+    n = max(len(y), 1)
+    return 100.0 * clean.item() / n, 100.0 * robust.item() / n
+
+
+class ValidationCallback(Callback):
+    """Every ``train.val_every`` epochs (and after the last): val accuracy, best.pt."""
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
+        t = trainer.cfg.train
+        last = epoch + 1 == t.epochs
+        if not t.val_every or ((epoch + 1) % t.val_every and not last):
+            return
+        x, y = trainer.val_data
+        if len(y) == 0:
+            return
+        a = trainer.cfg.method.attack
+        clean, robust = robust_accuracy(trainer.eval_model(), x, y, a.eps, a.alpha,
+                                        t.val_pgd_steps, trainer.cfg.data.eval_batch_size,
+                                        seed=t.seed)
+        s = trainer.state
+        s.last_val = {"epoch": epoch + 1, "clean": clean, f"pgd{t.val_pgd_steps}": robust}
+        s.history.append(dict(s.last_val))
+        if (robust, clean) > (s.best_val_pgd, s.best_val_clean):  # ties: higher clean wins
+            s.best_val_pgd, s.best_val_clean, s.best_epoch = robust, clean, epoch + 1
+            trainer.save_best()
+
+
+class CheckpointCallback(Callback):
+    """``last.pt`` after every epoch and every ``train.checkpoint_every`` steps."""
+
+    def on_step_end(self, trainer: Trainer, stats: dict[str, Tensor]) -> None:
+        every = trainer.cfg.train.checkpoint_every
+        if every and trainer.state.global_step % every == 0:
+            trainer.save_last()
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
+        trainer.save_last()
+
+
+class TensorBoardCallback(Callback):
+    """Scalars (every step stat, lr, images/s, validation), image grids, test numbers."""
+
+    def __init__(self) -> None:
+        self.writer = None
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(trainer.run_dir / "tb"))
+
+    def on_step_end(self, trainer: Trainer, stats: dict[str, Tensor]) -> None:
+        every, step = trainer.cfg.train.image_every, trainer.state.global_step
+        if not every or step % every or not hasattr(trainer.method, "last_images"):
+            return
+        for name, images in (trainer.method.last_images() or {}).items():
+            if images.dim() == 4 and images.shape[1] in (1, 3):
+                grid = images.detach().float()[:16].cpu()
+                if name.startswith("log_amp"):  # spectra: scale each to [0, 1] for display
+                    grid = grid / grid.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+                self.writer.add_images(f"images/{name}", grid.clamp(0, 1), step)
+
+    def on_log(self, trainer: Trainer, means: dict[str, float]) -> None:
+        for key, value in means.items():
+            self.writer.add_scalar(f"train/{key}", value, trainer.state.global_step)
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
+        val = trainer.state.last_val
+        if val.get("epoch") == epoch + 1:
+            for key, value in val.items():
+                if key != "epoch":
+                    self.writer.add_scalar(f"val/{key}", value, epoch + 1)
+        self.writer.flush()
+
+    def on_train_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        for key, value in metrics.get("test", {}).items():
+            self.writer.add_scalar(f"test/{key}", value, trainer.state.global_step)
+        self.writer.close()

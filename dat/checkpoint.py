@@ -1,0 +1,196 @@
+"""Checkpoints that survive crashes and cannot run code.
+
+One file holds everything a resume needs (model, method state, optimiser, averaging,
+counters, RNG states, resolved config) as tensors and primitives only, so it loads with
+``torch.load(weights_only=True)``: a crafted pickle is refused before anything runs.
+Writes are atomic: a temporary file in the same directory is flushed, fsynced and
+renamed over the old one, after the old one has been kept as ``last.1.pt`` (and older
+ones as ``last.2.pt`` ...), so a crash or a corrupt file falls back to a good one.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "FORMAT",
+    "CheckpointError",
+    "capture_rng",
+    "check_compatible",
+    "find_run_checkpoint",
+    "load_checkpoint",
+    "load_for_resume",
+    "load_model_state",
+    "older_copies",
+    "restore_rng",
+    "save_checkpoint",
+]
+
+FORMAT = "dat-checkpoint-v1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, unsafe or does not fit this run."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some file systems (or platforms) cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def older_copies(path: Path | str, keep: int) -> list[Path]:
+    """The names older copies of ``path`` get: ``last.pt`` -> ``last.1.pt``, ``last.2.pt``."""
+    path = Path(path)
+    return [path.with_name(f"{path.stem}.{i}{path.suffix}") for i in range(1, keep + 1)]
+
+
+def _keep_previous(path: Path, keep: int) -> None:
+    """Shift older copies one place and keep the current file as copy 1 (hard link)."""
+    copies = older_copies(path, keep)
+    for newer, older in zip(copies[-2::-1], copies[:0:-1], strict=True):
+        if newer.exists():
+            os.replace(newer, older)
+    if copies and path.exists():
+        link = path.with_name(f".{path.name}.link")
+        link.unlink(missing_ok=True)
+        try:
+            os.link(path, link)  # path keeps existing: no moment without a last.pt
+        except OSError:  # no hard links on this file system: copy instead
+            link.write_bytes(path.read_bytes())
+        os.replace(link, copies[0])
+
+
+def save_checkpoint(state: dict[str, Any], path: Path | str, keep: int = 0) -> Path:
+    """Atomically write ``state`` to ``path``; keep ``keep`` previous versions."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save({"format": FORMAT, **state}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _keep_previous(path, keep)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint safely (``weights_only=True``); one-line :class:`CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "unsupported global" in str(err).lower():  # a class or function: code could run
+            raise CheckpointError(
+                f"{path} holds objects other than tensors and primitives (a pickle that "
+                "could run code); refusing to load it. Only load checkpoints you trust"
+            ) from None
+        raise CheckpointError(f"{path} is corrupt or truncated (unreadable pickle data); "
+                              "use an older copy (e.g. last.1.pt) or start a new run") from None
+    except Exception as err:  # truncated zip, empty file, wrong format: all mean "corrupt"
+        raise CheckpointError(f"{path} is corrupt or truncated ({_first_line(err)}); "
+                              "use an older copy (e.g. last.1.pt) or start a new run") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a dat training checkpoint ({FORMAT})")
+    return state
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else type(err).__name__
+
+
+def load_for_resume(path: Path | str, keep: int = 2,
+                    warn: Callable[[str], None] = print) -> tuple[dict, Path]:
+    """Load ``path``, or, when it is missing or corrupt, the newest good older copy."""
+    candidates = [Path(path), *older_copies(path, max(keep, 1))]
+    errors = []
+    for candidate in candidates:
+        if not candidate.exists() and candidate != Path(path):
+            continue
+        try:
+            return load_checkpoint(candidate), candidate
+        except CheckpointError as err:
+            errors.append(str(err))
+            warn(f"warning: {err}; trying an older copy")
+    raise CheckpointError(f"no usable checkpoint at {path}: {errors[0]}")
+
+
+def find_run_checkpoint(out_dir: Path | str, run_name: str) -> Path:
+    """``--resume auto``: run_name's last.pt, or the most recent run's under out_dir."""
+    out = Path(out_dir)
+    if run_name:
+        return out / run_name / "checkpoints" / "last.pt"
+    runs = sorted(out.glob("*/checkpoints/last*.pt"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise CheckpointError(f"--resume auto found no run under {out}/; "
+                              "set train.run_name or give a checkpoint path")
+    return runs[-1].with_name("last.pt")
+
+
+def check_compatible(state: dict, model_name: str, num_classes: int) -> None:
+    """Refuse a checkpoint saved for another architecture or class count."""
+    saved = state.get("config", {}).get("model", {}).get("name")
+    saved_classes = state.get("num_classes")
+    if saved != model_name or saved_classes != num_classes:
+        raise CheckpointError(
+            f"checkpoint was saved for model {saved} with {saved_classes} classes, but this "
+            f"run builds {model_name} with {num_classes}; use the same model.name and dataset "
+            "or start a new run (no --resume)"
+        )
+
+
+def load_model_state(model: nn.Module, state_dict: dict, source: str = "checkpoint") -> None:
+    """``load_state_dict(strict=True)`` with a one-line error naming the first mismatch."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:240]
+        raise CheckpointError(f"{source} does not fit this model ({detail}); it comes from a "
+                              "different architecture or class count") from None
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python, NumPy, torch CPU and CUDA generator states as tensors and primitives."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng` (CUDA states only when CUDA is present)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

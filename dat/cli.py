@@ -1,0 +1,87 @@
+"""Console entry points named in pyproject.toml (``dat-train``, ``dat-evaluate``).
+
+User errors (bad config values, missing data, unusable checkpoints) print one line
+``error: ...`` and exit with status 2; a run stopped by the non-finite guard exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+__all__ = ["evaluate_main", "train_main"]
+
+DEFAULT_PRESET = "quickstart"
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train.py", description="Adversarial training (DAT, PGD-AT, TRADES, MART).",
+        epilog="example: python train.py --config quickstart method.name=trades train.epochs=2")
+    parser.add_argument("--config", default=None,
+                        help=f"preset name in configs/ or a YAML path (default: {DEFAULT_PRESET})")
+    parser.add_argument("--resume", default=None, metavar="PATH|auto",
+                        help="continue a run from its checkpoint ('auto': the run's last.pt)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. train.epochs=2 method.attack.eps=8/255")
+    return parser
+
+
+def _resume_config(args: argparse.Namespace):
+    """A resumed run keeps its saved config; ``key=value`` overrides still apply."""
+    from .checkpoint import find_run_checkpoint, load_for_resume
+    from .config import config_from_dict, config_to_yaml, load_config
+
+    path = args.resume
+    if path == "auto":
+        located = load_config(args.config or DEFAULT_PRESET, args.overrides)
+        path = find_run_checkpoint(located.train.out_dir, located.train.run_name)
+    saved = Path(path).parent.parent / "config.yaml"
+    overrides = [*args.overrides, f"train.resume={path}"]
+    if saved.is_file():
+        return load_config(str(saved), overrides)
+    state, _ = load_for_resume(path, warn=lambda msg: None)  # config of the checkpoint itself
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / "config.yaml"
+        file.write_text(config_to_yaml(config_from_dict(state["config"])))
+        return load_config(str(file), overrides)
+
+
+def _summary(metrics: dict) -> str:
+    tests = ", ".join(f"{k} {v:.2f}%" for k, v in metrics.get("test", {}).items())
+    return (f"test ({metrics.get('test_examples', 0)} images, {metrics['evaluated']}): {tests}; "
+            f"{metrics['images_per_second']:.0f} images/s")
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """``dat-train`` / ``python train.py``: see ``--help``."""
+    from .checkpoint import CheckpointError
+    from .config import ConfigError, load_config
+    from .data import DataError
+    from .trainer import Trainer, TrainingError
+
+    args = _train_parser().parse_args(argv)
+    try:
+        if args.resume:
+            cfg = _resume_config(args)
+        else:
+            cfg = load_config(args.config or DEFAULT_PRESET, args.overrides)
+        metrics = Trainer(cfg, progress=not args.no_progress).fit()
+    except (ConfigError, DataError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except TrainingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(_summary(metrics))
+    return 0
+
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    """``dat-evaluate``: see ``python evaluate.py --help``."""
+    from .evaluation.cli import evaluate_main as run
+
+    return run(argv)

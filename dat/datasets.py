@@ -1,0 +1,250 @@
+"""Reading labelled images from disk: the bundled sample, ImageFolder trees, CIFAR binaries.
+
+Each reader returns ``(train, test, classes)`` as :class:`ImageSet` objects; the
+validation split and the loaders live in :mod:`dat.data`. Problems a user can fix
+(missing folders, mixed image sizes, no network) raise :class:`DataError` with a
+one-line message that names the fix.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import socket
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["DataError", "ImageSet", "load_cifar", "load_imagefolder", "load_sample"]
+
+SAMPLE_PATH = Path(__file__).resolve().parent / "assets" / "cifar10_sample.npz"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+DOWNLOAD_TIMEOUT = 30.0  # seconds per socket operation: an offline machine fails fast
+
+# torchvision's layout: (folder, train files, test files, label key, meta file, names key)
+_CIFAR_BINARY = {
+    "cifar10": ("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)),
+                ("test_batch",), "labels", "batches.meta", "label_names"),
+    "cifar100": ("cifar-100-python", ("train",), ("test",), "fine_labels", "meta",
+                 "fine_label_names"),
+}
+
+
+class DataError(ValueError):
+    """A dataset cannot be found or read; the message names the fix."""
+
+
+@dataclass
+class ImageSet:
+    """Labelled images: decoded uint8 ``images`` (N, C, H, W), or lazily read ``files``."""
+
+    labels: Tensor  # (N,) int64
+    images: Tensor | None = None
+    files: list[str] | None = None
+    image_shape: tuple[int, int, int] = (3, 32, 32)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        if self.images is not None:
+            return self.images[i], int(self.labels[i])
+        return _read_image(self.files[i], self.image_shape), int(self.labels[i])
+
+    def subset(self, index: Tensor) -> ImageSet:
+        return ImageSet(
+            labels=self.labels[index],
+            images=None if self.images is None else self.images[index],
+            files=None if self.files is None else [self.files[int(i)] for i in index],
+            image_shape=self.image_shape,
+        )
+
+    def materialize(self) -> ImageSet:
+        """Decode every file into one uint8 tensor (for the resident loader)."""
+        if self.images is not None:
+            return self
+        images = torch.stack([_read_image(f, self.image_shape) for f in self.files])
+        return ImageSet(self.labels, images=images, image_shape=self.image_shape)
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        """``(x, y)``: float images in [0, 1] and labels (for evaluation)."""
+        images = self.materialize().images
+        return images.float().div_(255), self.labels
+
+
+def _read_image(path: str, shape: tuple[int, int, int] | None = None) -> Tensor:
+    """One image as uint8 (3, H, W); non-RGB modes are converted (noticed at scan time)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except OSError as err:
+        raise DataError(f"cannot read image {path}: {err}; remove or replace the file") from None
+    if shape is not None and arr.shape[:2] != shape[1:]:
+        raise DataError(
+            f"{path} is {arr.shape[1]}x{arr.shape[0]} but the dataset's images are "
+            f"{shape[2]}x{shape[1]}; resize all images to one size"
+        )
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def _check_headers(files: list[str], folder: Path) -> tuple[int, int, int]:
+    """Read every header (no decoding): all images must share one size; note non-RGB ones."""
+    from PIL import Image
+
+    size, converted = None, {}
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                this, mode = img.size, img.mode  # (W, H)
+        except OSError as err:
+            raise DataError(f"cannot read image {f}: {err}; remove or replace the file") from None
+        size = size or (this, f)
+        if this != size[0]:
+            raise DataError(
+                f"{f} is {this[0]}x{this[1]} but {size[1]} is {size[0][0]}x{size[0][1]}; "
+                "resize all images to one size"
+            )
+        if mode != "RGB":
+            converted[mode] = converted.get(mode, 0) + 1
+    if converted:
+        modes = ", ".join(f"{n} {m}" for m, n in sorted(converted.items()))
+        warnings.warn(f"{folder}: converting non-RGB images to RGB ({modes})", stacklevel=4)
+    return (3, size[0][1], size[0][0])
+
+
+def _scan_folder(folder: Path, classes: list[str] | None = None) -> tuple[ImageSet, list[str]]:
+    found = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    classes = classes or found
+    if not classes:
+        raise DataError(f"{folder} has no class sub-folders; expected {folder}/<class>/<image>")
+    unknown = set(found) - set(classes)
+    if unknown:
+        raise DataError(f"{folder} has classes {sorted(unknown)} that train/ lacks")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        for p in sorted((folder / name).rglob("*")):
+            if p.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(str(p))
+                labels.append(label)
+    if not files:
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {folder}")
+    shape = _check_headers(files, folder)
+    labels_t = torch.tensor(labels, dtype=torch.int64)
+    return ImageSet(labels_t, files=files, image_shape=shape), classes
+
+
+def load_imagefolder(root: Path) -> tuple[ImageSet, ImageSet, list[str]]:
+    """``root/train/<class>/*`` plus ``root/test/`` (or ``root/val/``) as the held-out set."""
+    if not (root / "train").is_dir():
+        raise DataError(
+            f"data.root={str(root)!r} has no train/ folder; an ImageFolder tree needs "
+            "train/<class>/* and val/<class>/* or test/<class>/*"
+        )
+    held = next((root / s for s in ("test", "val") if (root / s).is_dir()), None)
+    if held is None:
+        raise DataError(f"data.root={str(root)!r} has train/ but neither test/ nor val/")
+    train, classes = _scan_folder(root / "train")
+    test, _ = _scan_folder(held, classes)
+    if test.image_shape != train.image_shape:
+        raise DataError(
+            f"{held} images are {test.image_shape}, train/ images {train.image_shape}; "
+            "resize all images to one size"
+        )
+    return train, test, classes
+
+
+def _decode_jpegs(buffer: np.ndarray, offsets: np.ndarray) -> Tensor:
+    from PIL import Image
+
+    out = np.empty((len(offsets) - 1, 32, 32, 3), dtype=np.uint8)
+    for i in range(len(offsets) - 1):
+        blob = buffer[offsets[i] : offsets[i + 1]].tobytes()
+        with Image.open(io.BytesIO(blob)) as img:
+            out[i] = np.asarray(img.convert("RGB"))
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def load_sample() -> tuple[ImageSet, ImageSet, list[str]]:
+    """The bundled 5,000 + 1,000 image CIFAR-10 sample (``cifar10-sample``)."""
+    with np.load(SAMPLE_PATH, allow_pickle=False) as f:
+        sets = [
+            ImageSet(torch.from_numpy(f[f"{s}_labels"]),
+                     images=_decode_jpegs(f[f"{s}_jpeg"], f[f"{s}_offsets"]))
+            for s in ("train", "test")
+        ]
+        classes = [str(c) for c in f["classes"]]
+    return sets[0], sets[1], classes
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only plain containers and numpy arrays (CIFAR batches), nothing executable."""
+
+    _ALLOWED = {"_reconstruct", "ndarray", "dtype", "scalar", "_frombuffer"}
+
+    def find_class(self, module: str, name: str):
+        if module.split(".")[0] == "numpy" and name in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR batch file")
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return _ArrayUnpickler(f, encoding="latin1").load()
+    except (OSError, pickle.UnpicklingError, EOFError) as err:
+        raise DataError(f"cannot read {path} ({err}); re-download the dataset") from None
+
+
+def _read_cifar_binary(folder: Path, name: str) -> tuple[ImageSet, ImageSet, list[str]]:
+    """Read torchvision's CIFAR python batches (no checksum, so re-packed copies work too)."""
+    _, train_files, test_files, label_key, meta_file, names_key = _CIFAR_BINARY[name]
+    sets = []
+    for files in (train_files, test_files):
+        parts = [_unpickle(folder / f) for f in files]
+        if any("data" not in p or label_key not in p for p in parts):
+            raise DataError(f"{folder} lacks 'data'/{label_key!r} entries; re-download {name}")
+        data = np.concatenate([np.asarray(p["data"], dtype=np.uint8) for p in parts])
+        labels = np.concatenate([np.asarray(p[label_key], dtype=np.int64) for p in parts])
+        images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())  # (N, 3, 32, 32) uint8
+        sets.append(ImageSet(torch.from_numpy(labels), images=images))
+    classes = [str(c) for c in _unpickle(folder / meta_file)[names_key]]
+    return sets[0], sets[1], classes
+
+
+def _download_cifar(name: str, root: Path) -> None:
+    """Fetch ``name`` with torchvision, with socket timeouts so that offline fails fast."""
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    created = not root.exists()
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)
+    try:
+        cls(str(root), train=True, download=True)
+    except Exception as err:  # offline, DNS failure, corrupt archive, unwritable root
+        if created and root.is_dir() and not any(root.iterdir()):
+            root.rmdir()  # leave no empty folder behind
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(
+            f"{name} not found under data.root={str(root)!r} and could not be downloaded "
+            f"({reason}); set data.root to torchvision's folder (holding "
+            f"{_CIFAR_BINARY[name][0]}/) or to an ImageFolder tree with train/ and test/"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def load_cifar(name: str, root: Path) -> tuple[ImageSet, ImageSet, list[str]]:
+    """CIFAR-10/100 from an ImageFolder tree, torchvision's binary folder, or a download."""
+    if (root / "train").is_dir():
+        return load_imagefolder(root)
+    folder = root / _CIFAR_BINARY[name][0]
+    if not folder.is_dir():
+        _download_cifar(name, root)
+    return _read_cifar_binary(folder, name)

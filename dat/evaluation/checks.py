@@ -1,0 +1,241 @@
+"""Integrity checks: each returns pass / warn / fail (or skip) and one line of explanation.
+
+In the spirit of AutoAttack's ``checks.py``: an evaluation is only as good as the
+assumptions behind it (eval mode, untouched BN statistics, projections that hold,
+logits that are deterministic logits with useful gradients), so every evaluation
+verifies them and writes the verdicts into its report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .suite import BoundsStats
+
+__all__ = [
+    "Check",
+    "ModeMonitor",
+    "buffers_snapshot",
+    "check_aa_gap",
+    "check_autoattack_warnings",
+    "check_bn_statistics",
+    "check_bounds",
+    "check_deterministic",
+    "check_eps_zero",
+    "check_eval_mode",
+    "check_large_eps",
+    "check_logits",
+    "check_monotone",
+    "check_pgd_cw_gap",
+    "check_zero_gradients",
+    "overall_status",
+]
+
+STATUSES = ("skip", "pass", "warn", "fail")  # in order of severity
+AA_SLACK = 0.3  # points: AA may exceed min(PGD-100, CW) by at most this much
+CW_GAP = 3.0  # points: PGD-20 above CW by more than this hints at gradient masking
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # pass | warn | fail | skip
+    message: str  # one line: what was found and why it matters
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def overall_status(checks: list[Check]) -> str:
+    """The most severe status among ``checks`` ("pass" when there are none)."""
+    return max((c.status for c in checks), key=STATUSES.index, default="pass")
+
+
+@dataclass
+class ModeMonitor:
+    """Records, on every module's forward, whether that module was in training mode."""
+
+    forwards: int = 0
+    training_forwards: int = 0
+    _handles: list = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def watch(self, model: nn.Module) -> Iterator[ModeMonitor]:
+        def hook(module: nn.Module, _inputs) -> None:
+            self.forwards += 1
+            self.training_forwards += int(module.training)
+
+        for m in model.modules():
+            self._handles.append(m.register_forward_pre_hook(hook))
+        try:
+            yield self
+        finally:
+            for h in self._handles:
+                h.remove()
+            self._handles.clear()
+
+
+def check_eval_mode(given_training: bool, monitor: ModeMonitor) -> Check:
+    """Fail if any module ran in train mode during the evaluation; warn if handed in so."""
+    if monitor.training_forwards:
+        return Check("eval_mode", "fail",
+                     f"{monitor.training_forwards} of {monitor.forwards} module forwards "
+                     "ran in train mode during attacks; attacks must see the eval-mode model")
+    if given_training:
+        return Check("eval_mode", "warn",
+                     "the model was handed over in train mode; it was evaluated in eval mode "
+                     "and its flags restored; call model.eval() before evaluating yourself")
+    return Check("eval_mode", "pass",
+                 f"all {monitor.forwards} module forwards ran in eval mode")
+
+
+def buffers_snapshot(model: nn.Module) -> dict[str, Tensor]:
+    """Copies of every buffer (BN running statistics and counters)."""
+    return {name: b.detach().clone() for name, b in model.named_buffers()}
+
+
+def _bits(t: Tensor) -> Tensor:
+    return t.contiguous().flatten().view(torch.uint8)
+
+
+def check_bn_statistics(before: dict[str, Tensor], after: dict[str, Tensor]) -> Check:
+    """Fail unless every buffer is bit-identical before and after the evaluation."""
+    changed = [k for k in before if k not in after or not torch.equal(_bits(before[k]),
+                                                                      _bits(after[k]))]
+    if changed:
+        return Check("bn_statistics", "fail",
+                     f"{len(changed)} buffers changed during evaluation (e.g. {changed[0]}); "
+                     "BN statistics were updated by attack forwards")
+    return Check("bn_statistics", "pass", f"all {len(before)} buffers bit-identical after")
+
+
+def check_bounds(stats: dict[str, BoundsStats]) -> Check:
+    """Fail if any adversarial example left its eps-ball or [0, 1], or holds NaN/inf."""
+    bad = {k: s for k, s in stats.items() if s.outside or s.nonfinite}
+    if bad:
+        name, s = next(iter(bad.items()))
+        return Check("bounds", "fail",
+                     f"{name}: {s.outside} examples outside the eps-ball/[0,1] and "
+                     f"{s.nonfinite} non-finite (max perturbation {s.max_perturbation:.5f}, "
+                     f"eps {s.eps:.5f}); the attack's projection is broken")
+    if not stats:
+        return Check("bounds", "skip", "no adversarial examples were generated")
+    excess = max(s.max_perturbation - s.eps for s in stats.values())
+    total = sum(s.count for s in stats.values())
+    return Check("bounds", "pass",
+                 f"{total} adversarial examples inside their eps-ball and [0,1], no NaN "
+                 f"(max perturbation - eps = {excess:.1e})")
+
+
+def check_eps_zero(clean: float, at_zero: float) -> Check:
+    """Accuracy under an eps = 0 attack must equal clean accuracy exactly."""
+    if at_zero != clean:
+        return Check("eps_zero", "fail",
+                     f"accuracy at eps=0 is {at_zero:.2f}% but clean is {clean:.2f}%; "
+                     "predictions differ between the clean and attack paths")
+    return Check("eps_zero", "pass", f"eps=0 accuracy equals clean accuracy ({clean:.2f}%)")
+
+
+def check_monotone(eps: list[float], acc: list[float], n: int) -> Check:
+    """Accuracy must not rise with eps; a rise of a couple of points' noise only warns."""
+    rises = [(eps[i + 1], acc[i + 1] - acc[i]) for i in range(len(acc) - 1)
+             if acc[i + 1] > acc[i]]
+    if not rises:
+        return Check("sweep_monotone", "pass", "accuracy non-increasing over the eps sweep")
+    at, rise = max(rises, key=lambda r: r[1])
+    noise = max(0.5, 200.0 / max(n, 1))  # points: two examples, or half a point
+    status = "warn" if rise <= noise else "fail"
+    return Check("sweep_monotone", status,
+                 f"accuracy rises by {rise:.2f} points at eps={at * 255:.3g}/255; a larger "
+                 "ball should never help the model (attack failing or gradient masking)")
+
+
+def check_large_eps(acc: float, num_classes: int) -> Check:
+    """At eps = 0.5 almost any image is reachable: accuracy must be at or below chance."""
+    chance = 100.0 / num_classes
+    if acc > chance:
+        return Check("large_eps", "fail",
+                     f"PGD at eps=0.5 leaves {acc:.2f}% accuracy, above chance {chance:.2f}%; "
+                     "the attack cannot find adversarial examples (masked gradients?)")
+    return Check("large_eps", "pass", f"PGD at eps=0.5 gives {acc:.2f}% <= chance {chance:.2f}%")
+
+
+def check_aa_gap(results: dict[str, float]) -> Check:
+    """AA must be at most min(PGD-100, CW) + 0.3 points."""
+    others = {k: results[k] for k in ("pgd100", "cw") if k in results}
+    if "aa" not in results or not others:
+        return Check("aa_vs_pgd", "skip", "needs aa together with pgd100 or cw")
+    bound = min(others.values())
+    if results["aa"] > bound + AA_SLACK:
+        return Check("aa_vs_pgd", "fail",
+                     f"AA {results['aa']:.2f}% exceeds min({', '.join(others)}) {bound:.2f}% by "
+                     f"more than {AA_SLACK} points; the AA run is unreliable")
+    return Check("aa_vs_pgd", "pass",
+                 f"AA {results['aa']:.2f}% <= min({', '.join(others)}) + {AA_SLACK}")
+
+
+def check_pgd_cw_gap(results: dict[str, float]) -> Check:
+    """Warn when PGD-20 beats CW by more than 3 points (label-smoothing masking signature)."""
+    if "pgd20" not in results or "cw" not in results:
+        return Check("pgd_vs_cw", "skip", "needs pgd20 and cw")
+    gap = results["pgd20"] - results["cw"]
+    if gap > CW_GAP:
+        return Check("pgd_vs_cw", "warn",
+                     f"PGD-20 exceeds CW by {gap:.2f} points (> {CW_GAP}): cross-entropy "
+                     "attacks look masked (label smoothing?); trust CW and AA")
+    return Check("pgd_vs_cw", "pass", f"PGD-20 - CW = {gap:.2f} points (<= {CW_GAP})")
+
+
+@torch.no_grad()
+def check_deterministic(model: nn.Module, x: Tensor, repeats: int = 3) -> Check:
+    """Fail when the same input gives different logits (a randomised defence)."""
+    outs = [model(x).float() for _ in range(repeats)]
+    outs = [o / (o.norm(dim=1, keepdim=True) + 1e-10) for o in outs]
+    diff = max(float((o - outs[0]).norm(dim=1).max()) for o in outs[1:])
+    if diff > 1e-4:
+        return Check("deterministic", "fail",
+                     f"logits change between identical forwards (max normalised diff "
+                     f"{diff:.2e}); randomised models need EOT attacks (AA version='rand')")
+    return Check("deterministic", "pass", f"logits repeat exactly enough (diff {diff:.1e})")
+
+
+@torch.no_grad()
+def check_logits(model: nn.Module, x: Tensor) -> Check:
+    """Fail when the model outputs probabilities (in [0, 1], rows summing to 1)."""
+    out = model(x).float()
+    if out.min() > -1e-5 and out.max() < 1 + 1e-5 and ((out.sum(1) - 1).abs() < 1e-5).all():
+        return Check("logits", "fail",
+                     "the outputs look like probabilities (rows in [0,1] summing to 1); "
+                     "remove the final softmax: attacks need logits")
+    return Check("logits", "pass", f"outputs are logits ({out.shape[1]} classes)")
+
+
+def check_zero_gradients(model: nn.Module, x: Tensor, y: Tensor) -> Check:
+    """Warn when some inputs get an exactly zero loss gradient; fail when most do."""
+    x = x.detach().clone().requires_grad_(True)
+    loss = F.cross_entropy(model(x).float(), y, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, x)
+    zero = int((grad.flatten(1).abs().sum(1) == 0).sum())
+    if zero == 0:
+        return Check("zero_gradients", "pass", f"all {len(x)} inputs have non-zero gradients")
+    status = "fail" if 2 * zero > len(x) else "warn"
+    return Check("zero_gradients", status,
+                 f"{zero} of {len(x)} inputs have exactly zero input gradient; gradient "
+                 "attacks cannot move them (masked or saturated gradients)")
+
+
+def check_autoattack_warnings(messages: list[str] | None) -> Check:
+    """AutoAttack's own checks, as logged by pyautoattack while it ran."""
+    if messages is None:
+        return Check("autoattack_checks", "skip", "AutoAttack was not run")
+    if messages:
+        return Check("autoattack_checks", "warn",
+                     f"pyautoattack reported: {messages[0]}" + (
+                         f" (+{len(messages) - 1} more)" if len(messages) > 1 else ""))
+    return Check("autoattack_checks", "pass", "pyautoattack's own checks raised nothing")

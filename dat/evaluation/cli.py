@@ -1,0 +1,148 @@
+"""``python evaluate.py`` / ``dat-evaluate``: evaluate a checkpoint or any model entry point.
+
+    python evaluate.py --checkpoint RUN/checkpoints/best.pt --attacks clean,pgd20,cw,aa
+    python evaluate.py --model mypkg.models:robust_net --weights net.safetensors --data cifar10
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from ..config import DataConfig
+from .loading import load_checkpoint, load_entry_point
+
+__all__ = ["build_parser", "evaluate_main", "parse_eps"]
+
+PAPER_ATTACKS = "clean,fgsm,pgd20,pgd100,cw,aa"  # the paper's evaluation (Section 6)
+
+
+def parse_eps(text: str) -> float:
+    """``"8/255"`` or ``"0.0314"`` -> float; a bare number > 1 is read as x/255 units."""
+    text = text.strip()
+    try:
+        if "/" in text:
+            num, den = text.split("/", 1)
+            return float(num) / float(den)
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cannot read eps {text!r}; write e.g. 8/255") from None
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"eps {text} is in 0-255 units; write {text}/255")
+    return value
+
+
+def _radii(text: str) -> list[float]:
+    """A sweep list in 1/255 units: ``"0,1,2,4,8,16"``."""
+    try:
+        return [float(v) / 255 for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--sweep {text!r}: give radii in 1/255 units, e.g. 0,1,2,4,8,16") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a dat checkpoint (dict with 'model' and 'config')")
+    src.add_argument("--model", help="module:function or file.py:function returning an "
+                     "nn.Module on [0, 1] images")
+    p.add_argument("--weights", help="with --model: a .safetensors or torch state dict file")
+    p.add_argument("--attacks", default=PAPER_ATTACKS,
+                   help=f"comma list of clean,fgsm,pgd20,pgd100,pgd<N>,cw,aa ({PAPER_ATTACKS})")
+    p.add_argument("--eps", type=parse_eps, default=8 / 255, help="L-inf radius (8/255)")
+    p.add_argument("--n-examples", type=int,
+                   help="N examples, stratified by class as data.test_subset (default: all)")
+    p.add_argument("--data", help="dataset name (default: the checkpoint's, else cifar10)")
+    p.add_argument("--data-root", help="dataset folder (default: the checkpoint's)")
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--out", help="report folder (default: eval_<name> next to the checkpoint)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda:N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sweep", nargs="?", const="0,1,2,4,8,16", type=_radii,
+                   help="PGD-20 eps sweep, radii in 1/255 units (default 0,1,2,4,8,16)")
+    p.add_argument("--diagnostics", nargs="?", const="pgd20", metavar="ATTACK",
+                   help="amplitude/phase table for ATTACK (default pgd20)")
+    p.add_argument("--heatmap", action="store_true", help="Fourier heat map (Yin et al. 2019)")
+    p.add_argument("--heatmap-examples", type=int, default=256)
+    p.add_argument("--heatmap-norm", type=float, default=4.0, help="L2 norm per channel")
+    p.add_argument("--no-checks", action="store_true", help="skip the integrity checks")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a check fails")
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _load(args: argparse.Namespace, device: torch.device):
+    """(model, DataConfig, default out dir) for --checkpoint or --model."""
+    if args.checkpoint:
+        loaded = load_checkpoint(args.checkpoint, device=device)
+        data = loaded.config.data
+        model = loaded.model
+        out = Path(args.checkpoint).parent / f"eval_{Path(args.checkpoint).stem}"
+    else:
+        if args.data is None:
+            args.data = "cifar10"
+        model = load_entry_point(args.model, args.weights, device=device)
+        data = DataConfig()
+        out = Path(f"eval_{args.model.rpartition(':')[2]}")
+    data.name = args.data or data.name
+    data.root = args.data_root or data.root
+    return model, data, Path(args.out) if args.out else out
+
+
+def _examples(data_cfg: DataConfig, split: str, n: int | None):
+    """The split's images; ``n`` picks a class-stratified subset (as data.test_subset does),
+    because test folders are often sorted by label."""
+    from ..data import load_dataset, stratified_split
+
+    data_cfg.test_subset = 0  # evaluate the whole split unless --n-examples says otherwise
+    splits = load_dataset(data_cfg)
+    images = splits.test if split == "test" else splits.val
+    if n is not None and n < len(images):
+        _, chosen = stratified_split(images.labels, n, data_cfg.split_seed)
+        images = images.subset(chosen)
+    return images.tensors()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .runner import evaluate
+
+    if args.weights and not args.model:
+        raise ValueError("--weights goes with --model; a --checkpoint holds its own weights")
+    device = _device(args.device)
+    model, data_cfg, out = _load(args, device)
+    x, y = _examples(data_cfg, args.split, args.n_examples)
+    report = evaluate(
+        model, (x, y), attacks=[a.strip() for a in args.attacks.split(",") if a.strip()],
+        eps=args.eps, batch_size=args.batch_size, precision=args.precision,
+        checks=not args.no_checks, progress=not args.no_progress, seed=args.seed, out_dir=out,
+        sweep=args.sweep, diagnostics=args.diagnostics, heatmap=args.heatmap,
+        heatmap_norm=args.heatmap_norm, heatmap_examples=args.heatmap_examples,
+        tensorboard=args.tensorboard)
+    from .report import format_markdown
+
+    print(format_markdown(report))
+    print(f"report: {report['files']['json']}  {report['files']['markdown']}")
+    return 1 if args.strict and report["checks_status"] == "fail" else 0
+
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    """Console entry point: parse ``argv``, evaluate, print the report; returns exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, OSError) as err:  # bad input: one line naming the fix, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2

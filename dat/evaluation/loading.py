@@ -1,0 +1,153 @@
+"""Load models to evaluate: our checkpoints, or any ``module:function`` returning a model.
+
+Checkpoint format (written by the trainer): a plain dict loadable with
+``torch.load(weights_only=True)`` holding at least ``"model"`` (the state dict, with
+``...bn.main.*`` / ``...bn.aux.*`` keys for dual-BN models) and ``"config"``
+(``dat.config.config_to_dict(cfg)``). Other keys are ignored.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..config import Config, config_from_dict
+from ..models import create
+
+__all__ = ["CheckpointError", "LoadedCheckpoint", "load_checkpoint", "load_entry_point",
+           "load_state_file"]
+
+_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
+_KNOWN_CLASSES = {"cifar10": 10, "cifar10-sample": 10, "cifar100": 100}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or weights file cannot be used; the message names the fix."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: nn.Module  # as trained: two BN branches when the checkpoint has them
+    config: Config
+    num_classes: int
+    dual_bn: bool
+    image_shape: tuple[int, int, int] = (3, 32, 32)  # (C, H, W) the model was trained on
+
+
+def _torch_load(path: Path) -> object:
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist; pass the path of a .pt/.safetensors file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle refusing a class, truncated file, not a torch file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"cannot load {path} with torch.load(weights_only=True): {first[:200]}; save a "
+            "plain dict of tensors (model.state_dict()) instead of a pickled object") from None
+
+
+def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    for prefix in _PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def load_state_file(path: str | Path) -> dict[str, Tensor]:
+    """A state dict from a safetensors file (no pickle) or a torch file (weights_only)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise CheckpointError(f"{path} does not exist")
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = _torch_load(path)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    elif isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointError(f"{path} holds no state dict (name -> tensor)")
+    return _strip_prefixes(state)
+
+
+def _load_strict(model: nn.Module, state: dict[str, Tensor], what: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"{what}: {len(missing)} missing keys {missing[:2]}, {len(unexpected)} unexpected "
+            f"{unexpected[:2]}, {len(shapes)} shape mismatches {shapes[:2]}; check the model "
+            "name and number of classes the weights were trained with")
+    model.load_state_dict(state, strict=True)
+
+
+def _num_classes(ckpt: dict, cfg: Config) -> int:
+    if isinstance(ckpt.get("num_classes"), int):
+        return ckpt["num_classes"]
+    if isinstance(ckpt.get("classes"), (list, tuple)):
+        return len(ckpt["classes"])
+    if cfg.data.name in _KNOWN_CLASSES:
+        return _KNOWN_CLASSES[cfg.data.name]
+    from ..data import load_dataset
+
+    return load_dataset(cfg.data).num_classes
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> LoadedCheckpoint:
+    """Rebuild the trained model from a checkpoint (eval mode, on ``device``)."""
+    ckpt = _torch_load(Path(path))
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not \
+            isinstance(ckpt.get("config"), dict):
+        raise CheckpointError(
+            f"{path} is not a dat checkpoint (a dict with 'model' and 'config'); for other "
+            "weights use --model module:function --weights FILE")
+    state = _strip_prefixes(ckpt["model"])
+    cfg = config_from_dict(ckpt["config"])
+    dual = any(".main." in k for k in state)
+    num_classes = _num_classes(ckpt, cfg)
+    model = create(cfg.model.name, num_classes=num_classes, dual_bn=dual)
+    _load_strict(model, state, f"{path} vs {cfg.model.name} ({num_classes} classes)")
+    shape = tuple(ckpt.get("image_shape") or (3, 32, 32))
+    return LoadedCheckpoint(model.to(device).eval(), cfg, num_classes, dual, shape)
+
+
+def _import(spec: str):
+    module_name, _, func_name = spec.partition(":")
+    if not module_name or not func_name:
+        raise CheckpointError(
+            f"--model {spec!r} must look like module:function or path/file.py:function")
+    if module_name.endswith(".py"):
+        file_spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+        if file_spec is None or not Path(module_name).is_file():
+            raise CheckpointError(f"{module_name} does not exist")
+        module = importlib.util.module_from_spec(file_spec)
+        file_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            raise CheckpointError(f"cannot import {module_name!r} ({err}); add its folder to "
+                                  "PYTHONPATH or pass path/to/file.py:function") from None
+    if not callable(getattr(module, func_name, None)):
+        raise CheckpointError(f"{module_name} has no function {func_name!r}")
+    return getattr(module, func_name)
+
+
+def load_entry_point(spec: str, weights: str | Path | None = None,
+                     device: torch.device | str = "cpu") -> nn.Module:
+    """``module:function`` returning an ``nn.Module`` on [0, 1] images, plus optional weights."""
+    model = _import(spec)()
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"{spec} returned {type(model).__name__}, not a torch nn.Module")
+    if weights is not None:
+        _load_strict(model, _strip_prefixes(load_state_file(weights)), f"{weights} vs {spec}")
+    return model.to(device).eval()

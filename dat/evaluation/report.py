@@ -1,0 +1,156 @@
+"""Reports a person reads: report.json, report.md, PNG plots, optional TensorBoard scalars."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["format_markdown", "log_tensorboard", "write_report"]
+
+_MARK = {"pass": "PASS", "warn": "WARN", "fail": "FAIL", "skip": "skip"}
+
+
+def _results_table(report: dict) -> list[str]:
+    lines = ["| attack | accuracy (%) | implementation | settings |", "|---|---:|---|---|"]
+    for name, acc in report["results"].items():
+        info = report["attacks"].get(name, {})
+        impl = f"{info['implementation']} {info['version']}" if info else "-"
+        keys = ("steps", "alpha", "loss")
+        settings = ", ".join(
+            f"{k}={info[k] * 255:.3g}/255" if k == "alpha" else f"{k}={info[k]}"
+            for k in keys if k in info)
+        if name == "worst_case":
+            impl, settings = "per example: any attack succeeds", ""
+        lines.append(f"| {name} | {acc:.2f} | {impl} | {settings} |")
+    return lines
+
+
+def _aa_lines(report: dict) -> list[str]:
+    breakdown = report["attacks"].get("aa", {}).get("breakdown")
+    if not breakdown:
+        return []
+    cells = " | ".join(f"{k} {v:.2f}" for k, v in breakdown.items())
+    return ["", "AutoAttack (pyautoattack, standard), robust accuracy after each attack (%):",
+            "", f"| {cells} |", "|" + "---|" * len(breakdown)]
+
+
+def _sweep_lines(report: dict) -> list[str]:
+    sweep = report.get("sweep")
+    if not sweep:
+        return []
+    head = " | ".join(f"{e * 255:.3g}/255" for e in sweep["eps"])
+    vals = " | ".join(f"{a:.2f}" for a in sweep["accuracy"])
+    return ["", f"## Eps sweep ({sweep['attack']}, alpha = {sweep['alpha_rule']})", "",
+            f"| eps | {head} |", "|---|" + "---:|" * len(sweep["eps"]), f"| acc (%) | {vals} |"]
+
+
+def _diagnostic_lines(report: dict) -> list[str]:
+    lines = []
+    ap = report.get("amplitude_phase")
+    if ap:
+        lines += ["", f"## Amplitude / phase ({ap['attack']}, eps {ap['eps'] * 255:.3g}/255)",
+                  "", "| x | x' | x'_amp = IDFT(A(x'), P(x)) | x'_pha = IDFT(A(x), P(x')) |",
+                  "|---:|---:|---:|---:|",
+                  f"| {ap['clean']:.2f} | {ap['adversarial']:.2f} | "
+                  f"{ap['adversarial_amplitude']:.2f} | {ap['adversarial_phase']:.2f} |"]
+    hm = report.get("fourier_heatmap")
+    if hm:
+        lines += ["", f"Fourier heat map: L2 norm {hm['norm']} per channel, {hm['examples']} "
+                  "examples, see fourier_heatmap.png."]
+    return lines
+
+
+def format_markdown(report: dict) -> str:
+    """The report as a Markdown page: results, AA breakdown, sweep, diagnostics, checks."""
+    lines = ["# Robustness evaluation", "",
+             f"{report['n']} examples, L-inf eps = {report['eps_255']:.3g}/255, "
+             f"precision {report['precision']}, seed {report['seed']}, device "
+             f"{report['device']}, {report['seconds']:.1f} s.", ""]
+    lines += _results_table(report) + _aa_lines(report) + _sweep_lines(report)
+    lines += _diagnostic_lines(report)
+    if report.get("checks"):
+        lines += ["", f"## Integrity checks: {_MARK[report['checks_status']]}", "",
+                  "| check | status | finding |", "|---|---|---|"]
+        lines += [f"| {c['name']} | {_MARK[c['status']]} | {c['message']} |"
+                  for c in report["checks"].values()]
+    return "\n".join(lines) + "\n"
+
+
+def _plots(report: dict, out: Path) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = {}
+    names, accs = list(report["results"]), list(report["results"].values())
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.5))
+    ax.bar(names, accs, color="tab:blue")
+    ax.set(ylabel="accuracy (%)", ylim=(0, 100), title=f"eps {report['eps_255']:.3g}/255")
+    for i, a in enumerate(accs):
+        ax.text(i, a + 1, f"{a:.1f}", ha="center", fontsize=8)
+    files["attacks_png"] = _save(fig, out / "attacks.png", plt)
+    if report.get("sweep"):
+        s = report["sweep"]
+        fig, ax = plt.subplots(figsize=(4.5, 3.5))
+        ax.plot([e * 255 for e in s["eps"]], s["accuracy"], marker="o")
+        ax.set(xlabel="eps (x/255)", ylabel="accuracy (%)", ylim=(0, 100),
+               title=f"{s['attack']} accuracy vs eps")
+        files["sweep_png"] = _save(fig, out / "accuracy_vs_eps.png", plt)
+    if report.get("fourier_heatmap"):
+        files["heatmap_png"] = _heatmap(report["fourier_heatmap"], out, plt)
+    if report.get("amplitude_phase"):
+        ap = report["amplitude_phase"]
+        keys = ("clean", "adversarial", "adversarial_amplitude", "adversarial_phase")
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.bar(["x", "x'", "x'_amp", "x'_pha"], [ap[k] for k in keys], color="tab:green")
+        ax.set(ylabel="accuracy (%)", ylim=(0, 100), title=f"amplitude / phase ({ap['attack']})")
+        files["amplitude_phase_png"] = _save(fig, out / "amplitude_phase.png", plt)
+    return files
+
+
+def _heatmap(hm: dict, out: Path, plt) -> str:
+    err = hm["error_rate"]
+    h, w = len(err), len(err[0])
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    image = ax.imshow(err, cmap="jet", vmin=0, vmax=100,
+                      extent=(-w // 2 - 0.5, w - w // 2 - 0.5, h - h // 2 - 0.5, -h // 2 - 0.5))
+    fig.colorbar(image, ax=ax, label="error rate (%)")
+    ax.set(xlabel="frequency v", ylabel="frequency u",
+           title=f"Fourier heat map (L2 norm {hm['norm']})")
+    return _save(fig, out / "fourier_heatmap.png", plt)
+
+
+def _save(fig, path: Path, plt) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def log_tensorboard(report: dict, log_dir: str | Path, step: int = 0) -> None:
+    """Write the report's accuracies as TensorBoard scalars under ``eval/``."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(log_dir)) as writer:
+        for name, acc in report["results"].items():
+            writer.add_scalar(f"eval/{name}", acc, step)
+        for name, acc in report["attacks"].get("aa", {}).get("breakdown", {}).items():
+            writer.add_scalar(f"eval_aa/{name}", acc, step)
+        if report.get("sweep"):
+            for e, acc in zip(report["sweep"]["eps"], report["sweep"]["accuracy"], strict=True):
+                writer.add_scalar(f"eval_sweep/eps_{e * 255:.3g}_255", acc, step)
+
+
+def write_report(report: dict, out_dir: str | Path, tensorboard: bool = False) -> dict[str, str]:
+    """Write report.json, report.md and PNG plots into ``out_dir``; return their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"json": str(out / "report.json"), "markdown": str(out / "report.md")}
+    files.update(_plots(report, out))
+    if tensorboard:
+        log_tensorboard(report, out / "tensorboard")
+        files["tensorboard"] = str(out / "tensorboard")
+    (out / "report.md").write_text(format_markdown(report))
+    (out / "report.json").write_text(json.dumps({**report, "files": files}, indent=2))
+    return files

@@ -1,0 +1,281 @@
+"""``evaluate``: clean accuracy, the attack suite, AutoAttack, a sweep, checks, a report.
+
+Order, as in AutoAttack: find the clean-correct points, attack only those (in large
+batches), combine per-example results into the worst case over all attacks, then
+verify the evaluation itself (:mod:`dat.evaluation.checks`) and write the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..attacks import eval_mode
+from ..models.dual_bn import bn_branch, has_dual_bn
+from . import checks as C
+from .autoattack import autoattack_info, run_autoattack
+from .suite import (
+    BoundsStats,
+    EvaluationError,
+    attack_points,
+    make_attack,
+    sweep_alpha,
+    validate_attack_names,
+)
+
+__all__ = ["DEFAULT_SWEEP", "EvaluationError", "collect_examples", "evaluate"]
+
+DEFAULT_SWEEP = (0, 1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255)  # L-inf radii, [0,1] scale
+SWEEP_STEPS = 20  # the sweep runs PGD-20
+LARGE_EPS = 0.5  # radius at which any working attack reaches chance level
+MODEL_CHECK_EXAMPLES = 256  # inputs for the determinism / logits / gradient checks
+
+
+def _as_xy(batch) -> tuple[Tensor, Tensor]:
+    if hasattr(batch, "x_raw"):  # dat Batch: evaluate the un-augmented images
+        return batch.x_raw, batch.y
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise EvaluationError(
+        f"cannot read a batch of type {type(batch).__name__}; data must yield (x, y) pairs "
+        "or dat Batch(x, x_raw, y), or be a tuple (x, y) of tensors")
+
+
+def collect_examples(data, n_examples: int | None = None) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` on the CPU from a tuple of tensors or an iterable of batches, validated."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
+        xs, ys = [data[0]], [data[1]]
+    else:
+        xs, ys, total = [], [], 0
+        for batch in data:
+            xb, yb = _as_xy(batch)
+            xs.append(xb.detach().cpu())
+            ys.append(torch.as_tensor(yb).cpu())
+            total += len(xb)
+            if n_examples and total >= n_examples:
+                break
+    if not xs or sum(len(t) for t in xs) == 0:
+        raise EvaluationError("data holds no examples; pass a non-empty loader or (x, y)")
+    x, y = torch.cat([t.detach().cpu() for t in xs]), torch.cat([t.cpu() for t in ys])
+    if n_examples:
+        x, y = x[:n_examples], y[:n_examples]
+    _validate_examples(x, y)
+    return x.float().contiguous(), y.long()
+
+
+def _validate_examples(x: Tensor, y: Tensor) -> None:
+    if x.dim() != 4 or not x.is_floating_point():
+        raise EvaluationError(f"images must be float (N, C, H, W), got {x.dtype} "
+                              f"{tuple(x.shape)}; convert uint8 images with x.float() / 255")
+    if len(x) != len(y) or y.dim() != 1 or y.is_floating_point():
+        raise EvaluationError(f"labels must be integer (N,) matching the images; got "
+                              f"{y.dtype} {tuple(y.shape)} for {len(x)} images")
+    if float(x.min()) < 0 or float(x.max()) > 1:
+        raise EvaluationError(
+            f"images must lie in [0, 1] (found [{float(x.min()):.3f}, {float(x.max()):.3f}]); "
+            "drop Normalize from the data pipeline: the model normalises inside")
+
+
+class _Autocast(nn.Module):
+    """Runs the wrapped model under bf16 autocast and returns float32 logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+            return self.model(x).float()
+
+
+def _device(model: nn.Module) -> torch.device:
+    tensor = next(iter(list(model.parameters()) + list(model.buffers())), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _validate_args(attacks: Sequence[str], eps: float, batch_size: int, precision: str,
+                   n_examples: int | None) -> None:
+    validate_attack_names(list(attacks))
+    if not 0 <= eps <= 1:
+        hint = f"; write {eps:g}/255" if eps > 1 else ""
+        raise EvaluationError(f"eps={eps:g} must be in [0, 1] (pixel scale){hint}")
+    if batch_size < 1:
+        raise EvaluationError(f"batch_size={batch_size} must be >= 1")
+    if precision not in ("fp32", "bf16"):
+        raise EvaluationError(f"precision={precision!r}; use fp32 or bf16")
+    if n_examples is not None and n_examples < 1:
+        raise EvaluationError(f"n_examples={n_examples} must be >= 1 (or None for all)")
+
+
+def _pct(mask: Tensor) -> float:
+    return 100.0 * float(mask.sum()) / len(mask)
+
+
+class _Run:
+    """State of one evaluation: the model, the data and what has been measured so far."""
+
+    def __init__(self, net, x, y, batch_size, device, seed, progress) -> None:
+        self.net, self.x, self.y = net, x, y
+        self.batch_size, self.device, self.seed, self.progress = batch_size, device, seed, progress
+        self.bounds: dict[str, BoundsStats] = {}
+        self.info: dict[str, dict] = {}
+        with torch.no_grad():
+            logits = [net(xb.to(device)).cpu() for xb in x.split(batch_size)]  # (B, K) each
+        self.num_classes = int(logits[0].shape[1])
+        self.clean = torch.cat(logits).argmax(dim=1) == y  # (N,) bool
+
+    def attack(self, name: str, eps: float, alpha: float | None = None,
+               label: str | None = None, subset: int | None = None) -> Tensor:
+        label = label or name
+        n = len(self.x) if subset is None else min(subset, len(self.x))
+        spec = make_attack(name, eps, alpha)
+        self.bounds[label] = BoundsStats(eps)
+        start = time.perf_counter()
+        mask = attack_points(spec, self.net, self.x[:n], self.y[:n], self.clean[:n],
+                             self.batch_size, self.device, self.seed, self.progress,
+                             self.bounds[label])
+        self.info[label] = {**spec.info(), "seconds": round(time.perf_counter() - start, 3)}
+        return mask
+
+    def autoattack(self, eps: float):
+        start = time.perf_counter()
+        res = run_autoattack(self.net, self.x, self.y, eps, self.batch_size, self.device,
+                             self.seed, self.progress)
+        self.bounds["aa"] = res.bounds
+        self.info["aa"] = {**autoattack_info(eps, self.seed), "breakdown": res.breakdown,
+                           "seconds": round(time.perf_counter() - start, 3)}
+        return res
+
+
+def _run_attacks(run: _Run, attacks: Sequence[str], eps: float):
+    results, masks, aa_messages = {}, {}, None
+    for name in attacks:
+        if name == "clean":
+            masks[name] = run.clean
+        elif name == "aa":
+            res = run.autoattack(eps)
+            masks[name], aa_messages = res.correct, res.warnings
+        else:
+            masks[name] = run.attack(name, eps)
+        results[name] = _pct(masks[name])
+    adversarial = [m for k, m in masks.items() if k != "clean"]
+    if adversarial:
+        worst = run.clean.clone()
+        for m in adversarial:
+            worst &= m
+        results["worst_case"] = _pct(worst)
+    return results, aa_messages
+
+
+def _run_sweep(run: _Run, radii: Sequence[float]) -> dict:
+    acc = []
+    for e in radii:
+        mask = run.attack(f"pgd{SWEEP_STEPS}", e, sweep_alpha(e, SWEEP_STEPS),
+                          label=f"sweep@{e * 255:.3g}/255")
+        acc.append(_pct(mask))
+    return {"attack": f"pgd{SWEEP_STEPS}", "alpha_rule": "max(2/255, 2.5*eps/steps)",
+            "eps": list(radii), "accuracy": acc}
+
+
+def _sanity_checks(run: _Run, results: dict, sweep: dict | None, aa_messages,
+                   check_examples: int) -> list[C.Check]:
+    xs = run.x[:MODEL_CHECK_EXAMPLES].to(run.device)
+    ys = run.y[:MODEL_CHECK_EXAMPLES].to(run.device)
+    found = [C.check_deterministic(run.net, xs), C.check_logits(run.net, xs),
+             C.check_zero_gradients(run.net, xs, ys)]
+    if sweep is not None and 0 in sweep["eps"]:
+        found.append(C.check_eps_zero(_pct(run.clean), sweep["accuracy"][sweep["eps"].index(0)]))
+    else:
+        at_zero = run.attack(f"pgd{SWEEP_STEPS}", 0.0, label="check@eps=0", subset=check_examples)
+        found.append(C.check_eps_zero(_pct(run.clean[:len(at_zero)]), _pct(at_zero)))
+    if sweep is not None:
+        found.append(C.check_monotone(sweep["eps"], sweep["accuracy"], len(run.y)))
+    else:
+        found.append(C.Check("sweep_monotone", "skip", "no eps sweep was run (sweep=True)"))
+    big = run.attack(f"pgd{SWEEP_STEPS}", LARGE_EPS, sweep_alpha(LARGE_EPS, SWEEP_STEPS),
+                     label="check@eps=0.5", subset=check_examples)
+    found += [C.check_large_eps(_pct(big), run.num_classes), C.check_aa_gap(results),
+              C.check_pgd_cw_gap(results), C.check_autoattack_warnings(aa_messages)]
+    return found
+
+
+def _summary(run: _Run, eps: float, precision: str) -> dict:
+    """Settings and per-attack details for the report."""
+    return {"n": len(run.y), "eps": eps, "eps_255": eps * 255, "num_classes": run.num_classes,
+            "precision": precision, "seed": run.seed, "device": str(run.device),
+            "attacks": run.info, "bounds": {k: b.to_dict() for k, b in run.bounds.items()}}
+
+
+def evaluate(
+    model: nn.Module, data, attacks: Sequence[str] = ("clean", "pgd20"), eps: float = 8 / 255,
+    n_examples: int | None = None, batch_size: int = 500, precision: str = "fp32",
+    checks: bool = True, progress: bool = True, seed: int = 0, out_dir: str | Path | None = None,
+    sweep: bool | Iterable[float] | None = None, diagnostics: str | bool | None = None,
+    heatmap: bool = False, heatmap_norm: float = 4.0, heatmap_examples: int = 256,
+    check_examples: int = 500, tensorboard: bool = False,
+) -> dict:
+    """Evaluate ``model`` (a module mapping [0, 1] images to logits) against ``attacks``.
+
+    ``data``: an iterable of (x, y) / dat ``Batch`` or a tuple (x, y), x in [0, 1].
+    ``attacks``: any of clean, fgsm, pgd20, pgd100, pgd<N>, cw, aa (L-inf, radius ``eps``).
+    ``sweep``: True for PGD-20 at eps 0, 1, 2, 4, 8, 16 /255, or a list of radii.
+    ``diagnostics``: an attack name (True = pgd20) for the amplitude/phase table;
+    ``heatmap``: the Fourier heat map. Returns the report; ``report["results"][name]`` is
+    accuracy in percent. Dual-BN models are evaluated on their main branch, in eval mode.
+    """
+    attacks = list(attacks)
+    _validate_args(attacks, eps, batch_size, precision, n_examples)
+    x, y = collect_examples(data, n_examples)
+    device = _device(model)
+    radii = list(DEFAULT_SWEEP) if sweep is True else (list(sweep) if sweep else None)
+    given_training, before, monitor = model.training, C.buffers_snapshot(model), C.ModeMonitor()
+    branch = bn_branch(model, "main") if has_dual_bn(model) else contextlib.nullcontext()
+    start = time.perf_counter()
+    with eval_mode(model), branch, monitor.watch(model):
+        # built inside eval_mode: a wrapper left in train mode would make torchattacks
+        # "restore" train mode on the whole model after its first attack
+        net = _Autocast(model).eval() if precision == "bf16" else model
+        run = _Run(net, x, y, batch_size, device, seed, progress)
+        results, aa_messages = _run_attacks(run, attacks, eps)
+        swept = _run_sweep(run, radii) if radii else None
+        found = _sanity_checks(run, results, swept, aa_messages, check_examples) if checks else []
+        diag = _diagnostics(run, eps, diagnostics, heatmap, heatmap_norm, heatmap_examples)
+    if checks:
+        found = [C.check_eval_mode(given_training, monitor),
+                 C.check_bn_statistics(before, C.buffers_snapshot(model)),
+                 C.check_bounds(run.bounds)] + found
+    report = {"results": results, **_summary(run, eps, precision), "sweep": swept,
+              "checks": {c.name: c.to_dict() for c in found},
+              "checks_status": C.overall_status(found) if checks else "skip",
+              **diag, "seconds": round(time.perf_counter() - start, 3)}
+    if out_dir is not None:
+        from .report import write_report
+
+        report["files"] = write_report(report, out_dir, tensorboard=tensorboard)
+    return report
+
+
+def _diagnostics(run: _Run, eps: float, attack, heatmap: bool, norm: float,
+                 examples: int) -> dict:
+    out = {}
+    if attack:
+        from .diagnostics import amplitude_phase_table
+
+        name = "pgd20" if attack is True else attack
+        out["amplitude_phase"] = amplitude_phase_table(
+            run.net, run.x, run.y, attack=name, eps=eps, batch_size=run.batch_size,
+            device=run.device, seed=run.seed, progress=run.progress)
+    if heatmap:
+        from .diagnostics import fourier_heatmap
+
+        err = fourier_heatmap(run.net, run.x[:examples], run.y[:examples], norm=norm,
+                              batch_size=run.batch_size, device=run.device, seed=run.seed,
+                              progress=run.progress)
+        out["fourier_heatmap"] = {"norm": norm, "examples": min(examples, len(run.x)),
+                                  "error_rate": err.tolist()}
+    return out

@@ -1,0 +1,114 @@
+"""Skip non-finite training steps without a host sync per step.
+
+Before each step :meth:`StepGuard.snapshot` copies every parameter, buffer and optimiser
+state tensor (one fused copy per group); after it :meth:`StepGuard.commit` computes a
+device-side flag ``ok = isfinite(loss) and isfinite(|grad|) and isfinite(|params|)`` and
+puts the old values back with ``torch.where(ok, new, old)``. A bad step therefore leaves
+the model, its BN statistics and the optimiser exactly as they were, and nothing waits
+for the GPU: the trainer reads the counters only when it logs (every ``perf.log_every``
+steps), and stops once ``train.max_bad_steps`` consecutive steps were bad.
+
+Optimiser state created *during* a bad step (e.g. SGD's momentum on the very first step)
+is zeroed, which equals a fresh buffer for SGD without dampening. Tensors on another
+device than the loss (e.g. Adam's CPU step counters) are not guarded.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["StepGuard", "owned_modules_and_optimizers"]
+
+
+def owned_modules_and_optimizers(obj: object) -> tuple[list[nn.Module], list]:
+    """Modules and optimisers held as attributes of ``obj`` (e.g. a method's generator)."""
+    values = vars(obj).values() if hasattr(obj, "__dict__") else ()
+    modules = [v for v in values if isinstance(v, nn.Module)]
+    optimizers = [v for v in values if isinstance(v, torch.optim.Optimizer)]
+    return modules, optimizers
+
+
+def _unique(items: list) -> list:
+    seen, out = set(), []
+    for item in items:
+        if id(item) not in seen:
+            seen.add(id(item))
+            out.append(item)
+    return out
+
+
+class StepGuard:
+    """Roll back any step whose loss, gradients or parameters are not finite."""
+
+    def __init__(self, modules: list[nn.Module], optimizers: list, extra: object = None) -> None:
+        more_modules, more_optims = owned_modules_and_optimizers(extra)
+        self.modules = _unique([*modules, *more_modules])
+        self.optimizers = _unique([*optimizers, *more_optims])
+        self._saved: dict[int, Tensor] = {}
+        self.consecutive: Tensor | None = None  # device-side counters, read when logging
+        self.peak: Tensor | None = None
+        self.recent: Tensor | None = None
+
+    def _params(self) -> list[Tensor]:
+        return _unique([p for m in self.modules for p in m.parameters()])
+
+    def _tensors(self) -> list[Tensor]:
+        found = [*self._params(), *(b for m in self.modules for b in m.buffers())]
+        for opt in self.optimizers:
+            for state in opt.state.values():
+                found += [v for v in state.values() if torch.is_tensor(v)]
+        return _unique(found)
+
+    @torch.no_grad()
+    def snapshot(self) -> None:
+        """Copy the current state (call right before the step)."""
+        tensors = self._tensors()
+        saved = {id(t): self._saved.get(id(t)) for t in tensors}
+        for t in tensors:
+            s = saved[id(t)]
+            if s is None or s.shape != t.shape or s.dtype != t.dtype or s.device != t.device:
+                saved[id(t)] = torch.empty_like(t)
+        self._saved = saved
+        torch._foreach_copy_([saved[id(t)] for t in tensors], tensors)
+
+    @torch.no_grad()
+    def commit(self, loss: Tensor | None) -> Tensor:
+        """Keep the step if everything is finite, else restore the snapshot; returns ok."""
+        params = self._params()
+        grads = [p.grad for p in params if p.grad is not None]
+        norms = torch._foreach_norm(params) + (torch._foreach_norm(grads) if grads else [])
+        ok = torch.stack([n.float() for n in norms]).sum().isfinite()
+        if loss is not None:
+            ok = ok & loss.detach().float().isfinite().all().to(ok.device)
+        for t in self._tensors():
+            if t.device != ok.device:
+                continue
+            saved = self._saved.get(id(t))
+            if saved is None:
+                t.masked_fill_(~ok, 0)
+            else:
+                t.copy_(torch.where(ok, t, saved))
+        self._count(ok)
+        return ok
+
+    def _count(self, ok: Tensor) -> None:
+        bad = (~ok).long()
+        if self.consecutive is None:
+            self.consecutive, self.peak, self.recent = bad.clone(), bad.clone(), bad.clone()
+        else:
+            self.consecutive = (self.consecutive + bad) * bad
+            self.peak = torch.maximum(self.peak, self.consecutive)
+            self.recent = self.recent + bad
+
+    def counters(self, device: torch.device) -> list[Tensor]:
+        """[longest run of consecutive bad steps, bad steps] since the last read (device).
+
+        Reading resets both, so a streak longer than ``max_bad_steps`` that ended before
+        the read is still seen, and counts are never reported twice.
+        """
+        if self.consecutive is None:
+            return [torch.zeros((), device=device), torch.zeros((), device=device)]
+        out = [self.peak.float(), self.recent.float()]
+        self.peak, self.recent = self.consecutive.clone(), torch.zeros_like(self.recent)
+        return out

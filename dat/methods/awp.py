@@ -1,0 +1,80 @@
+"""Adversarial Weight Perturbation (AWP; Wu, Xia, Wang, NeurIPS 2020), for any method.
+
+AWP flattens the robust loss landscape in weight space: before each training step it
+moves every weight matrix a relative distance ``gamma`` (per layer, ||v_l|| = gamma *
+||w_l||) in the direction that increases the method's loss, takes the optimiser step
+from there, and then removes the perturbation. The direction comes from one SGD ascent
+step of a proxy copy of the model.
+
+Usage with any loss written as a function of the model::
+
+    awp = AWP(model, gamma=0.005)
+    with awp.perturbed(lambda m: loss_of(m)):   # perturb; removed on exit
+        loss = loss_of(model)
+        optimizer.zero_grad(); loss.backward(); optimizer.step()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["AWP"]
+
+_TINY = 1e-20  # guards the relative scale against an all-zero ascent direction
+
+
+class AWP:
+    """Adversarial weight perturbation of ``model`` (weights with 2+ dims only).
+
+    Args:
+        model: the classifier being trained (perturbed in place, restored after).
+        gamma: relative size of the perturbation per layer (paper: 0.005 for DAT/TRADES).
+        proxy_lr: learning rate of the proxy's ascent step (AWP reference code: 0.01).
+    """
+
+    def __init__(self, model: nn.Module, gamma: float = 0.005, proxy_lr: float = 0.01) -> None:
+        if gamma < 0:
+            raise ValueError(f"AWP gamma={gamma} must be >= 0")
+        self.model, self.gamma = model, gamma
+        self.proxy = copy.deepcopy(model)
+        self.proxy_optimizer = torch.optim.SGD(self.proxy.parameters(), lr=proxy_lr)
+
+    def _pairs(self) -> list[tuple[Tensor, Tensor]]:
+        """(model weight, proxy weight) for every perturbed tensor (conv / linear)."""
+        return [(w, p) for w, p in zip(self.model.parameters(), self.proxy.parameters(),
+                                       strict=True) if w.dim() > 1]
+
+    def compute(self, loss_fn: Callable[[nn.Module], Tensor]) -> list[Tensor]:
+        """The perturbation (one tensor per weight) that increases ``loss_fn(model)``."""
+        self.proxy.load_state_dict(self.model.state_dict())
+        self.proxy.train(self.model.training)
+        loss = -loss_fn(self.proxy)  # descend on -loss = ascend on the loss
+        self.proxy_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.proxy_optimizer.step()
+        deltas = []
+        with torch.no_grad():
+            for w, p in self._pairs():
+                diff = p - w
+                deltas.append(self.gamma * diff * (w.norm() / (diff.norm() + _TINY)))
+        return deltas
+
+    @torch.no_grad()
+    def _add(self, deltas: list[Tensor], sign: float) -> None:
+        for (w, _), d in zip(self._pairs(), deltas, strict=True):
+            w.add_(d, alpha=sign)
+
+    @contextlib.contextmanager
+    def perturbed(self, loss_fn: Callable[[nn.Module], Tensor]) -> Iterator[list[Tensor]]:
+        """Perturb the model's weights inside the block; subtract the same step on exit."""
+        deltas = self.compute(loss_fn) if self.gamma > 0 else []
+        self._add(deltas, 1.0)
+        try:
+            yield deltas
+        finally:
+            self._add(deltas, -1.0)

@@ -1,0 +1,452 @@
+"""DAT (Li et al., NeurIPS 2024): adversarial training with generative amplitude mix-up.
+
+One :class:`DATStep` call does the whole per-batch procedure of METHOD.md section 4:
+attack x (main BN) -> the AAG's amplitude mixed into the un-augmented image, then flip +
+crop -> attack x_hat (auxiliary BN) -> model step on
+``L_DAT = (L_AT(x) + L_AT(x_hat)) / 2 + omega * JS(f(x), f(x_hat))`` -> AAG step that
+MAXIMISES L_DAT. Every variant of METHOD.md section 5 is a constructor switch, and all
+random draws can be injected (:class:`DATDraws`) so the fused path can be checked
+against the plain reference in tests/reference_dat.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..attacks import eaeg, eval_mode, pgd
+from ..config import Config, ConfigError
+from ..generator import AmplitudeGenerator, mean_amplitude
+from ..losses import js_divergence, trades_loss
+from ..mixing import flip_crop, partner_index
+from ..models.dual_bn import bn_branch, has_dual_bn
+from ..spectral import decompose, mix_amplitude
+from .awp import AWP
+from .base import MethodStep
+
+__all__ = ["DATDraws", "DATStep", "build_dat"]
+
+_CHOICES = {
+    "outer": ("dat", "pgd_at", "trades"), "mix": ("mix", "replace"),
+    "amplitude_source": ("generator", "random_image", "brightness"),
+    "generator_update": ("alternating", "reversal"), "attack_init": ("gaussian", "uniform"),
+}
+
+
+def _check_choices(**values: str) -> None:
+    for key, value in values.items():
+        if value not in _CHOICES[key]:
+            raise ValueError(f"DATStep({key}={value!r}): use one of {_CHOICES[key]}")
+
+
+@dataclass
+class DATDraws:
+    """Every random draw of one DAT step, so two implementations can share them."""
+
+    noise_x: Tensor  # (B, C, H, W) attack start of x: N(0, I) (gaussian) or U(-1, 1) (uniform)
+    noise_xh: Tensor  # (B, C, H, W) attack start of x_hat, same law
+    z: Tensor  # (B, noise_dim) AAG noise, N(0, I)
+    lam: Tensor  # (B,) mixing weight, U(0, mu)
+    flip: Tensor  # (B,) bool, horizontal flip of x_hat
+    offsets: Tensor  # (B, 2) int64 crop corner (dy, dx) in [0, 2 * padding]
+    partner: Tensor  # (B,) int64 other image of the batch (amplitude_source=random_image)
+
+    @classmethod
+    def sample(cls, batch_size: int, image_shape: tuple[int, int, int], *,
+               noise_dim: int = 100, mu: float = 1.0, padding: int = 3,
+               init: str = "gaussian", device: torch.device | str = "cpu",
+               generator: torch.Generator | None = None) -> DATDraws:
+        """Draw on ``device`` (with ``generator``, which must live there, if given)."""
+        kw = dict(device=device, generator=generator)
+        shape = (batch_size, *image_shape)
+        if init == "gaussian":
+            noise_x, noise_xh = torch.randn(shape, **kw), torch.randn(shape, **kw)
+        else:
+            noise_x, noise_xh = (torch.rand(shape, **kw) * 2 - 1 for _ in range(2))
+        return cls(
+            noise_x=noise_x, noise_xh=noise_xh, z=torch.randn(batch_size, noise_dim, **kw),
+            lam=torch.rand(batch_size, **kw) * mu,
+            flip=torch.rand(batch_size, **kw) < 0.5,
+            offsets=torch.randint(0, 2 * padding + 1, (batch_size, 2), **kw),
+            partner=partner_index(batch_size, generator, device),
+        )
+
+    def to(self, device: torch.device | str) -> DATDraws:
+        return DATDraws(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+class _GradReverse(torch.autograd.Function):
+    """Identity forward, negated gradient backward: one backward trains both players."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return -grad
+
+
+@dataclass
+class _Views:
+    """The four images of a step; ``xh`` stays attached to the AAG's graph."""
+
+    x: Tensor  # (B, C, H, W) augmented clean image
+    x_adv: Tensor  # its adversarial example x'
+    xh: Tensor | None = None  # recombined image x_hat (None: baseline)
+    xh_adv: Tensor | None = None  # its adversarial example x_hat'
+
+
+class DATStep(MethodStep):
+    """One DAT training step: ``stats = step(x, y, x_raw)`` (see the module docstring).
+
+    Args (keyword-only after the optimisers; defaults = full DAT as published):
+        model: classifier on [0, 1] images; with ``split_bn`` it must have dual BN
+            (:func:`dat.models.convert_dual_bn`).
+        generator: the AAG (None when ``amplitude_source`` is not ``generator``).
+        optimizer: the model's optimiser. generator_optimizer: the AAG's (None: SGD lr
+            0.1, momentum 0.9, weight decay 5e-4, as published).
+        beta (15), omega (2), label_smoothing (0.5, published): loss weights.
+        eps (8/255), alpha (2/255), steps (5), attack_init, init_std: the inner attacks.
+        mu (1): lam ~ U(0, mu). mix: ``mix`` | ``replace`` (lam = 1).
+        amplitude_source: ``generator`` | ``random_image`` | ``brightness`` ((1-lam) x).
+        split_bn, second_attack, recombined_branch, outer (``dat`` | ``pgd_at`` |
+            ``trades``), recombined_padding (3): variants of METHOD.md section 5.
+        generator_update: ``alternating`` (published) | ``reversal`` (one backward).
+        awp_gamma, awp_warmup (epochs): adversarial weight perturbation (0 = off).
+        batched: attack and forward x and x_hat as one 2B batch with split BN.
+        autocast_dtype: e.g. ``torch.bfloat16`` for model forwards (FFTs stay fp32).
+        keep_images: keep this many samples' images for :meth:`last_images` (0 = off).
+    """
+
+    def __init__(
+        self, model: nn.Module, generator: nn.Module | None, optimizer: torch.optim.Optimizer,
+        generator_optimizer: torch.optim.Optimizer | None = None, *, beta: float = 15.0,
+        omega: float = 2.0, label_smoothing: float = 0.5, eps: float = 8 / 255,
+        alpha: float = 2 / 255, steps: int = 5, attack_init: str = "gaussian",
+        init_std: float = 0.001, mu: float = 1.0, mix: str = "mix",
+        amplitude_source: str = "generator", split_bn: bool = True, second_attack: bool = True,
+        recombined_branch: bool = True, outer: str = "dat", recombined_padding: int = 3,
+        generator_update: str = "alternating", awp_gamma: float = 0.0, awp_warmup: int = 0,
+        batched: bool = True, autocast_dtype: torch.dtype | None = None, keep_images: int = 0,
+    ) -> None:
+        _check_choices(outer=outer, mix=mix, amplitude_source=amplitude_source,
+                       generator_update=generator_update, attack_init=attack_init)
+        self.model, self.optimizer = model, optimizer
+        self.beta, self.omega, self.label_smoothing = beta, omega, label_smoothing
+        self.eps, self.alpha, self.steps = eps, alpha, steps
+        self.attack_init, self.init_std, self.mu, self.mix = attack_init, init_std, mu, mix
+        self.source, self.split_bn, self.outer = amplitude_source, split_bn, outer
+        self.second_attack, self.recombined = second_attack, recombined_branch
+        self.padding, self.generator_update = recombined_padding, generator_update
+        self.batched, self.autocast_dtype, self.keep_images = batched, autocast_dtype, keep_images
+        self.uses_generator = recombined_branch and amplitude_source == "generator"
+        self.generator = generator if self.uses_generator else None
+        self.generator_optimizer = self._generator_optimizer(generator_optimizer)
+        self.awp = AWP(model, awp_gamma) if awp_gamma > 0 else None
+        self.awp_warmup, self.awp_on = awp_warmup, awp_gamma > 0 and awp_warmup <= 0
+        self.xh_branch = "aux" if split_bn else "main"
+        if self.uses_generator and outer == "pgd_at" and omega <= 0:
+            raise ValueError("outer='pgd_at' reaches the AAG only through omega * JS; set "
+                             "omega > 0 or amplitude_source='random_image'")
+        self._images: dict[str, Tensor] | None = None
+        self._check_model()
+
+    def _generator_optimizer(self, opt: torch.optim.Optimizer | None):
+        if not self.uses_generator:
+            return None
+        if self.generator is None:
+            raise ValueError("amplitude_source='generator' needs an AmplitudeGenerator; pass one "
+                             "or use amplitude_source='random_image'")
+        return opt or torch.optim.SGD(self.generator.parameters(), lr=0.1, momentum=0.9,
+                                      weight_decay=5e-4)
+
+    def _check_model(self) -> None:
+        if self.split_bn and self.recombined and not has_dual_bn(self.model):
+            raise ValueError("split_bn=True needs a model with two BN branches: wrap it with "
+                             "dat.models.convert_dual_bn(model) or pass split_bn=False")
+
+    # ----- public API -------------------------------------------------------------------
+    def sample_draws(self, x: Tensor) -> DATDraws:
+        """Fresh :class:`DATDraws` for the batch ``x`` (B, C, H, W), on its device."""
+        noise_dim = getattr(self.generator, "noise_dim", 100)
+        return DATDraws.sample(len(x), tuple(x.shape[1:]), noise_dim=noise_dim, mu=self.mu,
+                               padding=self.padding, init=self.attack_init, device=x.device)
+
+    def run(self, x: Tensor, y: Tensor, x_raw: Tensor | None = None,
+            draws: DATDraws | None = None) -> dict[str, Tensor]:
+        """One step on a batch; ``x_raw`` is the un-augmented batch (default ``x``)."""
+        raw_is_x = x_raw is None
+        x_raw = x if x_raw is None else x_raw
+        if x.shape != x_raw.shape or x.dim() != 4 or len(y) != len(x):
+            raise ValueError(f"DATStep expects x, x_raw (B, C, H, W) and y (B,); got "
+                             f"{tuple(x.shape)}, {tuple(x_raw.shape)}, {tuple(y.shape)}")
+        draws = self.sample_draws(x) if draws is None else draws
+        was_training = self.model.training
+        self.model.train()
+        if self.generator is not None:
+            self.generator.train()
+        try:
+            views, stats = self._views(x.detach(), y, x_raw.detach(), draws, raw_is_x)
+            stats.update(self._update(views, y))
+        finally:
+            self.model.train(was_training)
+        return {k: v.detach() for k, v in stats.items()}
+
+    def __call__(self, x: Tensor, y: Tensor, x_raw: Tensor | None = None,
+                 draws: DATDraws | None = None) -> dict[str, float]:
+        return {k: float(v) for k, v in self.run(x, y, x_raw, draws).items()}
+
+    def loss(self, x: Tensor, x_adv: Tensor, x_hat: Tensor | None, x_hat_adv: Tensor | None,
+             y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """L_DAT of the model in its current mode on given images, and its parts.
+
+        ``x_hat=None`` gives the baseline's L_AT(x). Gradients flow to the model and to
+        whatever ``x_hat`` is attached to; nothing is updated.
+        """
+        return self._loss(self.model, _Views(x, x_adv, x_hat, x_hat_adv), x_hat, y)
+
+    def last_images(self) -> dict[str, Tensor] | None:
+        """Images of the last step for grids (``keep_images`` samples), or None if off.
+
+        Keys: x, x_hat, x_adv, x_hat_adv (B, C, H, W) in [0, 1]; log_amp_x, log_amp_g,
+        log_amp_mix: log(1 + amplitude), half spectra with the zero frequency row centred.
+        """
+        return self._images
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.awp_on = self.awp is not None and epoch >= self.awp_warmup
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.generator is None:
+            return {}
+        return {"generator": self.generator.state_dict(),
+                "generator_optimizer": self.generator_optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.generator is None:
+            return super().load_state_dict(state)
+        self.generator.load_state_dict(state["generator"])
+        self.generator_optimizer.load_state_dict(state["generator_optimizer"])
+
+    # ----- the procedure ----------------------------------------------------------------
+    def _amp(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        device = next(self.model.parameters()).device.type
+        return torch.autocast(device_type=device, dtype=self.autocast_dtype)
+
+    def _eval_logits(self, x: Tensor, branch: str) -> Tensor:
+        with torch.no_grad(), eval_mode(self.model), bn_branch(self.model, branch), self._amp():
+            return self.model(x)
+
+    def _attack(self, x: Tensor, y: Tensor, noise: Tensor, branch: str,
+                target: Tensor | None = None) -> Tensor:
+        """The inner maximisation of ``outer`` (losses summed per sample, so batchable)."""
+        std = self.init_std if self.attack_init == "gaussian" else self.eps
+        common = dict(eps=self.eps, alpha=self.alpha, steps=self.steps, branch=branch)
+        with self._amp():
+            if self.outer == "pgd_at":
+                return pgd(self.model, x, y, loss="ce", label_smoothing=self.label_smoothing,
+                           start=std * noise, **common)
+            if self.outer == "trades":
+                return eaeg(self.model, x, None, beta=1.0, init_std=std, noise=noise,
+                            target_logits=target, **common)
+            return eaeg(self.model, x, y, beta=self.beta, label_smoothing=self.label_smoothing,
+                        init_std=std, noise=noise, target_logits=target, **common)
+
+    def _attack_pair(self, x, xh, y, d: DATDraws, target_x: Tensor | None):
+        """(x', x_hat'): two attacks, or one 2B attack with per-half BN when batched."""
+        if not self.batched:
+            return (self._attack(x, y, d.noise_x, "main", target_x),
+                    self._attack(xh, y, d.noise_xh, self.xh_branch))
+        target = None
+        if target_x is not None and self.outer != "pgd_at":
+            target = torch.cat([target_x, self._eval_logits(xh, self.xh_branch)])
+        branch = "split" if self.split_bn else "main"
+        adv = self._attack(torch.cat([x, xh]), torch.cat([y, y]),
+                           torch.cat([d.noise_x, d.noise_xh]), branch, target)
+        return adv.chunk(2)
+
+    def _amplitude(self, x_raw: Tensor, amp_x: Tensor, d: DATDraws, logits: Tensor | None):
+        """The amplitude mixed in: A_G, another image's A(x), or zero (brightness)."""
+        if self.source == "generator":
+            return self.generator(logits, z=d.z)  # (B, C, H, W//2+1)
+        if self.source == "random_image":
+            return amp_x[d.partner]
+        return torch.zeros_like(amp_x)
+
+    def _views(self, x, y, x_raw, d: DATDraws, raw_is_x: bool):
+        need_logits = self.uses_generator or (raw_is_x and self.outer != "pgd_at")
+        logits = self._eval_logits(x_raw, "main") if need_logits else None  # (B, classes)
+        target_x = logits if raw_is_x else None  # the KL target of x, reused when x_raw is x
+        if not self.recombined:
+            return _Views(x, self._attack(x, y, d.noise_x, "main", target_x)), {}
+        lam = torch.ones_like(d.lam) if self.mix == "replace" else d.lam  # (B,)
+        amp_x, _ = decompose(x_raw)  # (B, C, H, W//2+1)
+        amp = self._amplitude(x_raw, amp_x, d, logits)
+        if self.second_attack:
+            xh = flip_crop(self._mix(x_raw, amp, lam), d.flip, d.offsets, self.padding)
+            x_adv, xh_adv = self._attack_pair(x, xh.detach(), y, d, target_x)
+        else:  # single AE: x_hat' = A_G mixed into x' (aligned with x_hat = A_G mixed into x)
+            x_adv = self._attack(x, y, d.noise_x, "main", target_x)
+            xh = self._mix(x, amp, lam)
+            xh_adv = self._mix(x_adv, amp.detach(), lam)
+        self._keep(x, xh, x_adv, xh_adv, amp_x, amp, lam)
+        return _Views(x, x_adv, xh, xh_adv.detach()), self._mix_stats(amp_x, amp, lam)
+
+    def _mix(self, x: Tensor, amp: Tensor, lam: Tensor) -> Tensor:
+        if self.source == "brightness":
+            return (1 - lam.view(-1, 1, 1, 1)) * x  # the control: darkening, no spectrum
+        return mix_amplitude(x, amp, lam)
+
+    # ----- losses and updates -----------------------------------------------------------
+    def _forward(self, model: nn.Module, v: _Views, xh: Tensor | None):
+        """Train-mode logits (f(x), f(x'), f(x_hat), f(x_hat')); None where not needed."""
+        # PGD-AT trains on adversarial images only; its recombined branch still needs the
+        # clean pair for JS(f(x), f(x_hat)), the only path from the loss to the AAG.
+        clean = self.outer != "pgd_at" or xh is not None
+        with self._amp():
+            if xh is not None and self.batched and self.split_bn:
+                with bn_branch(model, "split"):
+                    fx, fxh = model(torch.cat([v.x, xh])).chunk(2) if clean else (None, None)
+                    fxa, fxha = model(torch.cat([v.x_adv, v.xh_adv])).chunk(2)
+                return fx, fxa, fxh, fxha
+            with bn_branch(model, "main"):
+                fx, fxa = model(v.x) if clean else None, model(v.x_adv)
+            if xh is None:
+                return fx, fxa, None, None
+            with bn_branch(model, self.xh_branch):
+                fxh, fxha = model(xh) if clean else None, model(v.xh_adv)
+        return fx, fxa, fxh, fxha
+
+    def _branch_loss(self, clean, adv, y, tag: str, parts: dict) -> Tensor:
+        if self.outer == "pgd_at":
+            parts[f"ce_{tag}"] = F.cross_entropy(adv.float(), y,
+                                                 label_smoothing=self.label_smoothing)
+            return parts[f"ce_{tag}"]
+        total, parts[f"ce_{tag}"], parts[f"kl_{tag}"] = trades_loss(
+            clean, adv, y, self.beta, self.label_smoothing)
+        return total
+
+    def _loss(self, model: nn.Module, v: _Views, xh: Tensor | None, y: Tensor):
+        """L_DAT of ``model`` (or L_AT alone for the baseline), its parts and accuracies."""
+        fx, fxa, fxh, fxha = self._forward(model, v, xh)
+        parts: dict[str, Tensor] = {}
+        loss = self._branch_loss(fx, fxa, y, "x", parts)
+        with torch.no_grad():
+            if fx is not None:
+                parts["acc_clean"] = (fx.argmax(1) == y).float().mean()
+            parts["acc_adv"] = (fxa.argmax(1) == y).float().mean()
+        if xh is not None:
+            loss_xh = self._branch_loss(fxh, fxha, y, "xh", parts)
+            parts["js"] = js_divergence(fx, fxh)
+            loss = (loss + loss_xh) / 2 + self.omega * parts["js"]
+        return loss, parts
+
+    def _model_step(self, v: _Views, xh: Tensor | None, y: Tensor):
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.awp is not None and self.awp_on:
+            xh_fixed = None if xh is None else xh.detach()
+            with self.awp.perturbed(lambda m: self._loss(m, v, xh_fixed, y)[0]):
+                loss, parts = self._loss(self.model, v, xh, y)
+                loss.backward()
+                self.optimizer.step()
+        else:
+            loss, parts = self._loss(self.model, v, xh, y)
+            loss.backward()
+            self.optimizer.step()
+        parts["loss"] = loss
+        return parts
+
+    def _update(self, v: _Views, y: Tensor) -> dict[str, Tensor]:
+        if self.generator is None:
+            return self._model_step(v, v.xh, y)
+        gen_params = [p for p in self.generator.parameters() if p.requires_grad]
+        if self.generator_update == "reversal":  # model descends, AAG ascends, one backward
+            self.generator_optimizer.zero_grad(set_to_none=True)
+            parts = self._model_step(v, _GradReverse.apply(v.xh), y)
+            self.generator_optimizer.step()
+            parts["gen_loss"] = parts["loss"]
+            return parts
+        parts = self._model_step(v, v.xh.detach(), y)
+        gen_loss, _ = self._loss(self.model, v, v.xh, y)  # updated model, x_hat attached
+        grads = torch.autograd.grad(-gen_loss, gen_params)
+        for p, g in zip(gen_params, grads, strict=True):
+            p.grad = g
+        self.generator_optimizer.step()
+        parts["gen_loss"] = gen_loss
+        return parts
+
+    # ----- logging helpers --------------------------------------------------------------
+    def _mix_stats(self, amp_x: Tensor, amp: Tensor, lam: Tensor) -> dict[str, Tensor]:
+        with torch.no_grad():
+            ratio = amp.flatten(1).norm(dim=1) / amp_x.flatten(1).norm(dim=1).clamp_min(1e-12)
+            return {"lam_mean": lam.mean(), "energy_ratio": ratio.mean(),
+                    "amp_mean": amp.mean(), "amp_std": amp.std()}
+
+    def _keep(self, x, xh, x_adv, xh_adv, amp_x, amp, lam) -> None:
+        n = self.keep_images
+        if n <= 0:
+            return
+        with torch.no_grad():
+            lam4 = lam[:n].view(-1, 1, 1, 1)
+            spectra = {"log_amp_x": amp_x[:n], "log_amp_g": amp[:n],
+                       "log_amp_mix": lam4 * amp[:n] + (1 - lam4) * amp_x[:n]}
+            images = {"x": x[:n], "x_hat": xh[:n], "x_adv": x_adv[:n], "x_hat_adv": xh_adv[:n]}
+            self._images = {k: t.detach().float().clone() for k, t in images.items()}
+            for k, a in spectra.items():
+                self._images[k] = torch.fft.fftshift(a.float().log1p(), dim=-2)
+
+
+def _mean_amplitude_of(train_images, limit: int = 10_000) -> Tensor:
+    """Mean amplitude of up to ``limit`` evenly spaced training images (decoded on demand)."""
+    if train_images is None:
+        raise ConfigError("method.generator.amplitude_scale=dataset needs the training images "
+                          "(build_dat(..., train_images=splits.train)); or use official")
+    if isinstance(train_images, Tensor):
+        return mean_amplitude(train_images)
+    n = len(train_images)
+    index = torch.linspace(0, n - 1, min(n, limit)).round().long().unique()
+    return mean_amplitude(train_images.subset(index).materialize().images)
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def build_dat(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+              num_classes: int, image_shape: tuple[int, int, int],
+              train_images: Any = None) -> DATStep:
+    """The :class:`DATStep` that ``cfg.method`` describes (with its AAG and AAG optimiser).
+
+    ``train_images`` (an ImageSet or a uint8 tensor) is needed only for
+    ``method.generator.amplitude_scale=dataset``.
+    """
+    m, g = cfg.method, cfg.method.generator
+    device = next(model.parameters()).device
+    generator = generator_opt = None
+    if m.recombined_branch and m.amplitude_source == "generator":
+        mean_amp = _mean_amplitude_of(train_images) if g.amplitude_scale == "dataset" else None
+        generator = AmplitudeGenerator(num_classes, image_shape, g.noise_dim, g.hidden,
+                                       g.amplitude_scale, mean_amp).to(device)
+        generator_opt = torch.optim.SGD(generator.parameters(), lr=g.lr, momentum=g.momentum,
+                                        weight_decay=g.weight_decay)
+    return DATStep(
+        model, generator, optimizer, generator_opt, beta=m.beta, omega=m.omega,
+        label_smoothing=m.label_smoothing, eps=m.attack.eps, alpha=m.attack.alpha,
+        steps=m.attack.steps, attack_init=m.attack.init, mu=m.mu, mix=m.mix,
+        amplitude_source=m.amplitude_source, split_bn=m.split_bn,
+        second_attack=m.second_attack, recombined_branch=m.recombined_branch, outer=m.outer,
+        recombined_padding=m.recombined_padding, generator_update=m.generator_update,
+        awp_gamma=m.awp_gamma, awp_warmup=m.awp_warmup, batched=cfg.perf.batched_branches,
+        autocast_dtype=_autocast_dtype(cfg.perf.precision, device),
+        keep_images=8 if cfg.train.image_every > 0 else 0,
+    )

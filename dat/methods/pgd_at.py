@@ -1,0 +1,99 @@
+"""PGD adversarial training (Madry et al., ICLR 2018): minimise CE on PGD examples.
+
+Also home of :class:`BaselineStep`, the small shared frame of the baseline methods
+(PGD-AT, TRADES, MART): precision, the optimiser update and optional image keeping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..attacks import eval_mode, pgd
+from .base import MethodStep
+
+__all__ = ["BaselineStep", "PGDATStep", "accuracy"]
+
+
+def accuracy(logits: Tensor, y: Tensor) -> Tensor:
+    """Top-1 accuracy in percent as a detached 0-d tensor (no host sync)."""
+    return (logits.detach().argmax(dim=1) == y).float().mean() * 100.0
+
+
+class BaselineStep(MethodStep):
+    """Shared frame: an L-inf threat model, a classifier and its optimiser.
+
+    ``autocast_dtype`` (None or ``torch.bfloat16``) runs model forwards and attacks under
+    autocast; losses are computed in float32. With ``keep_images=n`` the first n clean and
+    adversarial images of the last batch are kept for :meth:`last_images` (TB grids).
+    """
+
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, *, eps: float = 8 / 255,
+        alpha: float = 2 / 255, steps: int = 10, label_smoothing: float = 0.0,
+        autocast_dtype: torch.dtype | None = None, keep_images: int = 0,
+    ) -> None:
+        if eps > 1 or alpha > 1:
+            raise ValueError(f"eps={eps:g} / alpha={alpha:g} look like 0-255 units; divide by 255")
+        self.model, self.optimizer = model, optimizer
+        self.eps, self.alpha, self.steps = eps, alpha, steps  # L-inf, [0, 1] pixel scale
+        self.label_smoothing = label_smoothing
+        self.autocast_dtype = autocast_dtype
+        self.keep_images = keep_images
+        self._images: dict[str, Tensor] = {}
+
+    def _autocast(self, x: Tensor) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype)
+
+    def _update(self, loss: Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def _keep(self, **images: Tensor) -> None:
+        if self.keep_images > 0:
+            self._images = {k: v.detach()[: self.keep_images].float().clone()
+                            for k, v in images.items()}
+
+    def last_images(self) -> dict[str, Tensor] | None:
+        """The last step's kept images (``keep_images`` each), or None when off."""
+        return dict(self._images) if self.keep_images > 0 else None
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(eps={self.eps:.4g}, alpha={self.alpha:.4g}, "
+                f"steps={self.steps}, label_smoothing={self.label_smoothing})")
+
+
+class PGDATStep(BaselineStep):
+    """Madry PGD-AT: ``x' = PGD-K(x)`` (CE ascent), then one SGD step on ``CE(f(x'), y)``.
+
+    ``init="uniform"`` (Madry) starts from U(-eps, eps); ``"gaussian"`` from 0.001 N(0, I).
+    Returns loss, clean accuracy (eval-mode forward, no gradient) and adversarial accuracy.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                 init: str = "uniform", **kwargs) -> None:
+        super().__init__(model, optimizer, **kwargs)
+        if init not in ("uniform", "gaussian"):
+            raise ValueError(f"init={init!r}; use 'uniform' or 'gaussian'")
+        self.init = init
+
+    def run(self, x: Tensor, y: Tensor, x_raw: Tensor | None = None) -> dict[str, Tensor]:
+        start = 0.001 * torch.randn_like(x) if self.init == "gaussian" else None
+        with self._autocast(x):
+            x_adv = pgd(self.model, x, y, self.eps, self.alpha, self.steps, start=start,
+                        label_smoothing=self.label_smoothing)  # (B, C, H, W)
+            with torch.no_grad(), eval_mode(self.model):
+                clean_logits = self.model(x)
+            self.model.train()
+            logits = self.model(x_adv)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+        self._update(loss)
+        self._keep(x=x, x_adv=x_adv)
+        return {"loss": loss.detach(), "clean_acc": accuracy(clean_logits, y),
+                "adv_acc": accuracy(logits, y)}

@@ -1,0 +1,43 @@
+"""TRADES (Zhang et al., ICML 2019): CE on clean images + beta * KL(p(x) || p(x'))."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..attacks import trades_kl
+from ..losses import trades_loss
+from .pgd_at import BaselineStep, accuracy
+
+__all__ = ["TRADESStep"]
+
+
+class TRADESStep(BaselineStep):
+    """One TRADES step.
+
+    Inner maximisation: K signed-gradient steps on KL(p(x) || p(x')) from
+    ``x + 0.001 N(0, I)`` (eval mode, target computed once). Outer loss (train mode, two
+    separate forwards as in the paper so BN sees clean and adversarial batches apart):
+    ``CE(f(x), y) + beta * KL(p(x) || p(x'))`` with p(x) not detached. beta = 6 by default.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                 beta: float = 6.0, **kwargs) -> None:
+        super().__init__(model, optimizer, **kwargs)
+        self.beta = beta
+
+    def run(self, x: Tensor, y: Tensor, x_raw: Tensor | None = None) -> dict[str, Tensor]:
+        with self._autocast(x):
+            x_adv = trades_kl(self.model, x, self.eps, self.alpha, self.steps)  # (B, C, H, W)
+            self.model.train()
+            clean_logits = self.model(x)
+            adv_logits = self.model(x_adv)
+        loss, ce, kl = trades_loss(clean_logits, adv_logits, y, self.beta,
+                                   label_smoothing=self.label_smoothing)
+        self._update(loss)
+        self._keep(x=x, x_adv=x_adv)
+        return {"loss": loss.detach(), "ce": ce.detach(), "kl": kl.detach(),
+                "clean_acc": accuracy(clean_logits, y), "adv_acc": accuracy(adv_logits, y)}
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", beta={self.beta})"

@@ -1,0 +1,128 @@
+"""Training-time attacks: eps-ball, [0, 1], model state untouched, split BN equivalence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dat.attacks import eaeg, eval_mode, pgd, project, trades_kl
+from dat.losses import cw_margin
+from dat.spectral import decompose, mix_amplitude
+
+EPS, ALPHA = 8 / 255, 2 / 255
+
+ATTACKS = {
+    "pgd": lambda m, x, y, **kw: pgd(m, x, y, EPS, ALPHA, steps=4, **kw),
+    "pgd_cw": lambda m, x, y, **kw: pgd(m, x, y, EPS, ALPHA, steps=4, loss="cw", **kw),
+    "pgd_smoothed": lambda m, x, y, **kw: pgd(m, x, y, EPS, ALPHA, steps=4,
+                                              label_smoothing=0.5, **kw),
+    "trades_kl": lambda m, x, y, **kw: trades_kl(m, x, EPS, ALPHA, steps=4, **kw),
+    "eaeg": lambda m, x, y, **kw: eaeg(m, x, y, EPS, ALPHA, steps=4, beta=15.0,
+                                       label_smoothing=0.5, **kw),
+}
+
+
+def _buffers(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.clone() for k, v in model.named_buffers()}
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+@pytest.mark.parametrize("branch", [None, "aux"])
+def test_attack_invariants(name: str, branch: str | None, make_warm_model, sample_batch):
+    x, y = sample_batch
+    model = make_warm_model(dual_bn=True).train()
+    model.layer1.eval()  # a sub-module the user froze must stay frozen
+    buffers = _buffers(model)
+    x_adv = ATTACKS[name](model, x, y, branch=branch)
+    assert x_adv.shape == x.shape and not x_adv.requires_grad
+    assert (x_adv - x).abs().max() <= EPS + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert (x_adv - x).abs().max() > EPS / 2  # it moved
+    assert model.training and not model.layer1.training and model.layer2.training
+    for k, v in _buffers(model).items():
+        assert torch.equal(v, buffers[k]), k
+    assert all(p.grad is None for p in model.parameters())
+    assert all(m.branch == "main" for m in model.modules() if hasattr(m, "branch"))
+
+
+def test_pgd_raises_the_loss_it_ascends(make_warm_model, sample_batch) -> None:
+    x, y = sample_batch
+    model = make_warm_model().eval()
+    noisy = (x + EPS * torch.randn_like(x).sign()).clamp(0, 1)  # same L-inf size, random
+    with torch.no_grad():  # attacks must work inside no_grad (evaluation loops)
+        ce = {k: F.cross_entropy(model(v), y, reduction="none") for k, v in
+              {"clean": x, "noisy": noisy, "pgd": pgd(model, x, y, EPS, ALPHA, steps=5)}.items()}
+        margins = {k: cw_margin(model(v), y) for k, v in
+                   {"clean": x, "cw": pgd(model, x, y, EPS, ALPHA, steps=5, loss="cw")}.items()}
+    assert (ce["pgd"] > ce["clean"]).all() and ce["pgd"].sum() > ce["noisy"].sum()
+    assert (margins["cw"] > margins["clean"]).all()
+
+
+def test_eval_mode_attack_keeps_eval_flag(make_warm_model, sample_batch) -> None:
+    x, y = sample_batch
+    model = make_warm_model().eval()
+    eaeg(model, x, y, EPS, ALPHA, steps=2)
+    assert not any(m.training for m in model.modules())
+
+
+def test_zero_eps_returns_the_clean_image(make_tiny_model, sample_batch) -> None:
+    x, y = sample_batch
+    model = make_tiny_model()
+    assert torch.equal(eaeg(model, x, y, eps=0.0, alpha=ALPHA, steps=2), x)
+    assert torch.equal(pgd(model, x, y, eps=0.0, alpha=ALPHA, steps=2), x)
+
+
+def test_project_clips_to_ball_and_range() -> None:
+    x = torch.tensor([0.0, 0.5, 1.0])
+    out = project(torch.tensor([-1.0, 0.9, 0.9]), x, 0.1)
+    assert torch.allclose(out, torch.tensor([0.0, 0.6, 0.9]))
+
+
+def test_eaeg_target_is_computed_once_from_the_clean_image(make_warm_model, sample_batch):
+    x, y = sample_batch
+    model = make_warm_model().eval()
+    noise = torch.randn_like(x)
+    with torch.no_grad():
+        target = model(x)
+    a = eaeg(model, x, y, EPS, ALPHA, steps=3, noise=noise)
+    b = eaeg(model, x, y, EPS, ALPHA, steps=3, noise=noise, target_logits=target)
+    assert torch.equal(a, b)
+
+
+def test_eaeg_split_equals_separate_main_and_aux_attacks(make_warm_model, sample_batch):
+    x, y = sample_batch
+    model = make_warm_model(dual_bn=True).train()
+    amp_other, _ = decompose(x.roll(1, dims=0))
+    x_hat = mix_amplitude(x, amp_other, torch.rand(len(x)))
+    noise = torch.randn(2 * len(x), *x.shape[1:])  # same Gaussian start for both ways
+    both = eaeg(model, torch.cat([x, x_hat]), torch.cat([y, y]), EPS, ALPHA, steps=5,
+                beta=15.0, label_smoothing=0.5, branch="split", noise=noise)
+    main = eaeg(model, x, y, EPS, ALPHA, steps=5, beta=15.0, label_smoothing=0.5,
+                branch="main", noise=noise[: len(x)])
+    aux = eaeg(model, x_hat, y, EPS, ALPHA, steps=5, beta=15.0, label_smoothing=0.5,
+               branch="aux", noise=noise[len(x) :])
+    separate = torch.cat([main, aux])
+    # Batched and single convolutions may round differently; a flipped gradient sign
+    # moves one pixel by 2 * alpha, so allow a handful of such pixels and nothing else.
+    differs = (both - separate).abs() > 1e-6
+    assert differs.float().mean() < 1e-3
+    aux_with_main_bn = eaeg(model, x_hat, y, EPS, ALPHA, steps=5, beta=15.0,
+                            label_smoothing=0.5, branch="main", noise=noise[len(x) :])
+    assert ((aux_with_main_bn - aux).abs() > 1e-6).float().mean() > 0.05  # branches matter
+
+
+def test_unknown_pgd_loss_is_rejected(make_tiny_model, sample_batch) -> None:
+    x, y = sample_batch
+    with pytest.raises(ValueError, match="unknown PGD loss"):
+        pgd(make_tiny_model(), x, y, loss="dlr")
+
+
+def test_eval_mode_context_restores_flags_after_errors(make_tiny_model) -> None:
+    model = make_tiny_model().train()
+    model.bn1.eval()
+    with pytest.raises(RuntimeError), eval_mode(model):
+        assert not model.training
+        raise RuntimeError
+    assert model.training and not model.bn1.training and model.layer1.training

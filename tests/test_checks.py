@@ -1,0 +1,166 @@
+"""Integrity checks fire when they should (train mode, BN updates, probabilities, masked
+gradients, randomness, broken projections, suspicious gaps) and pass on a normal model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import dat
+from dat.evaluation import checks as C
+from dat.evaluation import evaluate
+from dat.evaluation.suite import BoundsStats
+
+ATTACKS = ["clean", "fgsm", "pgd20"]
+
+
+def _run(model: nn.Module, batch) -> dict:
+    return evaluate(model, batch, attacks=ATTACKS, progress=False)
+
+
+@pytest.fixture(scope="module")
+def small(sample_splits) -> tuple[nn.Module, tuple[Tensor, Tensor]]:
+    """resnet_tiny trained for 3 quick epochs on 8x8 (4x4-pooled) real images, ~50% clean
+    accuracy; and 64 pooled test images. Tests take a deep copy of the model."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    x, y = sample_splits.train.tensors()
+    x = F.avg_pool2d(x, 4)  # (N, 3, 8, 8)
+    model = dat.models.create("resnet_tiny", num_classes=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    for _ in range(3):
+        for idx in torch.randperm(len(y)).split(64):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    x_test, y_test = sample_splits.test.subset(torch.arange(64)).tensors()
+    return model.eval(), (F.avg_pool2d(x_test, 4), y_test)
+
+
+def _model(small, kind: str | None = None, train: bool = False) -> nn.Module:
+    model = copy.deepcopy(small[0]).train(train)
+    return _Wrapped(model, kind).eval() if kind else model
+
+
+def _status(report: dict, name: str) -> str:
+    return report["checks"][name]["status"]
+
+
+class _Wrapped(nn.Module):
+    """A tiny ResNet with something planted before or after it."""
+
+    def __init__(self, net: nn.Module, kind: str) -> None:
+        super().__init__()
+        self.net, self.kind = net, kind
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "quantise":  # gradient masking: round() has zero gradient
+            x = torch.round(x * 4) / 4
+        if self.kind == "noise":  # a randomised defence
+            x = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
+        if self.kind == "sneaky":  # switches its BN layers to train mode behind our back
+            self.net.train()
+        logits = self.net(x)
+        return logits.softmax(dim=1) if self.kind == "probabilities" else logits
+
+
+def test_normal_model_passes(small) -> None:
+    report = _run(_model(small), small[1])
+    assert report["results"]["clean"] > 30 and report["results"]["pgd20"] > 0
+    assert report["checks_status"] == "pass", report["checks"]
+    assert {c["status"] for c in report["checks"].values()} <= {"pass", "skip"}
+
+
+def test_train_mode_model_is_evaluated_in_eval_mode_and_restored(small) -> None:
+    model = _model(small, train=True)
+    before = C.buffers_snapshot(model)
+    report = _run(model, small[1])
+    assert model.training and all(m.training for m in model.modules())
+    assert _status(report, "eval_mode") == "warn"
+    assert _status(report, "bn_statistics") == "pass"
+    assert C.check_bn_statistics(before, C.buffers_snapshot(model)).status == "pass"
+    assert report["results"] == _run(model.eval(), small[1])["results"]
+
+
+def test_bf16_evaluation_keeps_eval_mode_and_bn_statistics(small) -> None:
+    model = _model(small, train=True)
+    report = evaluate(model, small[1], attacks=ATTACKS, precision="bf16", progress=False)
+    for name in ("bn_statistics", "bounds", "eps_zero", "large_eps"):
+        assert _status(report, name) == "pass", report["checks"][name]
+    assert _status(report, "eval_mode") == "warn"  # handed over in train mode, nothing worse
+    assert model.training
+
+
+def test_model_that_switches_itself_to_train_mode_fails(small) -> None:
+    report = _run(_model(small, "sneaky"), small[1])
+    assert _status(report, "eval_mode") == "fail"
+    assert _status(report, "bn_statistics") == "fail"
+    assert report["checks_status"] == "fail"
+
+
+def test_probability_outputs_fail(small) -> None:
+    report = _run(_model(small, "probabilities"), small[1])
+    assert _status(report, "logits") == "fail"
+
+
+def test_quantised_input_gradient_masking_fails(small) -> None:
+    report = _run(_model(small, "quantise"), small[1])
+    assert _status(report, "zero_gradients") == "fail"
+    assert _status(report, "large_eps") == "fail"  # PGD cannot even reach chance at 0.5
+    assert report["checks_status"] == "fail"
+
+
+def test_randomised_model_fails_determinism(small) -> None:
+    report = _run(_model(small, "noise"), small[1])
+    assert _status(report, "deterministic") == "fail"
+
+
+def test_bounds_catch_a_broken_projection(sample_batch) -> None:
+    x, _ = sample_batch
+    good, bad = BoundsStats(8 / 255), BoundsStats(8 / 255)
+    good.update((x + 8 / 255 * torch.randn_like(x).sign()).clamp(0, 1), x)
+    bad.update(x + 9 / 255, x)  # outside the eps-ball (and above 1 for bright pixels)
+    assert C.check_bounds({"pgd20": good}).status == "pass"
+    assert C.check_bounds({"pgd20": good, "broken": bad}).status == "fail"
+    nan = BoundsStats(8 / 255)
+    nan.update(torch.full_like(x, float("nan")), x)
+    assert nan.nonfinite == len(x) and C.check_bounds({"nan": nan}).status == "fail"
+
+
+@pytest.mark.parametrize("results, status", [
+    ({"aa": 40.0, "pgd100": 45.0, "cw": 44.0}, "pass"),
+    ({"aa": 44.2, "pgd100": 45.0, "cw": 44.0}, "pass"),
+    ({"aa": 44.5, "pgd100": 45.0, "cw": 44.0}, "fail"),
+    ({"aa": 44.5}, "skip"),
+])
+def test_aa_must_not_exceed_pgd_or_cw(results, status) -> None:
+    assert C.check_aa_gap(results).status == status
+
+
+@pytest.mark.parametrize("pgd20, cw, status", [(50.0, 49.0, "pass"), (50.0, 46.5, "warn")])
+def test_pgd_far_above_cw_warns(pgd20, cw, status) -> None:
+    assert C.check_pgd_cw_gap({"pgd20": pgd20, "cw": cw}).status == status
+
+
+def test_eps_zero_large_eps_and_monotone_checks() -> None:
+    assert C.check_eps_zero(50.0, 50.0).status == "pass"
+    assert C.check_eps_zero(50.0, 49.0).status == "fail"
+    assert C.check_large_eps(10.0, 10).status == "pass"
+    assert C.check_large_eps(30.0, 10).status == "fail"
+    eps = [0, 2 / 255, 8 / 255]
+    assert C.check_monotone(eps, [50.0, 40.0, 40.0], 1000).status == "pass"
+    assert C.check_monotone(eps, [50.0, 40.0, 40.2], 1000).status == "warn"
+    assert C.check_monotone(eps, [50.0, 40.0, 45.0], 1000).status == "fail"
+
+
+def test_overall_status_is_the_most_severe() -> None:
+    checks = [C.Check("a", "pass", ""), C.Check("b", "skip", "")]
+    assert C.overall_status(checks) == "pass"
+    assert C.overall_status(checks + [C.Check("c", "warn", "")]) == "warn"
+    assert C.overall_status(checks + [C.Check("d", "fail", ""), C.Check("e", "warn", "")]) \
+        == "fail"

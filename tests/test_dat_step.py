@@ -1,0 +1,347 @@
+"""DATStep: equals the plain reference, batched == unbatched, the AAG ascends, BN branches
+stay apart, every variant runs, state round-trips, and a short run on real data learns."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from reference_dat import reference_dat_step
+
+import dat
+from dat.attacks import eval_mode, pgd
+from dat.config import DataConfig
+from dat.data import load_dataset, make_loader
+from dat.generator import AmplitudeGenerator, mean_amplitude
+from dat.methods.dat import DATDraws, DATStep
+from dat.mixing import flip_crop
+from dat.models import DualBatchNorm, bn_branch
+from dat.spectral import decompose, mix_amplitude
+
+B = 16  # batch size of the equivalence tests
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # deterministic reductions, and fair to the shared CPUs
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return load_dataset(DataConfig(name="cifar10-sample"))
+
+
+@pytest.fixture(scope="module")
+def batch(splits):
+    """A class-balanced batch: (x augmented by a flip, y, x_raw)."""
+    x, y = splits.train.tensors()
+    idx = torch.cat([(y == c).nonzero().flatten()[:2] for c in range(8)])
+    x_raw, y = x[idx], y[idx]
+    return x_raw.flip(-1).roll(2, dims=-2), y, x_raw
+
+
+def _sgd(params, lr=0.1):
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
+
+
+def _players(seed=0, dtype=torch.float32, **gen_kw):
+    torch.manual_seed(seed)
+    model = dat.models.create("resnet_tiny", dual_bn=True).to(dtype)
+    gen = AmplitudeGenerator(10, (3, 32, 32), **gen_kw).to(dtype)
+    return model, gen, _sgd(model.parameters()), _sgd(gen.parameters())
+
+
+def _clone(model, gen, opt, gopt):
+    """Deep copies with the same optimiser state (momentum buffers included)."""
+    m2, g2 = copy.deepcopy(model), copy.deepcopy(gen)
+    o2, go2 = _sgd(m2.parameters()), _sgd(g2.parameters())
+    o2.load_state_dict(copy.deepcopy(opt.state_dict()))  # load_state_dict may alias
+    go2.load_state_dict(copy.deepcopy(gopt.state_dict()))
+    return m2, g2, o2, go2
+
+
+def _draws(seed, dtype=torch.float32):
+    d = DATDraws.sample(B, (3, 32, 32), generator=torch.Generator().manual_seed(100 + seed))
+    d.noise_x, d.noise_xh, d.z = d.noise_x.to(dtype), d.noise_xh.to(dtype), d.z.to(dtype)
+    return d
+
+
+def _max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    return max((p - q).abs().max().item() for p, q in
+               zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+               if p.is_floating_point())
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_fast_step_equals_reference_fp32(batch, batched):
+    """fp32: each of 3 steps, started from the same state, matches the reference."""
+    x, y, x_raw = batch
+    model, gen, opt, gopt = _players()
+    step = DATStep(model, gen, opt, gopt, batched=batched)
+    for i in range(3):
+        ref = _clone(model, gen, opt, gopt)
+        fast = step(x, y, x_raw, draws=_draws(i))
+        slow = reference_dat_step(*ref, x, y, x_raw, _draws(i))
+        assert fast["loss"] == pytest.approx(slow["loss"], abs=1e-5)
+        assert fast["gen_loss"] == pytest.approx(slow["gen_loss"], abs=1e-5)
+        assert _max_diff(model, ref[0]) < 1e-5 and _max_diff(gen, ref[1]) < 1e-5
+
+
+@pytest.mark.parametrize("update", ["alternating", "reversal"])
+def test_fast_step_equals_reference_over_three_steps(batch, update):
+    """3 chained steps agree. In float64: sign(grad) in the attacks turns 1-ulp fp32
+    differences (batched vs separate weight-gradient sums) into 2/255 pixel changes, so
+    a chained fp32 comparison would test rounding luck rather than the procedure."""
+    x, y, x_raw = (t.double() if t.is_floating_point() else t for t in batch)
+    model, gen, opt, gopt = _players(dtype=torch.float64)
+    ref = _clone(model, gen, opt, gopt)
+    step = DATStep(model, gen, opt, gopt, generator_update=update)
+    for i in range(3):
+        fast = step(x, y, x_raw, draws=_draws(i, torch.float64))
+        slow = reference_dat_step(*ref, x, y, x_raw, _draws(i, torch.float64),
+                                  generator_update=update)
+        assert fast["loss"] == pytest.approx(slow["loss"], abs=1e-5)
+        assert fast["gen_loss"] == pytest.approx(slow["gen_loss"], abs=1e-5)
+    assert _max_diff(model, ref[0]) < 1e-5 and _max_diff(gen, ref[1]) < 1e-5
+    assert _max_diff(model, _players(dtype=torch.float64)[0]) > 1e-3  # it did train
+
+
+def test_batched_equals_unbatched(batch):
+    x, y, x_raw = batch
+    runs = []
+    for batched in (True, False):
+        model, gen, opt, gopt = _players()
+        step = DATStep(model, gen, opt, gopt, batched=batched, keep_images=B)
+        stats = step(x, y, x_raw, draws=_draws(0))
+        runs.append((model, gen, stats, step.last_images()))
+    (m1, g1, s1, im1), (m2, g2, s2, im2) = runs
+    for key in ("x_adv", "x_hat", "x_hat_adv"):  # attacks are per sample: bit-identical
+        assert torch.equal(im1[key], im2[key])
+    assert s1 == pytest.approx(s2, abs=1e-5)
+    assert _max_diff(m1, m2) < 1e-5 and _max_diff(g1, g2) < 1e-5
+
+
+def _recombined(step, gen, x_raw, d):
+    """x_hat built by hand from the public pieces, with the step's model and draws."""
+    with torch.no_grad(), eval_mode(step.model), bn_branch(step.model, "main"):
+        logits = step.model(x_raw)
+    return flip_crop(mix_amplitude(x_raw, gen(logits, z=d.z), d.lam), d.flip, d.offsets, 3)
+
+
+def test_generator_step_raises_the_loss(splits, batch):
+    """Model frozen (lr 0, BN momentum 0): one AAG step raises L_DAT on the same batch."""
+    x, y, x_raw = batch
+    model, gen, _, gopt = _players(amplitude_scale="dataset",
+                                   mean_amp=mean_amplitude(splits.train.images))
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 0.0
+    before = copy.deepcopy(gen.state_dict())
+    step = DATStep(model, gen, torch.optim.SGD(model.parameters(), lr=0.0), gopt,
+                   keep_images=B)
+    d = _draws(0)
+    gen_loss = step.run(x, y, x_raw, draws=d)["gen_loss"]
+    im = step.last_images()
+    after = copy.deepcopy(gen.state_dict())
+    losses = []
+    for state in (before, after):
+        gen.load_state_dict(state)
+        x_hat = _recombined(step, gen, x_raw, d)
+        losses.append(step.loss(x, im["x_adv"], x_hat, im["x_hat_adv"], y)[0].item())
+    assert losses[0] == pytest.approx(gen_loss.item(), abs=1e-5)  # same batch, same loss
+    assert losses[1] > losses[0] + 1e-4
+
+
+def _bn_buffers(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+
+
+@pytest.mark.parametrize("update", ["reversal", "alternating"])
+def test_bn_branches_only_see_their_images(batch, update):
+    """main BN stats move only through x and x', aux only through x_hat and x_hat'."""
+    x, y, x_raw = batch
+    model, gen, opt, gopt = _players()
+    by_hand = copy.deepcopy(model).train()
+    step = DATStep(model, gen, opt, gopt, generator_update=update, keep_images=B)
+    step.run(x, y, x_raw, draws=_draws(0))
+    im = step.last_images()
+    passes = 2 if update == "alternating" else 1  # alternating: loss again after the step
+    with torch.no_grad():
+        for p in range(passes):
+            if p == 1:  # the second pass runs with the updated weights
+                for q, q_new in zip(by_hand.parameters(), model.parameters(), strict=True):
+                    q.copy_(q_new)
+            with bn_branch(by_hand, "main"):
+                by_hand(im["x"]), by_hand(im["x_adv"])
+            with bn_branch(by_hand, "aux"):
+                by_hand(im["x_hat"]), by_hand(im["x_hat_adv"])
+    got, want = _bn_buffers(model), _bn_buffers(by_hand)
+    start = _bn_buffers(_players()[0])
+    for k in got:
+        assert torch.allclose(got[k], want[k], atol=1e-6), k
+        if k.endswith("running_var"):
+            assert not torch.allclose(got[k], start[k])  # both branches really moved
+
+
+VARIANTS = {
+    "full": {},
+    "no_js": {"omega": 0.0},
+    "no_mix": {"mix": "replace"},
+    "no_split_bn": {"split_bn": False},
+    "no_aag": {"amplitude_source": "random_image"},
+    "baseline": {"recombined_branch": False},
+    "single_ae": {"second_attack": False},
+    "awp": {"awp_gamma": 0.005},
+    "aag_pgd_at": {"outer": "pgd_at", "attack_init": "uniform", "label_smoothing": 0.0},
+    "aag_trades": {"outer": "trades", "beta": 6.0, "label_smoothing": 0.0},
+    "brightness": {"amplitude_source": "brightness"},
+    "reversal": {"generator_update": "reversal"},
+    "unbatched_no_split": {"split_bn": False, "batched": False},
+}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_every_variant_trains(batch, name):
+    x, y, x_raw = batch
+    kw = VARIANTS[name]
+    model, gen, opt, gopt = _players()
+    start_model, start_gen = copy.deepcopy(model), copy.deepcopy(gen)
+    step = DATStep(model, gen, opt, gopt, keep_images=B, **kw)
+    d = _draws(0)
+    stats = step(x, y, x_raw, draws=d)
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+    assert _max_diff(model, start_model) > 0
+    uses_gen = kw.get("amplitude_source", "generator") == "generator" and name != "baseline"
+    assert (_max_diff(gen, start_gen) > 0) == uses_gen
+    assert ("gen_loss" in stats) == uses_gen
+    assert ("js" in stats) == (name != "baseline")
+    im = step.last_images()
+    if name == "baseline":
+        assert im is None
+        return
+    lam = torch.ones(B) if name == "no_mix" else d.lam
+    assert stats["lam_mean"] == pytest.approx(lam.mean().item(), abs=1e-6)
+    if name == "brightness":
+        want = flip_crop((1 - lam.view(-1, 1, 1, 1)) * x_raw, d.flip, d.offsets, 3)
+        assert torch.allclose(im["x_hat"], want, atol=1e-6)
+    if name == "no_aag":
+        amp = decompose(x_raw)[0][d.partner]
+        want = flip_crop(mix_amplitude(x_raw, amp, lam), d.flip, d.offsets, 3)
+        assert torch.allclose(im["x_hat"], want, atol=1e-6)
+        assert not torch.equal(d.partner, torch.arange(B))
+    if name == "single_ae":  # x_hat' is A_G mixed into x', not a second attack
+        amp = torch.expm1(torch.fft.ifftshift(im["log_amp_g"], dim=-2))
+        want = mix_amplitude(im["x_adv"], amp, lam)
+        assert torch.allclose(im["x_hat_adv"], want, atol=1e-4)
+    else:  # x_hat' stays in the eps-ball around x_hat and in [0, 1]
+        assert (im["x_hat_adv"] - im["x_hat"]).abs().max() <= 8 / 255 + 1e-6
+    assert im["x_hat_adv"].min() >= 0 and im["x_hat_adv"].max() <= 1
+
+
+def test_awp_changes_the_update(batch):
+    x, y, x_raw = batch
+    finals = []
+    for gamma in (0.0, 0.005):
+        model, gen, opt, gopt = _players()
+        DATStep(model, gen, opt, gopt, awp_gamma=gamma)(x, y, x_raw, draws=_draws(0))
+        finals.append(model)
+    assert _max_diff(*finals) > 1e-6
+
+
+def test_awp_warmup_switches_on_at_the_epoch(batch):
+    model, gen, opt, gopt = _players()
+    step = DATStep(model, gen, opt, gopt, awp_gamma=0.005, awp_warmup=2)
+    seen = []
+    for epoch in range(4):
+        step.on_epoch_start(epoch)
+        seen.append(step.awp_on)
+    assert seen == [False, False, True, True]
+
+
+def test_state_dict_round_trip(batch):
+    x, y, x_raw = batch
+    model, gen, opt, gopt = _players()
+    step = DATStep(model, gen, opt, gopt)
+    step(x, y, x_raw, draws=_draws(0))
+    buffer = io.BytesIO()
+    torch.save(step.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    _, gen2, _, gopt2 = _players(seed=1)
+    step2 = DATStep(model, gen2, opt, gopt2)
+    step2.load_state_dict(state)
+    assert _max_diff(gen, gen2) == 0
+    mom = [gopt2.state[p]["momentum_buffer"] for p in gen2.parameters()]
+    assert all(torch.equal(a, gopt.state[p]["momentum_buffer"])
+               for a, p in zip(mom, gen.parameters(), strict=True))
+
+
+def test_last_images_shapes(batch):
+    x, y, x_raw = batch
+    model, gen, opt, gopt = _players()
+    step = DATStep(model, gen, opt, gopt, keep_images=4)
+    assert step.last_images() is None
+    step(x, y, x_raw)
+    im = step.last_images()
+    assert set(im) == {"x", "x_hat", "x_adv", "x_hat_adv", "log_amp_x", "log_amp_g",
+                       "log_amp_mix"}
+    assert im["x_hat"].shape == (4, 3, 32, 32) and im["log_amp_g"].shape == (4, 3, 32, 17)
+
+
+def test_bf16_autocast_keeps_spectra_fp32(batch):
+    x, y, x_raw = batch
+    model, gen, opt, gopt = _players()
+    step = DATStep(model, gen, opt, gopt, autocast_dtype=torch.bfloat16, keep_images=2,
+                   steps=2)
+    stats = step.run(x[:8], y[:8], x_raw[:8])
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in stats.values())
+    assert step.last_images()["x_hat"].dtype == torch.float32
+
+
+def test_model_without_dual_bn_is_refused_with_the_fix():
+    model = dat.models.create("resnet_tiny")
+    gen = AmplitudeGenerator(10)
+    with pytest.raises(ValueError, match="convert_dual_bn"):
+        DATStep(model, gen, _sgd(model.parameters()))
+    with pytest.raises(ValueError, match="use one of"):
+        DATStep(model, gen, _sgd(model.parameters()), split_bn=False, outer="mart")
+    assert isinstance(DATStep(model, None, _sgd(model.parameters()), split_bn=False,
+                              amplitude_source="random_image").model, torch.nn.Module)
+
+
+def _accuracy(model, x, y):
+    with eval_mode(model), torch.no_grad():
+        clean = (model(x).argmax(1) == y).float().mean().item()
+    x_adv = pgd(model, x, y, steps=20)  # PGD-20, eps 8/255, alpha 2/255
+    with eval_mode(model), torch.no_grad():
+        robust = (model(x_adv).argmax(1) == y).float().mean().item()
+    return clean, robust
+
+
+def test_short_dat_run_learns_on_real_data(splits):
+    """120 DAT steps of batch 32 (about one pass over the 4,000-image sample, ~1 CPU
+    minute). Label smoothing 0 (no masking of PGD) and lr 0.05 suit this short budget.
+    Measured (500 test images): untrained 10.0 / 5.4 %, trained 23.6 / 15.6 % (clean /
+    PGD-20)."""
+    torch.manual_seed(0)
+    model = dat.models.create("resnet_tiny", dual_bn=True)
+    gen = AmplitudeGenerator(10, (3, 32, 32))
+    step = DATStep(model, gen, _sgd(model.parameters(), lr=0.05), label_smoothing=0.0)
+    x_test, y_test = splits.test.tensors()
+    x_test, y_test = x_test[::2], y_test[::2]  # 500 images, all classes
+    untrained = _accuracy(model, x_test, y_test)
+    loader = make_loader(splits.train, DataConfig(name="cifar10-sample", batch_size=32),
+                         "cpu", train=True)
+    for i, b in enumerate(loader):
+        if i == 120:
+            break
+        stats = step(b.x, b.y, b.x_raw)
+        assert all(v == v for v in stats.values())  # no NaN
+    clean, robust = _accuracy(model, x_test, y_test)
+    assert untrained[0] < 0.13 and untrained[1] < 0.08
+    assert clean > 0.19 and robust > 0.12

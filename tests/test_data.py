@@ -1,0 +1,290 @@
+"""Datasets by name (sample, ImageFolder, CIFAR binaries), splits, loaders, augmentation."""
+
+from __future__ import annotations
+
+import pickle
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dat.config import DataConfig
+from dat.data import (
+    DataError,
+    ImageSet,
+    augment_batch,
+    load_dataset,
+    make_loader,
+    stratified_split,
+)
+
+
+def _keys(images: torch.Tensor) -> set[bytes]:
+    """One hashable key per image (its raw bytes)."""
+    return {img.numpy().tobytes() for img in images}
+
+
+def _loader(data: ImageSet, kind: str, workers: int = 0, seed: int = 0, batch: int = 64,
+            **kwargs):
+    cfg = DataConfig(loader=kind, num_workers=workers, batch_size=batch)
+    return make_loader(data, cfg, "cpu", train=True, seed=seed, **kwargs)
+
+
+# ---------------------------------------------------------------- bundled sample, splits
+
+
+def test_sample_loads_with_a_stratified_validation_split(sample_splits) -> None:
+    s = sample_splits
+    assert (len(s.train), len(s.val), len(s.test)) == (4000, 1000, 1000)
+    assert s.num_classes == 10 and s.image_shape == (3, 32, 32)
+    assert s.train.images.dtype == torch.uint8
+    assert torch.bincount(s.val.labels).tolist() == [100] * 10
+    x, y = s.test.tensors()
+    assert x.shape == (1000, 3, 32, 32) and 0 <= x.min() and x.max() <= 1 and y.dtype == torch.int64
+
+
+def test_splits_do_not_overlap(sample_splits) -> None:
+    train, val, test = (_keys(s.images) for s in (sample_splits.train, sample_splits.val,
+                                                  sample_splits.test))
+    assert len(val) == 1000  # no duplicates inside the validation split
+    assert not val & train
+    assert not val & test
+
+
+def test_validation_split_is_fixed_by_split_seed(sample_splits) -> None:
+    again = load_dataset(DataConfig(name="cifar10-sample"))
+    assert torch.equal(again.val.images, sample_splits.val.images)
+    other = load_dataset(DataConfig(name="cifar10-sample", split_seed=1))
+    assert not torch.equal(other.val.images, sample_splits.val.images)
+    assert torch.bincount(other.val.labels).tolist() == [100] * 10
+
+
+def test_train_subset_is_stratified_and_keeps_the_validation_split(sample_splits) -> None:
+    small = load_dataset(DataConfig(name="cifar10-sample", train_subset=300, test_subset=50))
+    assert (len(small.train), len(small.test)) == (300, 50)
+    assert torch.bincount(small.train.labels).tolist() == [30] * 10
+    assert torch.equal(small.val.images, sample_splits.val.images)
+    assert _keys(small.train.images) <= _keys(sample_splits.train.images)
+
+
+def test_stratified_split_rejects_a_split_that_leaves_nothing() -> None:
+    with pytest.raises(DataError, match="val_size"):
+        stratified_split(torch.zeros(10, dtype=torch.int64), 10, seed=0)
+    keep, held = stratified_split(torch.arange(6) % 3, 3, seed=0)
+    assert sorted(torch.cat([keep, held]).tolist()) == list(range(6))
+
+
+# ---------------------------------------------------------------- ImageFolder trees
+
+
+def _write_tree(root: Path, split: str, images: torch.Tensor, labels: torch.Tensor,
+                classes: list[str]) -> None:
+    for i, (img, label) in enumerate(zip(images, labels.tolist(), strict=True)):
+        folder = root / split / classes[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.jpg", quality=95)
+
+
+@pytest.fixture
+def tiny_tree(tmp_path: Path, sample_splits) -> Path:
+    """train/ with 24 JPEGs (3 classes x 8), one of them grayscale; test/ with 6."""
+    classes = ["cat", "dog", "frog"]
+    pick = torch.cat([(sample_splits.train.labels == c).nonzero()[:8, 0] for c in range(3)])
+    images, labels = sample_splits.train.images[pick], sample_splits.train.labels[pick]
+    _write_tree(tmp_path, "train", images, labels, classes)
+    _write_tree(tmp_path, "test", images[::4], labels[::4], classes)
+    gray = Image.fromarray(images[0].float().mean(0).to(torch.uint8).numpy(), mode="L")
+    gray.save(tmp_path / "train" / "cat" / "gray.jpg")
+    return tmp_path
+
+
+@pytest.mark.parametrize("held_name", ["test", "val"])
+def test_imagefolder_tree_loads(tiny_tree: Path, held_name: str) -> None:
+    if held_name == "val":
+        (tiny_tree / "test").rename(tiny_tree / "val")
+    cfg = DataConfig(name="imagefolder", root=str(tiny_tree), val_size=3)
+    with pytest.warns(UserWarning, match=r"converting non-RGB images to RGB \(1 L\)"):
+        s = load_dataset(cfg)
+    assert s.classes == ["cat", "dog", "frog"]
+    assert (len(s.train), len(s.val), len(s.test)) == (22, 3, 6)
+    assert torch.bincount(s.val.labels).tolist() == [1, 1, 1]
+    x, _ = s.train.tensors()
+    assert x.shape == (22, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
+    both = s.train.files + s.val.files
+    img = ImageSet(torch.zeros(1), files=[next(f for f in both if f.endswith("gray.jpg"))])[0][0]
+    assert img.shape == (3, 32, 32) and torch.equal(img[0], img[1])  # gray, now 3 channels
+    # Files are read by the DataLoader path exactly as the resident path decodes them.
+    a = [b.x for b in _loader(s.train, "resident", batch=8)]
+    b = [b.x for b in _loader(s.train, "dataloader", batch=8)]
+    assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+
+
+def test_cifar10_name_reads_an_imagefolder_root(tiny_tree: Path) -> None:
+    with pytest.warns(UserWarning):
+        s = load_dataset(DataConfig(name="cifar10", root=str(tiny_tree), val_size=3))
+    assert s.classes == ["cat", "dog", "frog"] and len(s.test) == 6
+
+
+def test_mis_sized_image_gives_a_clear_error(tiny_tree: Path) -> None:
+    Image.new("RGB", (30, 32)).save(tiny_tree / "train" / "dog" / "small.png")
+    with pytest.raises(DataError, match="30x32 but .* is 32x32; resize all images") as info:
+        load_dataset(DataConfig(name="imagefolder", root=str(tiny_tree), val_size=3))
+    assert "\n" not in str(info.value)
+
+
+def test_missing_folders_give_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="data.root=.* does not exist"):
+        load_dataset(DataConfig(name="imagefolder", root=str(tmp_path / "nope")))
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="neither test/ nor val/"):
+        load_dataset(DataConfig(name="imagefolder", root=str(tmp_path)))
+
+
+# ---------------------------------------------------------------- torchvision binaries
+
+
+def _dump(path: Path, obj: dict) -> None:
+    with open(path, "wb") as f:
+        pickle.dump(obj, f)
+
+
+def _fake_cifar(root: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Write a small binary CIFAR folder in torchvision's layout; return (images, labels)."""
+    rng = np.random.default_rng(0)
+    n_classes = 10 if name == "cifar10" else 100
+    images = rng.integers(0, 256, (60, 3072), dtype=np.uint8)
+    labels = np.arange(60) % n_classes
+    if name == "cifar10":
+        folder, key = root / "cifar-10-batches-py", "labels"
+        folder.mkdir()
+        for i in range(5):  # 5 training batches of 10, then a test batch of 10
+            part = slice(i * 10, i * 10 + 10)
+            batch = {"data": images[part], key: labels[part].tolist()}
+            _dump(folder / f"data_batch_{i + 1}", batch)
+        _dump(folder / "test_batch", {"data": images[50:], key: labels[50:].tolist()})
+        _dump(folder / "batches.meta", {"label_names": [f"c{i}" for i in range(10)]})
+    else:
+        folder, key = root / "cifar-100-python", "fine_labels"
+        folder.mkdir()
+        _dump(folder / "train", {"data": images[:50], key: labels[:50].tolist()})
+        _dump(folder / "test", {"data": images[50:], key: labels[50:].tolist()})
+        _dump(folder / "meta", {"fine_label_names": [f"c{i}" for i in range(100)]})
+    return images.reshape(-1, 3, 32, 32), labels
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_torchvision_binary_folder_loads(tmp_path: Path, name: str) -> None:
+    images, labels = _fake_cifar(tmp_path, name)
+    s = load_dataset(DataConfig(name=name, root=str(tmp_path), val_size=0))
+    assert len(s.classes) == (10 if name == "cifar10" else 100) and s.classes[3] == "c3"
+    assert torch.equal(s.train.images, torch.from_numpy(images[:50]))
+    assert torch.equal(s.train.labels, torch.from_numpy(labels[:50]))
+    assert torch.equal(s.test.images, torch.from_numpy(images[50:]))
+    assert s.image_shape == (3, 32, 32)
+
+
+def test_binary_folder_refuses_pickled_code(tmp_path: Path) -> None:
+    _fake_cifar(tmp_path, "cifar10")
+    _dump(tmp_path / "cifar-10-batches-py" / "test_batch", {"data": print, "labels": []})
+    with pytest.raises(DataError, match="not allowed"):
+        load_dataset(DataConfig(name="cifar10", root=str(tmp_path), val_size=0))
+
+
+def test_offline_cifar_without_data_fails_fast_naming_data_root(tmp_path, monkeypatch) -> None:
+    def offline(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", offline)  # no network, whatever the machine
+    root = tmp_path / "absent"
+    start = time.perf_counter()
+    with pytest.raises(DataError, match=r"data.root='.*absent'") as info:
+        load_dataset(DataConfig(name="cifar10", root=str(root)))
+    assert time.perf_counter() - start < 20  # seconds
+    assert "\n" not in str(info.value)
+    assert not root.exists()  # no empty folder left behind
+
+
+# ---------------------------------------------------------------- loaders
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resident_and_dataloader_give_the_same_batches(sample_splits, workers: int) -> None:
+    data = sample_splits.train.subset(torch.arange(200))
+    resident = list(_loader(data, "resident", seed=3))
+    loaded = list(_loader(data, "dataloader", workers=workers, seed=3))
+    assert len(resident) == len(loaded) == 4
+    for a, b in zip(resident, loaded, strict=True):
+        assert torch.equal(a.x, b.x) and torch.equal(a.x_raw, b.x_raw) and torch.equal(a.y, b.y)
+
+
+def _crop_candidates(raw: torch.Tensor, padding: int) -> torch.Tensor:
+    """Every crop of the zero-padded image, flipped or not: (2 * (2p+1)^2, C, H, W)."""
+    padded = torch.nn.functional.pad(raw, (padding,) * 4)
+    h, w = raw.shape[-2:]
+    crops = [padded[:, dy : dy + h, dx : dx + w]
+             for dy in range(2 * padding + 1) for dx in range(2 * padding + 1)]
+    crops = torch.stack(crops)
+    return torch.cat([crops, crops.flip(-1)])
+
+
+def test_augmentation_crops_and_flips_the_padded_image(sample_splits) -> None:
+    data = sample_splits.train.subset(torch.arange(96))
+    raw_keys = _keys(data.images)
+    shifted = flipped = 0
+    for batch in _loader(data, "resident", batch=32):
+        assert _keys((batch.x_raw * 255).round().to(torch.uint8)) <= raw_keys  # un-augmented
+        for x, raw in zip(batch.x, batch.x_raw, strict=True):
+            matches = (_crop_candidates(raw, 4) == x).flatten(1).all(dim=1).nonzero()
+            assert len(matches) >= 1
+            shifted += int(not torch.equal(x, raw))
+            flipped += int(matches[0, 0] >= 81)
+    assert shifted > 48 and 20 < flipped < 76  # crops and flips really happen
+
+
+def test_augment_batch_without_crop_or_flip_is_identity() -> None:
+    x = torch.rand(4, 3, 8, 8)
+    assert torch.equal(augment_batch(x, 0, False, torch.Generator().manual_seed(0)), x)
+
+
+def test_set_epoch_changes_the_order_deterministically(sample_splits) -> None:
+    data = sample_splits.train.subset(torch.arange(128))
+    a, b = _loader(data, "resident"), _loader(data, "resident")
+
+    def labels_and_images(loader):
+        return [torch.cat([batch.y.float(), batch.x.flatten()]) for batch in loader]
+
+    first = labels_and_images(a)
+    assert all(torch.equal(p, q) for p, q in zip(first, labels_and_images(a), strict=True))
+    a.set_epoch(1)
+    b.set_epoch(1)
+    second = labels_and_images(a)
+    assert all(torch.equal(p, q) for p, q in zip(second, labels_and_images(b), strict=True))
+    assert not all(torch.equal(p, q) for p, q in zip(first, second, strict=True))
+
+
+@pytest.mark.parametrize("n, world, batch", [(100, 3, 16), (35, 2, 8), (18, 4, 4), (12, 3, 3)])
+@pytest.mark.parametrize("kind", ["resident", "dataloader"])
+def test_rank_sharding_covers_every_sample_once(n: int, world: int, batch: int, kind: str):
+    ids = torch.arange(n)
+    data = ImageSet(ids, images=torch.zeros(n, 3, 4, 4, dtype=torch.uint8), image_shape=(3, 4, 4))
+    for epoch in (0, 1):
+        seen, counts = [], set()
+        for rank in range(world):
+            loader = _loader(data, kind, batch=batch, rank=rank, world_size=world)
+            loader.set_epoch(epoch)
+            batches = list(loader)
+            counts.add(len(batches))
+            assert len(batches) == len(loader)
+            assert min(len(b.y) for b in batches) >= 2  # BatchNorm in train mode needs 2+
+            seen += torch.cat([b.y for b in batches]).tolist()
+        assert sorted(seen) == list(range(n))
+        assert len(counts) == 1  # equal step counts on every rank (DDP would hang otherwise)
+
+
+def test_bad_rank_gives_a_clear_error(sample_splits) -> None:
+    with pytest.raises(DataError, match="rank=2"):
+        _loader(sample_splits.val, "resident", rank=2, world_size=2)

@@ -1,0 +1,184 @@
+"""Two-branch BatchNorm: conversion, branch isolation, routing, split, export."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from dat.models import (
+    DualBatchNorm,
+    bn_branch,
+    convert_dual_bn,
+    create,
+    export_main_branch,
+    set_bn_branch,
+)
+
+
+def _state(module: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _branch_state(model: nn.Module, branch: str) -> dict[str, Tensor]:
+    """Parameters and running statistics of one branch of every DualBatchNorm."""
+    return {
+        f"{name}.{k}": v.detach().clone()
+        for name, m in model.named_modules() if isinstance(m, DualBatchNorm)
+        for k, v in getattr(m, branch).state_dict().items()
+    }
+
+
+def _assert_same(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _plain_bns(model: nn.Module) -> list[_BatchNorm]:
+    """BatchNorms not wrapped by a DualBatchNorm."""
+    inside = {id(b) for m in model.modules() if isinstance(m, DualBatchNorm)
+              for b in (m.main, m.aux)}
+    return [m for m in model.modules() if isinstance(m, _BatchNorm) and id(m) not in inside]
+
+
+def _warm_plain(model: nn.Module, x: Tensor) -> nn.Module:
+    """Give the running statistics non-default values (one train-mode pass)."""
+    with torch.no_grad():
+        model.train()(x)
+    return model
+
+
+def test_convert_replaces_every_bn_with_copies_of_it(make_warm_model) -> None:
+    plain = make_warm_model()
+    originals = {n: copy.deepcopy(m) for n, m in plain.named_modules() if isinstance(m, _BatchNorm)}
+    dual = convert_dual_bn(copy.deepcopy(plain))
+    duals = {n: m for n, m in dual.named_modules() if isinstance(m, DualBatchNorm)}
+    assert duals.keys() == originals.keys()
+    assert _plain_bns(dual) == []
+    for name, m in duals.items():
+        for branch in (m.main, m.aux):
+            _assert_same(_state(branch), _state(originals[name]))
+            assert branch.training == originals[name].training
+        assert m.branch == "main"
+
+
+def test_forward_in_one_branch_leaves_the_other_bit_identical(make_warm_model, sample_batch):
+    model = make_warm_model(dual_bn=True).train()
+    x, y = sample_batch
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    for branch, other in (("main", "aux"), ("aux", "main")):
+        before = _branch_state(model, other)
+        touched = _branch_state(model, branch)
+        with bn_branch(model, branch):
+            nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _assert_same(_branch_state(model, other), before)
+        changed = _branch_state(model, branch)
+        assert any(not torch.equal(changed[k], touched[k]) for k in changed)
+
+
+@pytest.mark.parametrize("build", [
+    lambda: torchvision.models.resnet18(num_classes=10),
+    lambda: timm.create_model("resnet10t", num_classes=10),
+], ids=["torchvision_resnet18", "timm_resnet10t"])
+def test_conversion_keeps_outputs_identical(build, sample_batch) -> None:
+    x, _ = sample_batch
+    plain = _warm_plain(build(), x)
+    dual = convert_dual_bn(copy.deepcopy(plain))
+    with torch.no_grad():
+        assert torch.equal(dual.eval()(x), plain.eval()(x))
+        out_dual, out_plain = dual.train()(x[:8]), plain.train()(x[:8])
+    assert torch.equal(out_dual, out_plain)
+    # Train mode updated the main branch exactly like the plain BN, the aux branch not at all.
+    plain_bns = [m for m in plain.modules() if isinstance(m, _BatchNorm)]
+    dual_bns = [m for m in dual.modules() if isinstance(m, DualBatchNorm)]
+    for p, d in zip(plain_bns, dual_bns, strict=True):
+        assert torch.equal(p.running_mean, d.main.running_mean)
+        assert not torch.equal(p.running_mean, d.aux.running_mean)
+
+
+def test_export_main_branch(make_warm_model, sample_batch) -> None:
+    x, _ = sample_batch
+    dual = make_warm_model(dual_bn=True).eval()
+    plain = export_main_branch(dual)
+    assert not any(isinstance(m, DualBatchNorm) for m in plain.modules())
+    assert any(isinstance(m, DualBatchNorm) for m in dual.modules())  # dual model untouched
+    with torch.no_grad():
+        main_out = dual(x)
+        with bn_branch(dual, "aux"):
+            aux_out = dual(x)
+        assert torch.equal(plain.eval()(x), main_out)
+        assert not torch.allclose(aux_out, main_out)
+        fresh = create("resnet_tiny").eval()
+        fresh.load_state_dict(plain.state_dict(), strict=True)
+        assert torch.equal(fresh(x), main_out)
+
+
+def test_bn_branch_routes_and_restores(make_warm_model, sample_batch) -> None:
+    x, _ = sample_batch
+    model = make_warm_model(dual_bn=True).eval()
+    bns = [m for m in model.modules() if isinstance(m, DualBatchNorm)]
+    with torch.no_grad():
+        main_out = model(x)
+        set_bn_branch(model, "split")
+        with bn_branch(model, "aux") as routed:
+            assert routed is model
+            assert all(m.branch == "aux" for m in bns)
+            aux_out = model(x)
+        assert all(m.branch == "split" for m in bns)
+        with pytest.raises(RuntimeError, match="boom"), bn_branch(model, "aux"):
+            raise RuntimeError("boom")
+        assert all(m.branch == "split" for m in bns)
+        set_bn_branch(model, "main")
+        assert torch.equal(model(x), main_out)
+    assert not torch.allclose(aux_out, main_out)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_split_equals_running_the_halves_separately(mode, make_warm_model, sample_batch):
+    x, _ = sample_batch
+    x_hat = (x.flip(-1) * 0.7).contiguous()
+    split_model = make_warm_model(dual_bn=True).train(mode == "train")
+    ref_model = copy.deepcopy(split_model)
+    with torch.no_grad(), bn_branch(split_model, "split"):
+        both = split_model(torch.cat([x, x_hat]))
+    with torch.no_grad():
+        with bn_branch(ref_model, "main"):
+            first = ref_model(x)
+        with bn_branch(ref_model, "aux"):
+            second = ref_model(x_hat)
+    assert torch.allclose(both, torch.cat([first, second]), atol=1e-5)
+    for branch in ("main", "aux"):
+        a, b = _branch_state(split_model, branch), _branch_state(ref_model, branch)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+
+
+def test_split_needs_an_even_batch(make_tiny_model) -> None:
+    model = make_tiny_model(dual_bn=True)
+    with bn_branch(model, "split"), pytest.raises(ValueError, match="even batch"):
+        model(torch.rand(3, 3, 32, 32))
+
+
+def test_unknown_branch_and_models_without_bn_give_clear_errors() -> None:
+    no_bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
+    with pytest.raises(ValueError, match="has no BatchNorm layer") as info:
+        convert_dual_bn(no_bn)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="unknown BN branch"):
+        set_bn_branch(create("resnet_tiny", dual_bn=True), "both")
+
+
+def test_converting_twice_is_a_no_op(make_tiny_model) -> None:
+    model = make_tiny_model(dual_bn=True)
+    keys = list(model.state_dict())
+    assert list(convert_dual_bn(model).state_dict()) == keys
+    assert any(k.endswith(".aux.running_mean") for k in keys)

@@ -1,0 +1,195 @@
+"""dat.evaluate: exact attack success on a model with known margins, AutoAttack parity with
+pyautoattack, a monotone eps sweep on a briefly trained model, reports, CLI, input errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pyautoattack import AutoAttack
+from torch import Tensor, nn
+
+import dat
+from dat.config import Config, config_to_dict
+from dat.data import augment_batch, stratified_split
+from dat.evaluation import EvaluationError, evaluate, make_attack
+from dat.evaluation.cli import evaluate_main
+from dat.evaluation.suite import attack_points
+
+EPS = 0.05  # L-inf radius of the margin test, [0, 1] scale
+
+
+class _SignedScore(nn.Module):
+    """Two-class linear model: logits (z, -z) with z = w . (x - 0.5), w in {-1, +1}^d."""
+
+    def __init__(self, w: Tensor) -> None:
+        super().__init__()
+        self.w = nn.Parameter(w.clone())  # (C, H, W)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = ((x - 0.5) * self.w).flatten(1).sum(1)  # (B,)
+        return torch.stack([z, -z], dim=1)
+
+
+def _margin_data(n: int = 40) -> tuple[_SignedScore, Tensor, Tensor, Tensor]:
+    """Images near 0.5 (far from 0 and 1) whose L-inf distance to the boundary is known."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randint(0, 2, (3, 8, 8), generator=gen).float() * 2 - 1
+    model = _SignedScore(w).eval()
+    margins = torch.linspace(0.2 * EPS, 2.0 * EPS, n)
+    margins = margins[(margins - EPS).abs() > 0.05 * EPS]  # no ties at the boundary
+    y = torch.arange(len(margins)) % 2
+    x0 = 0.5 + 0.04 * (torch.rand(len(margins), 3, 8, 8, generator=gen) - 0.5)
+    z0 = ((x0 - 0.5) * w).flatten(1).sum(1) / w.numel()  # L-inf distance of x0, signed
+    sign = 1.0 - 2.0 * y.float()  # class 0 needs z > 0, class 1 needs z < 0
+    shift = margins - sign * z0  # move along sign(w) until |z| / ||w||_1 = margin
+    x = x0 + (sign * shift)[:, None, None, None] * w
+    return model, x, y, margins
+
+
+@pytest.mark.parametrize("attack", ["fgsm", "pgd20", "cw"])
+def test_attack_succeeds_exactly_below_margin(attack: str) -> None:
+    model, x, y, margins = _margin_data()
+    assert float(x.min()) > 0.3 and float(x.max()) < 0.7  # box constraints never bind
+    correct = model(x).argmax(1) == y
+    assert correct.all()
+    still = attack_points(make_attack(attack, EPS), model, x, y, correct, batch_size=16,
+                          device=torch.device("cpu"), progress=False)
+    assert torch.equal(still, margins > EPS)
+    report = evaluate(model, (x, y), attacks=["clean", attack], eps=EPS, progress=False)
+    assert report["results"][attack] == pytest.approx(100.0 * float((margins > EPS).float().mean()))
+    assert report["checks"]["bounds"]["status"] == "pass"
+
+
+def _downsampled(splits, part: str, n: int | None = None) -> tuple[Tensor, Tensor]:
+    x, y = getattr(splits, part).tensors()
+    n = n or len(y)
+    return F.avg_pool2d(x[:n], 4).contiguous(), y[:n]  # (n, 3, 8, 8): real images, tiny
+
+
+def test_aa_equals_pyautoattack_called_directly(sample_splits) -> None:
+    torch.set_num_threads(1)
+    x_train, y_train = _downsampled(sample_splits, "train")
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for idx in torch.randperm(len(y_train)).split(128):
+        loss = F.cross_entropy(model(x_train[idx] * 4 - 2), y_train[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    x, y = _downsampled(sample_splits, "test", 16)
+    eps = 1 / 255
+    report = evaluate(model, (x, y), attacks=["clean", "aa"], eps=eps, seed=3, progress=False)
+    aa = AutoAttack(model, norm="Linf", eps=eps, version="standard", device="cpu", seed=3)
+    _, y_adv = aa.run_standard_evaluation(x, y, batch_size=500)
+    direct = 100.0 * int((y_adv == y).sum()) / len(y)
+    breakdown = report["attacks"]["aa"]["breakdown"]
+    assert report["results"]["aa"] == direct
+    assert 0 < direct < report["results"]["clean"]  # a real cascade: some flipped, some not
+    assert list(breakdown) == ["clean", "apgd-ce", "apgd-t", "fab-t", "square"]
+    assert breakdown["square"] == direct and breakdown["clean"] == report["results"]["clean"]
+    assert report["attacks"]["aa"]["implementation"].startswith("pyautoattack")
+
+
+@pytest.fixture(scope="module")
+def trained(sample_splits) -> nn.Module:
+    """resnet_tiny after two quick epochs of cross-entropy training (~10 s on one core)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    x, y = sample_splits.train.tensors()
+    model = dat.models.create("resnet_tiny", num_classes=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        for idx in torch.randperm(len(y), generator=gen).split(128):
+            loss = F.cross_entropy(model(augment_batch(x[idx], 4, True, gen)), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def test_sweep_is_monotone_and_starts_at_clean(trained, sample_splits, tmp_path) -> None:
+    x, y = sample_splits.test.tensors()
+    report = evaluate(trained, (x[:100], y[:100]), attacks=["clean", "pgd20", "cw"],
+                      sweep=True, progress=False, out_dir=tmp_path)
+    acc, res = report["sweep"]["accuracy"], report["results"]
+    assert res["clean"] > 20  # trained: well above chance
+    assert acc[0] == res["clean"]
+    assert all(a >= b for a, b in zip(acc, acc[1:], strict=False))
+    assert acc[report["sweep"]["eps"].index(8 / 255)] == res["pgd20"]  # same seed, same run
+    assert res["worst_case"] <= min(res["pgd20"], res["cw"]) <= res["clean"]
+    for name in ("eps_zero", "sweep_monotone", "large_eps", "bn_statistics", "eval_mode"):
+        assert report["checks"][name]["status"] == "pass", report["checks"][name]
+    saved = json.loads((tmp_path / "report.json").read_text(), parse_constant=_no_constants)
+    assert saved["results"] == res
+    for name in ("report.md", "attacks.png", "accuracy_vs_eps.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def _no_constants(name: str) -> None:
+    raise AssertionError(f"report.json holds {name}, which is not valid JSON")
+
+
+def test_dual_bn_model_is_evaluated_on_its_main_branch(make_warm_model, sample_batch) -> None:
+    dual = make_warm_model(dual_bn=True).eval()
+    plain = dat.models.export_main_branch(dual)
+    kwargs = dict(attacks=["clean", "pgd20"], progress=False, checks=False)
+    assert evaluate(dual, sample_batch, **kwargs)["results"] == \
+        evaluate(plain, sample_batch, **kwargs)["results"]
+
+
+def test_loader_and_batches_give_the_same_result(trained, sample_splits) -> None:
+    x, y = sample_splits.test.subset(torch.arange(40)).tensors()
+    loader = dat.data.make_loader(sample_splits.test.subset(torch.arange(40)),
+                                  Config().data, "cpu", train=False)
+    kwargs = dict(attacks=["clean", "fgsm"], progress=False, checks=False, batch_size=16)
+    assert evaluate(trained, loader, **kwargs)["results"] == \
+        evaluate(trained, (x, y), **kwargs)["results"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(eps=8.0), "8/255"),
+    (dict(attacks=["pgd"]), "unknown attack"),
+    (dict(precision="fp16"), "fp32 or bf16"),
+])
+def test_bad_arguments_name_the_fix(make_tiny_model, sample_batch, kwargs, match) -> None:
+    with pytest.raises(EvaluationError, match=match):
+        evaluate(make_tiny_model(), sample_batch, progress=False, **kwargs)
+
+
+def test_unnormalised_images_are_rejected(make_tiny_model, sample_batch) -> None:
+    x, y = sample_batch
+    with pytest.raises(EvaluationError, match="Normalize"):
+        evaluate(make_tiny_model(), (x * 255, y), progress=False)
+
+
+def _checkpoint(model: nn.Module, path) -> None:
+    cfg = Config()
+    cfg.model.name, cfg.data.name = "resnet_tiny", "cifar10-sample"
+    torch.save({"model": model.state_dict(), "config": config_to_dict(cfg), "epoch": 1}, path)
+
+
+def test_cli_evaluates_a_checkpoint(make_warm_model, sample_splits, tmp_path, capsys) -> None:
+    dual = make_warm_model(dual_bn=True).eval()
+    _checkpoint(dual, tmp_path / "best.pt")
+    code = evaluate_main(["--checkpoint", str(tmp_path / "best.pt"), "--attacks", "clean,fgsm",
+                          "--n-examples", "32", "--out", str(tmp_path / "eval"),
+                          "--no-progress", "--no-checks"])
+    assert code == 0
+    saved = json.loads((tmp_path / "eval" / "report.json").read_text())
+    _, chosen = stratified_split(sample_splits.test.labels, 32, seed=0)  # as --n-examples
+    x, y = sample_splits.test.subset(chosen).tensors()
+    direct = evaluate(dual, (x, y), attacks=["clean", "fgsm"], progress=False, checks=False)
+    assert saved["results"] == direct["results"]
+    assert "| fgsm |" in capsys.readouterr().out
+
+
+def test_cli_reports_a_bad_checkpoint_in_one_line(tmp_path, capsys) -> None:
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert evaluate_main(["--checkpoint", str(tmp_path / "junk.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err

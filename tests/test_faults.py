@@ -1,0 +1,252 @@
+"""Fault injection: each failure a user can meet gives a clean outcome.
+
+kill -9 then resume is bit-identical; NaN batches are skipped and counted; too many in
+a row stop the run with a good checkpoint; bad config values, bad datasets and unusable
+checkpoints give one line ``error: ...`` and exit status 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from dat.checkpoint import load_checkpoint
+from dat.cli import train_main
+from dat.config import load_config
+from dat.data import DataError, DatasetSplits, ImageSet
+from dat.trainer import Trainer, TrainingError
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY = [  # a few seconds per run on one CPU thread
+    "data.name=cifar10-sample", "model.name=resnet_tiny", "data.batch_size=16",
+    "data.eval_batch_size=64", "data.test_subset=32", "train.epochs=2",
+    "train.steps_per_epoch=3", "train.val_examples=32", "train.val_pgd_steps=2",
+    "train.test_attacks=[clean]", "train.image_every=0", "perf.log_every=1",
+    "method.attack.steps=2",
+]
+
+CALLBACK_MODULE = '''
+import os, time
+
+def pause(trainer, event, payload):
+    """Signal, then sleep right after step DAT_PAUSE_AT (so the test can kill -9 us)."""
+    at = os.environ.get("DAT_PAUSE_AT")
+    if event == "step_end" and at and trainer.state.global_step == int(at):
+        open(os.environ["DAT_READY"], "w").close()
+        time.sleep(300)
+'''
+
+
+def _cli(args: list[str], tmp_path: Path, **env: str) -> subprocess.Popen:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **env,
+                "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), "--no-progress", *args],
+                            cwd=tmp_path, env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, "the training process never reached the pause"
+        time.sleep(0.1)
+
+
+def _state_equal(a: dict, b: dict) -> bool:
+    """Bit-identical nested dicts of tensors / primitives."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_state_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_state_equal(x, y) for x, y in zip(a, b, strict=True))
+    if torch.is_tensor(a):
+        return torch.equal(a, b)
+    return a == b
+
+
+def test_kill_minus_nine_then_resume_is_bit_identical(tmp_path: Path) -> None:
+    (tmp_path / "pause_cb.py").write_text(CALLBACK_MODULE)
+    common = [*TINY, "method.name=dat", "train.checkpoint_every=4",
+              "train.callbacks=[pause_cb:pause]", "train.out_dir=runs"]
+    straight = _cli([*common, "train.run_name=straight"], tmp_path)
+    ready = tmp_path / "ready"
+    killed = _cli([*common, "train.run_name=killed"], tmp_path,
+                  DAT_PAUSE_AT="5", DAT_READY=str(ready))
+    _wait_for(ready, killed)  # step 5 done; last.pt is from step 4 (mid-epoch 2)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.communicate()
+    assert killed.returncode == -signal.SIGKILL
+    mid = load_checkpoint(tmp_path / "runs/killed/checkpoints/last.pt")
+    assert (mid["trainer"]["global_step"], mid["trainer"]["step_in_epoch"]) == (4, 1)
+    resumed = _cli(["--resume", "runs/killed/checkpoints/last.pt"], tmp_path)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-2000:]
+    assert "at epoch 1, step 1 of the epoch" in out  # mid-epoch 2, one batch consumed
+    straight_out, straight_err = straight.communicate(timeout=300)
+    assert straight.returncode == 0, straight_err[-2000:]
+    a = load_checkpoint(tmp_path / "runs/straight/checkpoints/last.pt")
+    b = load_checkpoint(tmp_path / "runs/killed/checkpoints/last.pt")
+    assert a["trainer"]["global_step"] == b["trainer"]["global_step"] == 6
+    for key in ("model", "optimizer", "method"):  # method: the AAG and its optimiser
+        assert _state_equal(a[key], b[key]), key
+    assert a["trainer"]["history"] == b["trainer"]["history"]
+
+
+class _PoisonedStep:
+    """Wraps a method step and feeds NaN images on the given (0-based) steps."""
+
+    def __init__(self, step, poisoned: set[int]) -> None:
+        self.inner, self.poisoned, self.calls = step, poisoned, 0
+
+    def run(self, x, y, x_raw=None):
+        if self.calls in self.poisoned:
+            x = x.clone()
+            x[0, 0, 0, 0] = float("nan")
+        self.calls += 1
+        return self.inner.run(x, y, x_raw)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def _tiny_trainer(tmp_path: Path, *extra: str) -> Trainer:
+    cfg = load_config(None, [*TINY, "method.name=trades", f"train.out_dir={tmp_path}",
+                             "train.run_name=run", *extra])
+    return Trainer(cfg, progress=False)
+
+
+def test_a_nan_batch_is_skipped_and_counted(tmp_path: Path) -> None:
+    trainer = _tiny_trainer(tmp_path, "train.epochs=1")
+    trainer.method = _PoisonedStep(trainer.method, {1})
+    before, after = {}, {}
+
+    def watch(tr, event, payload) -> None:
+        if event == "step_start" and tr.state.global_step == 1:
+            before.update({k: v.clone() for k, v in tr.model.state_dict().items()})
+            before["momentum"] = [s["momentum_buffer"].clone()
+                                  for s in tr.optimizer.state.values()]
+        if event == "step_end" and tr.state.global_step == 2:
+            after.update({k: v.clone() for k, v in tr.model.state_dict().items()})
+            after["momentum"] = [s["momentum_buffer"].clone()
+                                 for s in tr.optimizer.state.values()]
+
+    trainer.add_callback(watch)
+    metrics = trainer.fit()
+    assert metrics["bad_steps"] == 1 and metrics["steps"] == 3
+    assert _state_equal(before, after)  # weights, BN statistics and momentum untouched
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_consecutive_nan_steps_stop_the_run_with_a_good_checkpoint(tmp_path: Path) -> None:
+    trainer = _tiny_trainer(tmp_path, "train.max_bad_steps=2", "train.epochs=1")
+    trainer.method = _PoisonedStep(trainer.method, {1, 2})
+    with pytest.raises(TrainingError, match="2 consecutive non-finite steps"):
+        trainer.fit()
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert all(torch.isfinite(v).all() for v in last["model"].values())
+    assert last["trainer"]["bad_steps"] == 2
+
+
+def _error_line(capsys, argv: list[str]) -> str:
+    code = train_main(["--no-progress", *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("method.attack.eps=8", "0-255 units"),
+    ("method.attack.alpha=16/255", "larger than method.attack.eps"),
+    ("model.name=resnet_huge", "model.name='resnet_huge' is unknown"),
+    ("method.name=fgsm_at", "method.name='fgsm_at' is not valid"),
+    ("data.name=imagenet21k", "data.name='imagenet21k' is not valid"),
+    ("train.epohcs=3", "train.epohcs"),
+    ("train.callbacks=[no_such_module_xyz:fn]", "cannot import 'no_such_module_xyz'"),
+    ("train.max_bad_steps=0", "train.max_bad_steps=0 must be >= 1"),
+    ("train.test_attacks=[clean,pgd20,deepfool]", "unknown attack 'deepfool'"),
+])
+def test_bad_config_values_give_one_line_errors(capsys, tmp_path, override, expected) -> None:
+    err = _error_line(capsys, [*TINY, f"train.out_dir={tmp_path}", override])
+    assert expected in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_a_one_line_error(capsys, tmp_path) -> None:
+    err = _error_line(capsys, [*TINY, f"train.out_dir={tmp_path}", "train.device=cuda"])
+    assert "CUDA is not available" in err
+
+
+def test_unwritable_output_directory(capsys, tmp_path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")  # works even as root, unlike chmod
+    err = _error_line(capsys, [*TINY, f"train.out_dir={blocker}/runs"])
+    assert "is not writable" in err
+
+
+def test_missing_dataset_offline(capsys, tmp_path) -> None:
+    err = _error_line(capsys, [*TINY, "data.name=cifar10", f"data.root={tmp_path}/none",
+                               f"train.out_dir={tmp_path}"])
+    assert "cifar10 not found under data.root" in err
+
+
+def _folder(root: Path, sizes: dict[str, tuple[int, int]]) -> None:
+    for split in ("train", "test"):
+        for cls, size in sizes.items():
+            for i in range(3):
+                (root / split / cls).mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", size, (40 * i, 90, 160)).save(root / split / cls / f"{i}.png")
+
+
+def test_imagefolder_without_train_split(capsys, tmp_path) -> None:
+    (tmp_path / "data" / "val").mkdir(parents=True)
+    err = _error_line(capsys, [*TINY, "data.name=imagefolder", f"data.root={tmp_path}/data",
+                               f"train.out_dir={tmp_path}"])
+    assert "has no train/ folder" in err
+
+
+def test_images_of_mixed_sizes(capsys, tmp_path) -> None:
+    _folder(tmp_path / "data", {"cat": (32, 32), "dog": (24, 24)})
+    err = _error_line(capsys, [*TINY, "data.name=imagefolder", f"data.root={tmp_path}/data",
+                               "data.val_size=2", "data.loader=resident",
+                               f"train.out_dir={tmp_path}"])
+    assert "resize" in err
+
+
+def test_images_that_do_not_fit_the_model(capsys, tmp_path) -> None:
+    err = _error_line(capsys, [*TINY, "model.name=timm/vit_tiny_patch16_224", "method.name=trades",
+                               f"train.out_dir={tmp_path}"])
+    assert "do not fit model timm/vit_tiny_patch16_224" in err
+
+
+def test_labels_out_of_range(sample_splits, tmp_path) -> None:
+    train = sample_splits.train.subset(torch.arange(64))
+    bad = ImageSet(train.labels.clone(), images=train.images, image_shape=train.image_shape)
+    bad.labels[5] = 12
+    splits = DatasetSplits(bad, sample_splits.val, sample_splits.test, sample_splits.classes)
+    cfg = load_config(None, [*TINY, f"train.out_dir={tmp_path}"])
+    with pytest.raises(DataError, match=r"train labels range 0\.\.12 but the dataset has 10"):
+        Trainer(cfg, splits=splits, progress=False)
+
+
+def test_resume_with_another_architecture_or_missing_checkpoint(capsys, tmp_path) -> None:
+    out = [*TINY, "method.name=pgd_at", f"train.out_dir={tmp_path}", "train.run_name=r",
+           "train.epochs=1", "train.steps_per_epoch=1"]
+    assert train_main(["--no-progress", *out]) == 0
+    capsys.readouterr()
+    last = str(tmp_path / "r" / "checkpoints" / "last.pt")
+    err = _error_line(capsys, ["--resume", last, "model.name=resnet_small"])
+    assert "saved for model resnet_tiny with 10 classes" in err
+    err = _error_line(capsys, ["--resume", str(tmp_path / "nowhere" / "last.pt")])
+    assert "no usable checkpoint" in err
+    err = _error_line(capsys, [*out])  # same run name again without --resume
+    assert "already holds a run" in err

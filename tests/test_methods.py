@@ -1,0 +1,110 @@
+"""Baseline methods (PGD-AT, TRADES, MART) and the method factory."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dat import methods
+from dat.config import ConfigError, load_config
+from dat.methods import MARTStep, PGDATStep, TRADESStep, create, needs_dual_bn
+from dat.methods.mart import mart_loss
+from dat.models import create as create_model
+
+EPS = 8 / 255
+BASELINES = {"pgd_at": PGDATStep, "trades": TRADESStep, "mart": MARTStep}
+
+
+@pytest.fixture(scope="module")
+def train_batch(sample_splits):
+    """64 training images spread over all classes (the sample is stored sorted by label)."""
+    return sample_splits.train.subset(torch.arange(64) * 62).tensors()
+
+
+def _cfg(name: str, *extra: str):
+    return load_config(None, [f"method.name={name}", "method.beta=6", "method.attack.steps=3",
+                              "method.label_smoothing=0", "method.attack.init=uniform", *extra])
+
+
+def _step(name: str, lr: float = 0.05, **kwargs):
+    model = create_model("resnet_tiny", num_classes=10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    step = create(_cfg(name), model, optimizer, num_classes=10, image_shape=(3, 32, 32),
+                  **kwargs)
+    return step, model
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_a_few_steps_lower_the_loss_and_stay_in_the_eps_ball(name, train_batch) -> None:
+    x, y = train_batch
+    step, model = _step(name)
+    step.keep_images = len(x)
+    losses = []
+    for _ in range(8):
+        stats = step.run(x, y)
+        assert all(v.dim() == 0 and not v.requires_grad for v in stats.values())
+        assert {"loss", "clean_acc", "adv_acc"} <= stats.keys()
+        assert 0 <= stats["adv_acc"] <= 100 and torch.isfinite(stats["loss"])
+        x_adv = step.last_images()["x_adv"]
+        assert (x_adv - x).abs().max() <= EPS + 1e-6
+        assert x_adv.min() >= 0 and x_adv.max() <= 1
+        assert (x_adv - x).abs().max() > EPS / 2  # the attack really moved the images
+        losses.append(float(stats["loss"]))
+    assert model.training  # the loss was computed in train mode and the flag stays
+    assert losses[-1] < losses[0] - 0.3, losses  # measured drop: about 0.65 in 8 steps
+
+
+def test_factory_passes_config_values(train_batch) -> None:
+    for name, cls in BASELINES.items():
+        step, _ = _step(name)
+        assert type(step) is cls
+        assert (step.eps, step.steps, step.label_smoothing) == (pytest.approx(EPS), 3, 0.0)
+    assert _step("trades")[0].beta == 6.0 and _step("mart")[0].beta == 6.0
+    assert _step("pgd_at")[0].init == "uniform"
+    cfg = _cfg("pgd_at")
+    cfg.method.name = "fgsm"  # bypasses validation on purpose
+    with pytest.raises(ConfigError, match="method.name='fgsm'"):
+        create(cfg, create_model("resnet_tiny"), None, num_classes=10, image_shape=(3, 32, 32))
+
+
+def test_dat_dispatch_builds_a_dat_step_on_a_dual_bn_model() -> None:
+    cfg = load_config(None, ["method.name=dat", "model.name=resnet_tiny"])
+    assert needs_dual_bn(cfg)
+    assert not needs_dual_bn(load_config(None, ["method.name=dat", "method.split_bn=false"]))
+    assert not needs_dual_bn(_cfg("trades"))
+    model = create_model("resnet_tiny", num_classes=10, dual_bn=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = create(cfg, model, optimizer, num_classes=10, image_shape=(3, 32, 32))
+    assert type(step).__name__ == "DATStep" and isinstance(step, methods.MethodStep)
+
+
+def test_mart_loss_matches_a_hand_computation() -> None:
+    clean, adv, y, beta = torch.tensor([[2.0, 0.0, 0.0]]), torch.tensor([[1.0, 0.5, 0.0]]), \
+        torch.tensor([0]), 6.0
+    e = [math.exp(v) for v in (1.0, 0.5, 0.0)]
+    p_adv = [v / sum(e) for v in e]
+    c = [math.exp(v) for v in (2.0, 0.0, 0.0)]
+    p_clean = [v / sum(c) for v in c]
+    bce = -math.log(p_adv[0]) - math.log(1 - p_adv[1])  # largest wrong class: 1
+    kl = sum(p * (math.log(p) - math.log(q)) for p, q in zip(p_clean, p_adv, strict=True))
+    expected = bce + beta * kl * (1 - p_clean[0])
+    total, got_bce, got_kl = mart_loss(clean, adv, y, beta)
+    assert float(total) == pytest.approx(expected, rel=1e-5)
+    assert float(got_bce) == pytest.approx(bce, rel=1e-5)
+    assert float(got_kl) == pytest.approx(kl * (1 - p_clean[0]), rel=1e-5)
+
+
+def test_bf16_autocast_keeps_fp32_weights_and_finite_loss(train_batch) -> None:
+    x, y = train_batch
+    step, model = _step("pgd_at", autocast_dtype=torch.bfloat16)
+    stats = step(x[:16], y[:16])
+    assert math.isfinite(stats["loss"])
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_eps_in_pixel_units_is_rejected() -> None:
+    model = create_model("resnet_tiny")
+    with pytest.raises(ValueError, match="0-255 units"):
+        PGDATStep(model, torch.optim.SGD(model.parameters(), lr=0.1), eps=8)

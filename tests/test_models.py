@@ -1,0 +1,101 @@
+"""Model registry: every registered model builds and runs; timm models; normalisation inside."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dat.models import Normalize, create, has_dual_bn, list_models
+from dat.models.normalize import CIFAR10_MEAN, CIFAR10_STD
+
+# Parameter counts the constructors' docstrings promise (10 classes), in millions.
+DOCUMENTED_MILLIONS = {"resnet18": 11.2, "wrn28_10": 36.5, "wrn34_10": 46.2}
+
+
+def test_registry_lists_the_documented_models() -> None:
+    names = list_models()
+    assert names == sorted(names)
+    for name in ("resnet18", "preact_resnet18", "resnet_tiny", "resnet_small", "wrn28_10",
+                 "wrn34_10"):
+        assert name in names
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_model_builds_and_runs(name: str) -> None:
+    model = create(name, num_classes=10, dual_bn=False).eval()
+    assert not has_dual_bn(model)
+    with torch.no_grad():
+        logits = model(torch.rand(2, 3, 32, 32))  # batch of 2: WRN-34-10 runs on CPU too
+    assert logits.shape == (2, 10)
+    assert torch.isfinite(logits).all()
+    millions = sum(p.numel() for p in model.parameters()) / 1e6
+    if name in DOCUMENTED_MILLIONS:
+        assert round(millions, 1) == DOCUMENTED_MILLIONS[name]
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_normalisation_buffers_are_not_in_the_state_dict(name: str) -> None:
+    model = create(name, num_classes=3)
+    buffers = dict(model.named_buffers())
+    assert "normalize.mean" in buffers and "normalize.std" in buffers
+    assert not any(key.startswith("normalize.") for key in model.state_dict())
+    fresh = create(name, num_classes=3)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("name", ["resnet_tiny", "preact_resnet18"])
+def test_dual_bn_models_run_in_every_branch(name: str) -> None:
+    model = create(name, num_classes=5, dual_bn=True)
+    assert has_dual_bn(model)
+    x = torch.rand(4, 3, 32, 32)
+    assert model(x).shape == (4, 5)
+
+
+def test_normalize_is_per_channel_mean_std() -> None:
+    x = torch.rand(2, 3, 4, 4)
+    out = Normalize(CIFAR10_MEAN, CIFAR10_STD)(x)
+    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    assert torch.allclose(out, (x - mean) / std)
+
+
+def test_model_input_is_in_0_1_and_normalised_inside() -> None:
+    torch.manual_seed(0)
+    model = create("resnet_tiny").eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.linear(
+            torch.nn.functional.adaptive_avg_pool2d(
+                model.layer4(model.layer3(model.layer2(model.layer1(
+                    torch.relu(model.bn1(model.conv1(model.normalize(x)))))))), 1
+            ).flatten(1)
+        )
+        assert torch.equal(model(x), expected)
+
+
+@pytest.mark.parametrize("name", ["timm/resnet10t", "timm/resnet18"])
+def test_timm_models_through_the_registry(name: str) -> None:
+    model = create(name, num_classes=7, dual_bn=True)
+    assert has_dual_bn(model)
+    assert not any(key.startswith("normalize.") for key in model.state_dict())
+    with torch.no_grad():
+        assert model.eval()(torch.rand(2, 3, 32, 32)).shape == (2, 7)
+
+
+def test_none_keyword_arguments_are_ignored() -> None:
+    torch.manual_seed(0)
+    a = create("resnet_tiny", width=None)
+    torch.manual_seed(0)
+    b = create("resnet_tiny")
+    assert a.conv1.weight.shape == b.conv1.weight.shape == (8, 3, 3, 3)
+    assert create("resnet_tiny", width=4).conv1.weight.shape == (4, 3, 3, 3)
+
+
+@pytest.mark.parametrize(
+    "name, match",
+    [("resnet19", "unknown model 'resnet19'"), ("timm/not_a_model_xyz", "unknown timm model")],
+)
+def test_unknown_names_give_clear_errors(name: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match) as info:
+        create(name)
+    assert "\n" not in str(info.value)

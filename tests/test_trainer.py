@@ -1,0 +1,170 @@
+"""The trainer: a tiny run writes the whole run directory; schedule, averaging, callbacks."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from dat.averaging import WeightAverager
+from dat.build import learning_rate
+from dat.checkpoint import load_checkpoint
+from dat.config import OptimConfig, load_config
+from dat.models import create
+from dat.trainer import Trainer
+
+TINY = [
+    "data.name=cifar10-sample", "model.name=resnet_tiny", "data.batch_size=16",
+    "data.eval_batch_size=64", "data.test_subset=40", "train.epochs=1",
+    "train.steps_per_epoch=4", "train.val_examples=40", "train.val_pgd_steps=2",
+    "method.attack.steps=2", "perf.log_every=2", "train.image_every=2",
+]
+
+CONFIG_CALLBACK = '''
+EVENTS = []
+
+def record(trainer, event, payload):
+    EVENTS.append(event)
+'''
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One EMA-averaged TRADES epoch of 4 steps, with a Python and a config callback."""
+    tmp = tmp_path_factory.mktemp("run")
+    (tmp / "cfg_callback.py").write_text(CONFIG_CALLBACK)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(tmp))
+        cfg = load_config(None, [*TINY, "method.name=trades", "method.beta=6",
+                                 "train.weight_averaging=ema", f"train.out_dir={tmp}",
+                                 "train.run_name=tiny", "train.callbacks=[cfg_callback:record]"])
+        trainer = Trainer(cfg, progress=False)
+        events: list[tuple[str, int]] = []
+        trainer.add_callback(lambda tr, event, payload: events.append(
+            (event, tr.state.global_step)))
+        metrics = trainer.fit()
+        import cfg_callback
+    return trainer, metrics, events, cfg_callback.EVENTS
+
+
+def test_a_tiny_run_writes_every_artefact(tiny_run) -> None:
+    trainer, metrics, _, _ = tiny_run
+    run = trainer.run_dir
+    for name in ("config.yaml", "metrics.json", "model.safetensors", "checkpoints/last.pt",
+                 "checkpoints/best.pt"):
+        assert (run / name).is_file(), name
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert load_config(str(run / "config.yaml")) == trainer.cfg
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    assert set(saved["test"]) >= {"clean", "pgd20"} and saved["test_examples"] == 40
+    assert all(0 <= v <= 100 for v in saved["test"].values())
+    assert (saved["best_epoch"], saved["steps"], saved["bad_steps"]) == (1, 4, 0)
+    assert saved["images_per_second"] > 0 and saved["wall_seconds"] > 0
+    assert set(saved["val"]) == {"epoch", "clean", "pgd2"} and saved["test_checks"]
+
+
+def test_exported_weights_are_the_averaged_best_model(tiny_run, sample_batch) -> None:
+    trainer, _, _, _ = tiny_run
+    best = load_checkpoint(trainer.run_dir / "checkpoints" / "best.pt")["model"]
+    averaged = trainer.averager.module.state_dict()
+    assert all(torch.equal(best[k], averaged[k]) for k in averaged)
+    raw = trainer.model.state_dict()
+    assert not all(torch.equal(best[k], raw[k]) for k in raw)  # EMA differs from raw weights
+    plain = create("resnet_tiny", num_classes=10).eval()
+    plain.load_state_dict(load_file(trainer.run_dir / "model.safetensors"))  # strict
+    x, _ = sample_batch
+    with torch.no_grad():
+        assert torch.allclose(plain(x), trainer.averager.module.eval()(x), atol=1e-6)
+
+
+def test_tensorboard_has_scalars_for_stats_validation_test_and_images(tiny_run) -> None:
+    trainer, _, _, _ = tiny_run
+    events = EventAccumulator(str(trainer.run_dir / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/kl", "train/adv_acc", "train/lr", "train/images_per_s",
+            "val/clean", "val/pgd2", "test/clean", "test/pgd20"} <= scalars
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4]  # synced every 2 steps
+    assert {"images/x", "images/x_adv"} <= set(events.Tags()["images"])
+
+
+def test_callbacks_see_every_event_in_loop_order(tiny_run) -> None:
+    _, _, events, config_events = tiny_run
+    names = [e for e, _ in events]
+    assert names[0] == "train_start" and names[-1] == "train_end"
+    assert names.count("step_start") == names.count("step_end") == 4
+    assert [s for e, s in events if e == "log"] == [2, 4]
+    assert names.index("epoch_end") > max(i for i, n in enumerate(names) if n == "step_end")
+    assert config_events == names  # the callback named in the config saw the same events
+
+
+def test_a_dat_run_exports_a_plain_single_bn_model(tmp_path) -> None:
+    cfg = load_config(None, [*TINY, "method.name=dat", "train.steps_per_epoch=2",
+                             "train.test_attacks=[clean]", f"train.out_dir={tmp_path}"])
+    trainer = Trainer(cfg, progress=False)
+    assert any(".aux." in k for k in trainer.model.state_dict())
+    trainer.fit()
+    weights = load_file(trainer.run_dir / "model.safetensors")
+    assert not any(".aux." in k or ".main." in k for k in weights)
+    create("resnet_tiny", num_classes=10).load_state_dict(weights)  # strict
+
+
+def test_quickstart_is_a_short_dat_run_on_the_sample() -> None:
+    cfg = load_config("quickstart")
+    assert (cfg.method.name, cfg.data.name) == ("dat", "cifar10-sample")
+
+
+def _lr(o: OptimConfig, epoch: int, step: int = 0, batch: int = 128) -> float:
+    return learning_rate(o, epoch, step, steps_per_epoch=10, total_epochs=150,
+                         global_batch=batch)
+
+
+def test_learning_rate_schedules() -> None:
+    piecewise = OptimConfig()  # paper: 0.1, x0.1 at epochs 100 and 110 (1-based)
+    assert [_lr(piecewise, e) for e in (0, 98, 99, 108, 109, 149)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    cosine = OptimConfig(schedule="cosine")
+    assert _lr(cosine, 0) == pytest.approx(0.1)
+    assert _lr(cosine, 75) == pytest.approx(0.05)
+    assert _lr(cosine, 149, 9) == pytest.approx(0.0, abs=1e-5)
+    warm = OptimConfig(schedule="constant", warmup_epochs=2)
+    assert [_lr(warm, 0, 0), _lr(warm, 0, 9), _lr(warm, 1, 9), _lr(warm, 2)] == pytest.approx(
+        [0.005, 0.05, 0.1, 0.1])
+    linear = OptimConfig(lr_scaling="linear", schedule="constant")
+    assert _lr(linear, 0, batch=512) == pytest.approx(0.4)
+
+
+def _net(value: float) -> nn.Module:
+    net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    with torch.no_grad():
+        for t in [*net.parameters(), net[1].running_mean]:
+            t.fill_(value)
+    return net
+
+
+def test_ema_and_swa_follow_their_formulas() -> None:
+    model = _net(0.0)
+    ema = WeightAverager(model, "ema", decay=0.5, warmup=False)
+    for value in (1.0, 2.0, 4.0):
+        model.load_state_dict(_net(value).state_dict())
+        ema.update_step(model)
+    # first update copies (1), then avg <- 0.5 avg + 0.5 new: 1.5, then 2.75
+    assert torch.allclose(ema.module[0].weight, torch.full((2, 2), 2.75))
+    assert torch.allclose(ema.module[1].running_mean, torch.full((2,), 2.75))
+    assert int(ema.module[1].num_batches_tracked) == int(model[1].num_batches_tracked)
+    swa = WeightAverager(model, "swa", swa_start=1)
+    for epoch, value in enumerate((7.0, 1.0, 2.0, 6.0)):  # epoch 0 is before swa_start
+        model.load_state_dict(_net(value).state_dict())
+        swa.update_epoch(model, epoch)
+    assert swa.n_averaged == 3
+    assert torch.allclose(swa.module[0].bias, torch.full((2,), 3.0))
+    restored = WeightAverager(_net(0.0), "swa")
+    restored.load_state_dict(swa.state_dict())
+    assert restored.n_averaged == 3 and torch.equal(restored.module[0].bias, swa.module[0].bias)
+    assert math.isclose(float(ema.module[0].bias[0]), 2.75)
