@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -120,8 +121,12 @@ def _first_line(err: BaseException) -> str:
     return text[0][:200] if text else type(err).__name__
 
 
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 def load_for_resume(path: Path | str, keep: int = 2,
-                    warn: Callable[[str], None] = print) -> tuple[dict, Path]:
+                    warn: Callable[[str], None] = _to_stderr) -> tuple[dict, Path]:
     """Load ``path``, or, when it is missing or corrupt, the newest good older copy."""
     candidates = [Path(path), *older_copies(path, max(keep, 1))]
     errors = []

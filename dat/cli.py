@@ -64,12 +64,18 @@ def train_main(argv: list[str] | None = None) -> int:
     from .trainer import Trainer, TrainingError
 
     args = _train_parser().parse_args(argv)
+    cfg = None
     try:
         if args.resume:
             cfg = _resume_config(args)
         else:
             cfg = load_config(args.config or DEFAULT_PRESET, args.overrides)
         metrics = Trainer(cfg, progress=not args.no_progress).fit()
+    except KeyboardInterrupt:
+        where = Path(cfg.train.out_dir) / cfg.train.run_name if cfg and cfg.train.run_name else None
+        hint = f": python train.py --resume {where}/checkpoints/last.pt" if where else ""
+        print(f"\ninterrupted; continue from the last checkpoint{hint}", file=sys.stderr)
+        return 130
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

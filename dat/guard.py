@@ -88,7 +88,7 @@ class StepGuard:
             if saved is None:
                 t.masked_fill_(~ok, 0)
             else:
-                t.copy_(torch.where(ok, t, saved))
+                torch.where(ok, t, saved, out=t)  # one kernel, no host sync
         self._count(ok)
         return ok
 

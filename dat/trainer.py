@@ -13,6 +13,7 @@ import copy
 import itertools
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -88,8 +89,6 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.splits = splits if splits is not None else load_dataset(cfg.data)
         check_labels(self.splits)
-        resume = self._resume_path()
-        self.run_dir = prepare_run_dir(cfg, resume)
         self.model = build_model(cfg, self.splits.num_classes, self.splits.image_shape,
                                  self.device)
         net = torch.compile(self.model) if cfg.perf.compile else self.model
@@ -113,6 +112,8 @@ class Trainer:
                                           TensorBoardCallback()]
         for cb in [*map(load_callback, t.callbacks), *callbacks]:
             self.add_callback(cb)
+        resume = self._resume_path()
+        self.run_dir = prepare_run_dir(cfg, resume)  # after every check that could fail
         if resume is not None:
             self.resume(resume)
 
@@ -146,14 +147,39 @@ class Trainer:
         state, used = ckpt.load_for_resume(path, keep=self.cfg.train.keep_checkpoints)
         ckpt.check_compatible(state, self.cfg.model.name, self.splits.num_classes)
         ckpt.load_model_state(self.model, state["model"], str(used))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.method.load_state_dict(state["method"])
-        if self.averager is not None:
-            self.averager.load_state_dict(state["averaging"])
-        self.state = TrainState(**state["trainer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.method.load_state_dict(state["method"])
+            if self.averager is not None:
+                self.averager.load_state_dict(state["averaging"] or {"kind": "none"})
+            self.state = TrainState(**state["trainer"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise ckpt.CheckpointError(
+                f"{used} does not match this run's method, optimiser or weight averaging "
+                f"({' '.join(str(err).split())[:160]}); resume with the run's own settings"
+            ) from None
         ckpt.restore_rng(state["rng"])
+        self._sync_best()
         print(f"resumed from {used} at epoch {self.state.epoch}, "
               f"step {self.state.step_in_epoch} of the epoch")
+
+    def _sync_best(self) -> None:
+        """Select against the best.pt on disk: after a fallback to an older last.pt, best.pt
+        may come from the abandoned later steps, and metrics must describe that file."""
+        path = self.run_dir / "checkpoints" / "best.pt"
+        s = self.state
+        try:
+            best = ckpt.load_checkpoint(path) if path.is_file() else None
+        except ckpt.CheckpointError as err:
+            print(f"warning: {err}; the next validation writes a new best.pt", file=sys.stderr)
+            best = None
+        if best is None:
+            s.best_val_pgd, s.best_val_clean, s.best_epoch = -1.0, -1.0, 0
+            return
+        val = best.get("val", {})
+        pgd = next((v for k, v in val.items() if k.startswith("pgd")), -1.0)
+        s.best_val_pgd, s.best_val_clean = pgd, val.get("clean", -1.0)
+        s.best_epoch = int(best.get("epoch", 0))
 
     # -- the loop -------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -232,7 +258,7 @@ class Trainer:
             now - self._log_mark, 1e-9)
         self.state.bad_steps += int(bad)
         means["bad_steps"] = self.state.bad_steps
-        self._bar.set_postfix({k: f"{means[k]:.3g}" for k in ("loss", "adv_acc", "images_per_s")
+        self._bar.set_postfix({k: f"{means[k]:.3g}" for k in ("loss", "acc_adv", "images_per_s")
                                if k in means})
         self._emit("on_log", means)
         self._reset_log()

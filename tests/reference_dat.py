@@ -1,12 +1,17 @@
 """Plain reference of one DAT training step: the published per-batch procedure, unfused.
 
 Written to be checked line by line against METHOD.md sections 1-4, independently of
-dat.spectral, dat.losses and dat.attacks: fp32, the KL target recomputed at every
-attack step (as published), the two attacks run one after the other, four separate
-forward passes for the loss, and the alternating generator update (model step, then the
-loss recomputed with the updated model and x_hat attached to the AAG). It takes the same
-injected draws (dat.methods.dat.DATDraws) as the fast DATStep, so it is the oracle for
-correctness tests and the baseline for the speed benchmark (no pytest imports here).
+dat.spectral, dat.attacks and DATStep: the KL target recomputed at every attack step (as
+published), the two attacks run one after the other, four separate forward passes for
+the loss, and the alternating generator update (model step, then the loss recomputed
+with the updated model and x_hat attached to the AAG). It takes the same injected draws
+(dat.methods.dat.DATDraws) as the fast DATStep, so it is the oracle for correctness
+tests and the baseline for the speed benchmark (no pytest imports here).
+
+It shares only the loss primitives (dat.losses.kl_divergence / js_divergence, checked
+against hand-worked numbers in tests/test_dat_formulas.py) and their fp32 heads: the
+attacks step by sign(grad), which turns a 1-ulp difference in a loss into a 2/255 pixel
+change, so an oracle that rounds differently could never match to 1e-5.
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ def ref_attack(model: nn.Module, x: Tensor, y: Tensor, noise: Tensor, branch: st
             with torch.no_grad():
                 target = model(x)  # recomputed every step (the published code does)
             out = model(x_adv)
-            loss = (F.cross_entropy(out.float(), y, label_smoothing=label_smoothing, reduction="sum")
-                    + beta * kl_divergence(target, out, reduction="sum"))
+            ce = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing,
+                                 reduction="sum")
+            loss = ce + beta * kl_divergence(target, out, reduction="sum")
             (grad,) = torch.autograd.grad(loss, x_adv)
             x_adv = x_adv.detach() + alpha * grad.sign()
             x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
@@ -76,9 +82,9 @@ def ref_dat_loss(model: nn.Module, x: Tensor, x_adv: Tensor, xh: Tensor, xh_adv:
         fx, fxa = model(x), model(x_adv)
     with bn_branch(model, "aux"):
         fxh, fxha = model(xh), model(xh_adv)
-    l_x = F.cross_entropy(fx.float(), y, label_smoothing=label_smoothing) + beta * kl_divergence(fx, fxa)
-    l_xh = (F.cross_entropy(fxh.float(), y, label_smoothing=label_smoothing)
-            + beta * kl_divergence(fxh, fxha))
+    ls = label_smoothing
+    l_x = F.cross_entropy(fx.float(), y, label_smoothing=ls) + beta * kl_divergence(fx, fxa)
+    l_xh = F.cross_entropy(fxh.float(), y, label_smoothing=ls) + beta * kl_divergence(fxh, fxha)
     return (l_x + l_xh) / 2 + omega * js_divergence(fx, fxh)
 
 

@@ -15,9 +15,10 @@ from dat.attacks import eval_mode, pgd
 from dat.config import DataConfig
 from dat.data import load_dataset, make_loader
 from dat.generator import AmplitudeGenerator, mean_amplitude
+from dat.methods.awp import AWP
 from dat.methods.dat import DATDraws, DATStep
 from dat.mixing import flip_crop
-from dat.models import DualBatchNorm, bn_branch
+from dat.models import bn_branch
 from dat.spectral import decompose, mix_amplitude
 
 B = 16  # batch size of the equivalence tests
@@ -345,3 +346,24 @@ def test_short_dat_run_learns_on_real_data(splits):
     clean, robust = _accuracy(model, x_test, y_test)
     assert untrained[0] < 0.13 and untrained[1] < 0.08
     assert clean > 0.19 and robust > 0.12
+
+
+def test_awp_moves_each_layer_by_gamma_uphill_and_restores(batch):
+    x, y, _ = batch
+    model = dat.models.create("resnet_tiny").eval()
+    awp = AWP(model, gamma=0.01)
+    start = [p.detach().clone() for p in model.parameters()]
+
+    def loss_fn(m):
+        return torch.nn.functional.cross_entropy(m(x), y)
+
+    clean_loss = loss_fn(model).item()
+    with awp.perturbed(loss_fn):
+        for p, p0 in zip(model.parameters(), start, strict=True):
+            if p.dim() > 1:  # conv / linear weights: ||v_l|| = gamma * ||w_l||
+                assert ((p - p0).norm() / p0.norm()).item() == pytest.approx(0.01, rel=1e-4)
+            else:  # biases and BN affine parameters stay put
+                assert torch.equal(p, p0)
+        assert loss_fn(model).item() > clean_loss  # the perturbation goes uphill
+    for p, p0 in zip(model.parameters(), start, strict=True):
+        assert torch.allclose(p, p0, atol=1e-7)

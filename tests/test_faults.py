@@ -7,6 +7,7 @@ checkpoints give one line ``error: ...`` and exit status 2 (no traceback).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -238,6 +239,24 @@ def test_labels_out_of_range(sample_splits, tmp_path) -> None:
         Trainer(cfg, splits=splits, progress=False)
 
 
+def test_resume_from_a_truncated_checkpoint_falls_back_to_the_previous_one(
+        capsys, tmp_path) -> None:
+    run = [*TINY, "method.name=pgd_at", f"train.out_dir={tmp_path}", "train.run_name=r",
+           "train.steps_per_epoch=1"]
+    assert train_main(["--no-progress", *run]) == 0
+    last = tmp_path / "r" / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:3000])  # torn by a crash
+    capsys.readouterr()
+    assert train_main(["--no-progress", "--resume", str(last)]) == 0
+    captured = capsys.readouterr()
+    assert "warning: " in captured.err and "is corrupt or truncated" in captured.err
+    assert "resumed from" in captured.out and "last.1.pt" in captured.out
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    best = load_checkpoint(tmp_path / "r" / "checkpoints" / "best.pt")
+    assert metrics["best_epoch"] == best["epoch"] and metrics["steps"] == 2
+    assert load_checkpoint(last)["trainer"]["epoch"] == 2  # a good last.pt again
+
+
 def test_resume_with_another_architecture_or_missing_checkpoint(capsys, tmp_path) -> None:
     out = [*TINY, "method.name=pgd_at", f"train.out_dir={tmp_path}", "train.run_name=r",
            "train.epochs=1", "train.steps_per_epoch=1"]
@@ -246,6 +265,8 @@ def test_resume_with_another_architecture_or_missing_checkpoint(capsys, tmp_path
     last = str(tmp_path / "r" / "checkpoints" / "last.pt")
     err = _error_line(capsys, ["--resume", last, "model.name=resnet_small"])
     assert "saved for model resnet_tiny with 10 classes" in err
+    err = _error_line(capsys, ["--resume", last, "train.weight_averaging=ema"])
+    assert "does not match this run's method, optimiser or weight averaging" in err
     err = _error_line(capsys, ["--resume", str(tmp_path / "nowhere" / "last.pt")])
     assert "no usable checkpoint" in err
     err = _error_line(capsys, [*out])  # same run name again without --resume

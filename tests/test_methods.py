@@ -45,8 +45,8 @@ def test_a_few_steps_lower_the_loss_and_stay_in_the_eps_ball(name, train_batch) 
     for _ in range(8):
         stats = step.run(x, y)
         assert all(v.dim() == 0 and not v.requires_grad for v in stats.values())
-        assert {"loss", "clean_acc", "adv_acc"} <= stats.keys()
-        assert 0 <= stats["adv_acc"] <= 100 and torch.isfinite(stats["loss"])
+        assert {"loss", "acc_clean", "acc_adv"} <= stats.keys()
+        assert 0 <= stats["acc_adv"] <= 1 and torch.isfinite(stats["loss"])
         x_adv = step.last_images()["x_adv"]
         assert (x_adv - x).abs().max() <= EPS + 1e-6
         assert x_adv.min() >= 0 and x_adv.max() <= 1

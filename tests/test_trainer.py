@@ -88,7 +88,7 @@ def test_tensorboard_has_scalars_for_stats_validation_test_and_images(tiny_run) 
     events = EventAccumulator(str(trainer.run_dir / "tb"), size_guidance={"images": 0})
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/kl", "train/adv_acc", "train/lr", "train/images_per_s",
+    assert {"train/loss", "train/kl", "train/acc_adv", "train/lr", "train/images_per_s",
             "val/clean", "val/pgd2", "test/clean", "test/pgd20"} <= scalars
     assert [e.step for e in events.Scalars("train/loss")] == [2, 4]  # synced every 2 steps
     assert {"images/x", "images/x_adv"} <= set(events.Tags()["images"])

@@ -180,7 +180,10 @@ class DATStep(MethodStep):
 
     def run(self, x: Tensor, y: Tensor, x_raw: Tensor | None = None,
             draws: DATDraws | None = None) -> dict[str, Tensor]:
-        """One step on a batch; ``x_raw`` is the un-augmented batch (default ``x``)."""
+        """One step on a batch; ``x_raw`` is the un-augmented batch (default ``x``).
+
+        ``draws`` injects every random draw (:class:`DATDraws`); sampled when None.
+        """
         raw_is_x = x_raw is None
         x_raw = x if x_raw is None else x_raw
         if x.shape != x_raw.shape or x.dim() != 4 or len(y) != len(x):

@@ -60,7 +60,7 @@ class MARTStep(BaselineStep):
         self._update(loss)
         self._keep(x=x, x_adv=x_adv)
         return {"loss": loss.detach(), "bce": bce.detach(), "kl": kl.detach(),
-                "clean_acc": accuracy(clean_logits, y), "adv_acc": accuracy(adv_logits, y)}
+                "acc_clean": accuracy(clean_logits, y), "acc_adv": accuracy(adv_logits, y)}
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", beta={self.beta})"

@@ -19,8 +19,12 @@ __all__ = ["BaselineStep", "PGDATStep", "accuracy"]
 
 
 def accuracy(logits: Tensor, y: Tensor) -> Tensor:
-    """Top-1 accuracy in percent as a detached 0-d tensor (no host sync)."""
-    return (logits.detach().argmax(dim=1) == y).float().mean() * 100.0
+    """Top-1 accuracy on the batch as a fraction in [0, 1] (detached 0-d, no host sync).
+
+    Fractions, like DATStep's ``acc_clean`` / ``acc_adv``, so TensorBoard curves of all
+    methods share one scale (validation and test numbers are reported in percent).
+    """
+    return (logits.detach().argmax(dim=1) == y).float().mean()
 
 
 class BaselineStep(MethodStep):
@@ -95,5 +99,5 @@ class PGDATStep(BaselineStep):
         loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
         self._update(loss)
         self._keep(x=x, x_adv=x_adv)
-        return {"loss": loss.detach(), "clean_acc": accuracy(clean_logits, y),
-                "adv_acc": accuracy(logits, y)}
+        return {"loss": loss.detach(), "acc_clean": accuracy(clean_logits, y),
+                "acc_adv": accuracy(logits, y)}
