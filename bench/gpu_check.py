@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from reference_dat import reference_dat_step  # noqa: E402
+
 import dat  # noqa: E402
 from dat.attacks import eaeg  # noqa: E402
 from dat.data import augment_batch  # noqa: E402
@@ -32,7 +34,6 @@ from dat.datasets import _decode_jpegs  # noqa: E402
 from dat.generator import AmplitudeGenerator  # noqa: E402
 from dat.losses import kl_divergence  # noqa: E402
 from dat.methods.dat import DATDraws, DATStep  # noqa: E402
-from reference_dat import reference_dat_step  # noqa: E402
 
 
 def _load(path: str, device: torch.device):

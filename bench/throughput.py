@@ -26,12 +26,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from reference_dat import reference_dat_step  # noqa: E402
+
 import dat  # noqa: E402
 from dat.generator import AmplitudeGenerator  # noqa: E402
 from dat.methods.dat import DATDraws, DATStep  # noqa: E402
 from dat.methods.pgd_at import PGDATStep  # noqa: E402
 from dat.methods.trades import TRADESStep  # noqa: E402
-from reference_dat import reference_dat_step  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -156,7 +157,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile", action="store_true", help="add a torch.compile row")
     parser.add_argument("--rows", default="all", help="comma list of row-name prefixes")
     parser.add_argument("--json", default=None, help="also write the table as JSON here")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no CUDA device; use --device cpu")
