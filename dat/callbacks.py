@@ -8,6 +8,10 @@ Built in: :class:`ValidationCallback` (clean + PGD accuracy on held-out images, 
 ["module:function"]``. Events: ``train_start``, ``step_start``, ``step_end`` (payload:
 stats as device tensors, do not sync), ``log`` (payload: means as floats), ``epoch_end``
 (payload: epoch), ``train_end`` (payload: metrics).
+
+Under torchrun every callback runs on every rank (so it may use collectives); check
+``trainer.dist.is_main`` before writing files. ``train_end``'s payload is ``{}`` on
+ranks other than 0, which do not run the final test evaluation.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .attacks import eval_mode, pgd
 from .config import ConfigError
+from .distributed import all_reduce_sum
 from .models import bn_branch, has_dual_bn
 
 if TYPE_CHECKING:
@@ -107,26 +113,42 @@ def robust_accuracy(
     """(clean, PGD-``steps``) accuracy in percent, for checkpoint selection.
 
     Runs on the model's device in eval mode with the main BN branch, under a forked RNG
-    seeded with ``seed``: the result is reproducible and training's random stream is
-    untouched (which exact resume relies on).
+    (training's random stream is untouched, which exact resume relies on). Batch ``i``
+    starts PGD from a draw seeded ``seed + i``. Under torchrun the batches are dealt to
+    the ranks in turn (batch ``i`` to rank ``i % world``) and the correct counts summed,
+    so every rank gets the same numbers as one process would; call it on every rank.
     """
     device = next(model.parameters()).device
     forked = [device] if device.type == "cuda" else []
-    clean, robust = torch.zeros((), device=device), torch.zeros((), device=device)
+    rank, world = _rank_and_world()
+    counts = torch.zeros(2, device=device)  # (clean, robust) correct predictions
     main = bn_branch(model, "main") if has_dual_bn(model) else contextlib.nullcontext()
     with torch.random.fork_rng(devices=forked), eval_mode(model), main:
-        torch.manual_seed(seed)
-        for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
+        batches = zip(x.split(batch_size), y.split(batch_size), strict=True)
+        for i, (xb, yb) in enumerate(batches):
+            if i % world != rank:
+                continue
+            torch.manual_seed(seed + i)
             xb, yb = xb.to(device), yb.to(device)
-            clean += _count_correct(model, xb, yb)
+            counts[0] += _count_correct(model, xb, yb)
             x_adv = pgd(model, xb, yb, eps, alpha, steps)  # (B, C, H, W)
-            robust += _count_correct(model, x_adv, yb)
+            counts[1] += _count_correct(model, x_adv, yb)
+    clean, robust = all_reduce_sum(counts).tolist()
     n = max(len(y), 1)
-    return 100.0 * clean.item() / n, 100.0 * robust.item() / n
+    return 100.0 * clean / n, 100.0 * robust / n
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 class ValidationCallback(Callback):
-    """Every ``train.val_every`` epochs (and after the last): val accuracy, best.pt."""
+    """Every ``train.val_every`` epochs (and after the last): val accuracy, best.pt.
+
+    Under torchrun the validation images are split across ranks and the counts summed.
+    """
 
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
         t = trainer.cfg.train
@@ -161,7 +183,10 @@ class CheckpointCallback(Callback):
 
 
 class TensorBoardCallback(Callback):
-    """Scalars (every step stat, lr, images/s, validation), image grids, test numbers."""
+    """Scalars (every step stat, lr, images/s, validation), image grids, test numbers.
+
+    Rank 0 only under torchrun (scalars are means over ranks; images are rank 0's).
+    """
 
     def __init__(self) -> None:
         self.writer = None
@@ -169,11 +194,13 @@ class TensorBoardCallback(Callback):
     def on_train_start(self, trainer: Trainer) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(trainer.run_dir / "tb"))
+        if trainer.dist.is_main:
+            self.writer = SummaryWriter(str(trainer.run_dir / "tb"))
 
     def on_step_end(self, trainer: Trainer, stats: dict[str, Tensor]) -> None:
         every, step = trainer.cfg.train.image_every, trainer.state.global_step
-        if not every or step % every or not hasattr(trainer.method, "last_images"):
+        if (self.writer is None or not every or step % every
+                or not hasattr(trainer.method, "last_images")):
             return
         for name, images in (trainer.method.last_images() or {}).items():
             if images.dim() == 4 and images.shape[1] in (1, 3):
@@ -183,10 +210,14 @@ class TensorBoardCallback(Callback):
                 self.writer.add_images(f"images/{name}", grid.clamp(0, 1), step)
 
     def on_log(self, trainer: Trainer, means: dict[str, float]) -> None:
+        if self.writer is None:
+            return
         for key, value in means.items():
             self.writer.add_scalar(f"train/{key}", value, trainer.state.global_step)
 
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
+        if self.writer is None:
+            return
         val = trainer.state.last_val
         if val.get("epoch") == epoch + 1:
             for key, value in val.items():
@@ -195,6 +226,8 @@ class TensorBoardCallback(Callback):
         self.writer.flush()
 
     def on_train_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
         for key, value in metrics.get("test", {}).items():
             self.writer.add_scalar(f"test/{key}", value, trainer.state.global_step)
         self.writer.close()

@@ -198,4 +198,6 @@ def restore_rng(state: dict[str, Any]) -> None:
                          n["has_gauss"], n["cached"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # a run saved on 8 GPUs may resume on fewer: restore the devices that exist
+        for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)

@@ -2,11 +2,14 @@
 
 User errors (bad config values, missing data, unusable checkpoints) print one line
 ``error: ...`` and exit with status 2; a run stopped by the non-finite guard exits 1.
+Under torchrun (``torchrun --nproc_per_node=N train.py ...``) every rank runs
+``train_main``; errors name their rank and only rank 0 prints the summary.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -61,6 +64,7 @@ def train_main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError, load_config
     from .data import DataError
+    from .distributed import cleanup_distributed
     from .trainer import Trainer, TrainingError
 
     args = _train_parser().parse_args(argv)
@@ -71,19 +75,28 @@ def train_main(argv: list[str] | None = None) -> int:
         else:
             cfg = load_config(args.config or DEFAULT_PRESET, args.overrides)
         metrics = Trainer(cfg, progress=not args.no_progress).fit()
+        cleanup_distributed()
     except KeyboardInterrupt:
         where = Path(cfg.train.out_dir) / cfg.train.run_name if cfg and cfg.train.run_name else None
         hint = f": python train.py --resume {where}/checkpoints/last.pt" if where else ""
         print(f"\ninterrupted; continue from the last checkpoint{hint}", file=sys.stderr)
         return 130
     except (ConfigError, DataError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error{_rank_tag()}: {err}", file=sys.stderr)
         return 2
     except TrainingError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error{_rank_tag()}: {err}", file=sys.stderr)
         return 1
-    print(_summary(metrics))
+    if metrics:  # empty on ranks other than 0 under torchrun
+        print(_summary(metrics))
     return 0
+
+
+def _rank_tag() -> str:
+    """`` (rank N)`` under torchrun: an error may come from one rank only."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f" (rank {os.environ.get('RANK', '?')})"
+    return ""
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:

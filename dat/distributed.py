@@ -1,38 +1,69 @@
 """Multi-process training with torchrun: process groups, gradient averaging, SyncBN.
 
-The classifier and the generator are kept identical on every rank by averaging each
-gradient across ranks as soon as backward has accumulated it (a post-accumulate-grad
-hook), instead of wrapping them in ``DistributedDataParallel``: a DAT step runs many
-forward passes (attacks, two BN branches, the generator's recomputation) per backward,
-and attack passes differentiate only the input, which DDP's reducer does not expect.
-With the same initial weights (broadcast from rank 0), the same averaged gradients and
-the same optimiser, every rank then holds bit-identical parameters.
+Every rank holds the classifier, the AAG and their optimisers; each trains on its own
+shard of the data. They stay bit-identical because they start from rank 0's weights
+(:func:`broadcast_module`) and every optimiser averages its gradients across ranks just
+before it steps (:func:`sync_gradients`, an optimiser step pre-hook, one bucketed
+all-reduce per step).
+
+Why not ``DistributedDataParallel``: DDP averages a gradient when autograd *accumulates*
+it into ``.grad``. A DAT step runs many forwards per backward (eval-mode attacks that
+differentiate only the input, two BN branches, the AAG's recomputation), and the AAG's
+published update takes its gradient with ``torch.autograd.grad`` and assigns it by hand,
+which never triggers an accumulation hook: under DDP (or per-parameter post-accumulate
+hooks) the generators would drift apart silently. Averaging right before
+``optimizer.step()`` sees exactly the gradient the step uses, however it was produced.
+
+BatchNorm statistics: by default each rank normalises with its own batch (as DDP does)
+and the running statistics are averaged across ranks (:func:`average_buffers`) before
+every validation and checkpoint. ``model.sync_bn=true`` normalises with the statistics
+of the global batch instead (:func:`convert_sync_bn`: ``nn.SyncBatchNorm`` on CUDA, an
+all-reduce BatchNorm elsewhere), for both DAT branches and the AAG's BatchNorm1d.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.hooks import RemovableHandle
+
+from .config import ConfigError
 
 __all__ = [
     "DistInfo",
+    "agree_all_ok",
+    "all_gather_objects",
     "all_reduce_sum",
-    "broadcast_buffers",
+    "average_buffers",
+    "barrier",
     "broadcast_module",
+    "cleanup_distributed",
     "convert_sync_bn",
     "init_distributed",
     "is_main_process",
+    "prepare_modules",
+    "rank_seed",
+    "resume_position",
+    "run_on_main",
     "sync_gradients",
 ]
+
+DEFAULT_TIMEOUT_S = 1800  # per collective; override with the DAT_DIST_TIMEOUT env variable
+_BUCKET_ELEMENTS = 8 * 2**20  # gradients all-reduced in flat buckets of at most 32 MB fp32
 
 
 @dataclass(frozen=True)
 class DistInfo:
+    """Where this process stands: its rank among ``world_size`` and its GPU on the node."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -46,107 +77,258 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device_type: str) -> DistInfo:
-    """Join the process group torchrun describes (``RANK``/``WORLD_SIZE``), if any.
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
-    NCCL for CUDA, gloo for CPU. Without torchrun's variables this is a no-op that
-    returns a single-process :class:`DistInfo`.
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``), if any.
+
+    NCCL for CUDA, gloo otherwise; collectives time out after ``DAT_DIST_TIMEOUT``
+    seconds (default 1800) instead of hanging. An already initialised group is reused.
+    Without torchrun's variables this returns a single-process :class:`DistInfo`.
     """
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        if device_type == "cuda":
-            torch.cuda.set_device(local)
-        dist.init_process_group(backend=backend)
-    return DistInfo(rank=rank, world_size=world, local_rank=local)
+    if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
+        raise ConfigError(f"WORLD_SIZE={world} but RANK/MASTER_ADDR are not set; launch with "
+                          "torchrun --nproc_per_node=N train.py ...")
+    timeout = datetime.timedelta(seconds=float(os.environ.get("DAT_DIST_TIMEOUT",
+                                                              DEFAULT_TIMEOUT_S)))
+    if device_type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK={local} but only {torch.cuda.device_count()} GPUs "
+                              "are visible; use torchrun --nproc_per_node=<number of GPUs>")
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", timeout=timeout, device_id=torch.device("cuda", local))
+    else:
+        dist.init_process_group("gloo", timeout=timeout)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local)
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group (a no-op when there is none)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_main_process() -> bool:
     """True on rank 0 and in single-process runs: logging and checkpoints happen there."""
-    return not dist.is_initialized() or dist.get_rank() == 0
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in single-process runs)."""
+    if _active():
+        dist.barrier()
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """A distinct, reproducible seed per rank for draws that must differ (attack noise)."""
+    return (seed * 1_000_003 + 7_919 * (rank + 1)) % 2**62
+
+
+def run_on_main(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0 only; every rank gets its result or raises its error."""
+    if not _active():
+        return fn()
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as err:  # handed to every rank, re-raised below
+            box[0] = ("error", err)
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` (``[obj]`` in single-process runs)."""
+    if not _active():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_module(module: nn.Module, src: int = 0) -> None:
     """Copy rank ``src``'s parameters and buffers to every rank (initial sync)."""
-    if not dist.is_initialized():
+    if not _active():
         return
     with torch.no_grad():
-        for tensor in list(module.parameters()) + list(module.buffers()):
+        for tensor in [*module.parameters(), *module.buffers()]:
             dist.broadcast(tensor.data, src)
 
 
-def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
-    """Copy rank ``src``'s buffers (BN running statistics) to every rank, as DDP does."""
-    if not dist.is_initialized():
-        return
-    with torch.no_grad():
-        for buffer in module.buffers():
-            dist.broadcast(buffer.data, src)
+def average_buffers(module: nn.Module) -> None:
+    """Average BN running statistics across ranks; other buffers get rank 0's values.
 
-
-def sync_gradients(module: nn.Module) -> list:
-    """Average every parameter's gradient across ranks right after backward fills it.
-
-    Returns the hook handles (``handle.remove()`` undoes it). Every rank must run the
-    same sequence of backward passes, which a DAT/PGD/TRADES step does by construction.
+    Without SyncBN each rank's running statistics follow only its own shard; averaging
+    makes validation, checkpoints and export use every rank's data.
     """
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return []
-    world = dist.get_world_size()
-
-    def average(param: Tensor) -> None:
-        dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
-        param.grad.div_(world)
-
-    return [p.register_post_accumulate_grad_hook(average)
-            for p in module.parameters() if p.requires_grad]
+    if not _active():
+        return
+    stats = [b for m in module.modules() if isinstance(m, _BatchNorm)
+             for b in (m.running_mean, m.running_var) if b is not None]
+    ids = {id(b) for b in stats}
+    with torch.no_grad():
+        _all_reduce_mean(stats)
+        for buffer in module.buffers():
+            if id(buffer) not in ids:
+                dist.broadcast(buffer.data, 0)
 
 
 def all_reduce_sum(values: Tensor) -> Tensor:
-    """Sum a tensor over ranks (in place copy); identity in single-process runs."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    """Sum a tensor over ranks (returns a copy); identity in single-process runs."""
+    if _active():
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
 
 
-class _GlobalBatchNorm(_BatchNorm):
-    """BatchNorm whose training statistics span every rank's batch (any device, gloo too).
+def agree_all_ok(ok: Tensor) -> Tensor:
+    """A 0-d bool that is True only if ``ok`` is True on every rank (device-side)."""
+    if not _active():
+        return ok
+    bad = (~ok).float().reshape(1)
+    dist.all_reduce(bad, op=dist.ReduceOp.SUM)
+    return bad[0] == 0
 
-    ``torch.nn.SyncBatchNorm`` only runs on accelerators; this one all-reduces the
-    per-channel sum, sum of squares and count with autograd-aware collectives, so the
-    gradient also flows through the other ranks' contributions, as in SyncBatchNorm.
+
+def _all_reduce_mean(tensors: list[Tensor]) -> None:
+    """In-place mean over ranks, in flat buckets per (device, dtype): few, large messages."""
+    groups: dict[tuple, list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    for group in groups.values():
+        bucket, size = [], 0
+        for t in group:
+            if bucket and size + t.numel() > _BUCKET_ELEMENTS:
+                _reduce_bucket(bucket)
+                bucket, size = [], 0
+            bucket.append(t)
+            size += t.numel()
+        if bucket:
+            _reduce_bucket(bucket)
+
+
+def _reduce_bucket(bucket: list[Tensor]) -> None:
+    flat = torch.cat([t.reshape(-1) for t in bucket])  # (total numel,)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat.div_(dist.get_world_size())
+    parts = flat.split([t.numel() for t in bucket])
+    torch._foreach_copy_(bucket, [p.view_as(t) for p, t in zip(parts, bucket, strict=True)])
+
+
+def sync_gradients(optimizer: torch.optim.Optimizer) -> RemovableHandle | None:
+    """Average every gradient ``optimizer`` is about to use across ranks, before each step.
+
+    Works however the gradient was made (``backward``, or ``autograd.grad`` assigned to
+    ``.grad``). Every rank must call ``step()`` equally often with gradients on the same
+    parameters, which every method step does by construction. Returns the hook handle
+    (``handle.remove()`` undoes it), or None in single-process runs.
+    """
+    if not _active():
+        return None
+
+    def average(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        grads = [p.grad for group in opt.param_groups for p in group["params"]
+                 if p.grad is not None]
+        with torch.no_grad():
+            _all_reduce_mean(grads)
+
+    return optimizer.register_step_pre_hook(average)
+
+
+def resume_position(step: int, saved_global_batch: int, global_batch: int) -> tuple[int, str]:
+    """Map a mid-epoch position (``step`` global batches done) to this run's global batch.
+
+    Shards split one shared per-epoch order, so ``step`` batches of ``saved_global_batch``
+    consumed the order's first ``step * saved_global_batch`` samples. If that is a whole
+    number of new global batches the run continues right there; otherwise it restarts
+    the epoch (its first samples are seen twice). Returns (new step, note; "" if exact).
+    """
+    if step == 0 or saved_global_batch == global_batch:
+        return step, ""
+    consumed = step * saved_global_batch
+    if consumed % global_batch == 0:
+        return consumed // global_batch, ""
+    return 0, (f"the checkpoint stopped {consumed} images into the epoch with a global batch "
+               f"of {saved_global_batch}; with a global batch of {global_batch} that is not "
+               "a whole number of steps, so the epoch restarts from its first batch")
+
+
+def prepare_modules(modules: list[nn.Module], optimizers: list[torch.optim.Optimizer], *,
+                    sync_bn: bool, device_type: str) -> None:
+    """Make ranks train as one: SyncBN (in place), rank 0's weights, averaged gradients."""
+    if not _active():
+        return
+    for module in modules:
+        if sync_bn:
+            convert_sync_bn(module, device_type)
+        broadcast_module(module)
+    for optimizer in optimizers:
+        sync_gradients(optimizer)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose gradient is the sum over ranks of the incoming gradients:
+    each rank's sample statistics feed every rank's loss."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+class _GlobalBatchNorm(_BatchNorm):
+    """BatchNorm whose training statistics span every rank's batch (gloo and CPU too).
+
+    ``nn.SyncBatchNorm`` only runs on accelerators. This layer all-reduces the count and
+    sum, then the centred sum of squares (two passes: numerically stable), with
+    autograd-aware collectives, so gradients flow through the other ranks' samples too.
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+        if not (self.training and _active()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
-        dims = [0] + list(range(2, x.dim()))
-        xf = x.float()
-        count = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=torch.float32)
-        stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])
-        stats = all_reduce(stats)
-        c = x.shape[1]
-        n = stats[-1]
-        mean = stats[:c] / n
-        var = stats[c : 2 * c] / n - mean * mean
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                m = self.momentum if self.momentum is not None else 1.0 / float(
-                    self.num_batches_tracked)
-                self.running_mean.mul_(1 - m).add_(m * mean.detach())
-                self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1))
+        dims, c = [0, *range(2, x.dim())], x.shape[1]
         shape = [1, c] + [1] * (x.dim() - 2)
-        out = (xf - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
+        xf = x if x.dtype == torch.float64 else x.float()  # (B, C, ...) stats in fp32+
+        count = torch.full((1,), x.numel() // c, dtype=xf.dtype, device=x.device)
+        totals = _AllReduceSum.apply(torch.cat([count, xf.sum(dims)]))  # (1 + C,)
+        n, mean = totals[0], totals[1:] / totals[0]
+        centred = xf - mean.view(shape)
+        var = _AllReduceSum.apply(centred.square().sum(dims)) / n  # (C,) biased, as in BN
+        if self.track_running_stats:
+            self._update_running(mean.detach(), var.detach(), n.detach())
+        out = centred / torch.sqrt(var.view(shape) + self.eps)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
         return out.to(x.dtype)
+
+    @torch.no_grad()
+    def _update_running(self, mean: Tensor, var: Tensor, n: Tensor) -> None:
+        self.num_batches_tracked.add_(1)
+        m = self.momentum if self.momentum is not None else 1.0 / float(
+            self.num_batches_tracked)
+        unbiased = var * n / (n - 1).clamp_min(1)
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
+        self.running_var.lerp_(unbiased.to(self.running_var.dtype), m)
 
     def _check_input_dim(self, x: Tensor) -> None:
         if x.dim() < 2:
@@ -154,28 +336,37 @@ class _GlobalBatchNorm(_BatchNorm):
 
 
 def _to_global_bn(bn: _BatchNorm) -> _GlobalBatchNorm:
+    """The same layer as a :class:`_GlobalBatchNorm`, sharing its parameters and buffers
+    (so optimisers built before the conversion keep working)."""
     new = _GlobalBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine,
                            bn.track_running_stats)
-    new.load_state_dict(bn.state_dict())
+    for name, param in bn.named_parameters(recurse=False):
+        setattr(new, name, param)
+    for name, buffer in bn.named_buffers(recurse=False):
+        setattr(new, name, buffer)
     new.train(bn.training)
-    return new.to(next(iter(bn.state_dict().values())).device)
+    return new
 
 
-def _replace(module: nn.Module) -> None:
+def _replace_bn(module: nn.Module) -> None:
     for name, child in module.named_children():
         if isinstance(child, _BatchNorm) and not isinstance(child, _GlobalBatchNorm):
             setattr(module, name, _to_global_bn(child))
         else:
-            _replace(child)
+            _replace_bn(child)
 
 
 def convert_sync_bn(module: nn.Module, device_type: str) -> nn.Module:
-    """Synchronise every BatchNorm (both DAT branches included) across ranks.
+    """Synchronise every BatchNorm inside ``module`` across ranks, in place.
 
-    CUDA uses ``torch.nn.SyncBatchNorm``; other devices use an all-reduce BatchNorm
-    with the same semantics (needed for CPU/gloo runs and tests).
+    Covers both branches of every DualBatchNorm and the AAG's BatchNorm1d. CUDA uses
+    ``nn.SyncBatchNorm``; other devices an all-reduce BatchNorm with the same semantics.
+    Parameters and buffers are shared with the old layers, so optimisers stay valid.
     """
+    if isinstance(module, _BatchNorm):
+        raise ValueError("convert_sync_bn converts the BatchNorm layers inside a model; "
+                         "pass the model, not a bare BatchNorm")
     if device_type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    _replace(module)
+    _replace_bn(module)
     return module

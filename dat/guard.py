@@ -8,12 +8,17 @@ the model, its BN statistics and the optimiser exactly as they were, and nothing
 for the GPU: the trainer reads the counters only when it logs (every ``perf.log_every``
 steps), and stops once ``train.max_bad_steps`` consecutive steps were bad.
 
+Under torchrun, ``agree`` (:func:`dat.distributed.agree_all_ok`) makes the flag the AND
+over ranks, so every rank keeps or rolls back the same steps and the replicas stay equal.
+
 Optimiser state created *during* a bad step (e.g. SGD's momentum on the very first step)
 is zeroed, which equals a fresh buffer for SGD without dampening. Tensors on another
 device than the loss (e.g. Adam's CPU step counters) are not guarded.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -41,11 +46,13 @@ def _unique(items: list) -> list:
 class StepGuard:
     """Roll back any step whose loss, gradients or parameters are not finite."""
 
-    def __init__(self, modules: list[nn.Module], optimizers: list, extra: object = None) -> None:
+    def __init__(self, modules: list[nn.Module], optimizers: list, extra: object = None,
+                 agree: Callable[[Tensor], Tensor] | None = None) -> None:
         more_modules, more_optims = owned_modules_and_optimizers(extra)
         self.modules = _unique([*modules, *more_modules])
         self.optimizers = _unique([*optimizers, *more_optims])
         self._saved: dict[int, Tensor] = {}
+        self.agree = agree  # ok on this rank -> ok on every rank (None: single process)
         self.consecutive: Tensor | None = None  # device-side counters, read when logging
         self.peak: Tensor | None = None
         self.recent: Tensor | None = None
@@ -81,6 +88,8 @@ class StepGuard:
         ok = torch.stack([n.float() for n in norms]).sum().isfinite()
         if loss is not None:
             ok = ok & loss.detach().float().isfinite().all().to(ok.device)
+        if self.agree is not None:
+            ok = self.agree(ok)
         for t in self._tensors():
             if t.device != ok.device:
                 continue

@@ -5,6 +5,11 @@ loss + optimiser update, guarded against non-finite values) -> log every
 ``perf.log_every`` steps (the only host sync). Per epoch: weight averaging,
 validation PGD and ``best.pt``, ``last.pt``. At the end: test accuracy of the best
 model into ``metrics.json`` and its main-branch weights into ``model.safetensors``.
+
+Under torchrun every rank runs this loop on its shard of each epoch (global batch =
+``data.batch_size`` x ranks); see :mod:`dat.distributed`. Validation is split across
+ranks and summed; progress bars, TensorBoard, prints, checkpoints, the export and the
+final test evaluation happen on rank 0 only (the other ranks return ``{}`` at the end).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from . import methods
+from . import distributed, methods
 from .averaging import create_averager
 from .build import (
     build_model,
@@ -46,7 +51,7 @@ from .callbacks import (
 )
 from .config import Config, config_to_dict, config_to_yaml
 from .data import Batch, DatasetSplits, load_dataset, make_loader, stratified_split
-from .guard import StepGuard
+from .guard import StepGuard, owned_modules_and_optimizers
 from .models import export_main_branch, has_dual_bn
 
 __all__ = ["TrainState", "Trainer", "TrainingError", "train"]
@@ -83,10 +88,14 @@ class Trainer:
 
     def __init__(self, cfg: Config, splits: DatasetSplits | None = None,
                  callbacks: tuple = (), progress: bool = True) -> None:
-        self.cfg, self.progress = cfg, progress
-        self.device = resolve_device(cfg.train.device)
+        self.cfg, self.device = cfg, resolve_device(cfg.train.device)
+        self.dist = distributed.init_distributed(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)  # one GPU per process
+        self.progress = progress and self.dist.is_main
+        self.global_batch = cfg.data.batch_size * self.dist.world_size
         check_test_attacks(cfg.train.test_attacks)
-        seed_everything(cfg.train.seed)
+        seed_everything(cfg.train.seed)  # the same on every rank: identical initial weights
         self.splits = splits if splits is not None else load_dataset(cfg.data)
         check_labels(self.splits)
         self.model = build_model(cfg, self.splits.num_classes, self.splits.image_shape,
@@ -100,20 +109,26 @@ class Trainer:
             image_shape=self.splits.image_shape, train_images=self.splits.train,
             autocast_dtype=resolve_precision(cfg.perf.precision, self.device))
         t = cfg.train
+        self._distribute()
         self.averager = create_averager(self.model, t.weight_averaging, t.ema_decay,
                                         t.swa_start, t.ema_warmup)
         self.loader = make_loader(self.splits.train, cfg.data, self.device, train=True,
-                                  seed=t.seed)
+                                  seed=t.seed, rank=self.dist.rank,
+                                  world_size=self.dist.world_size)
         self.steps_per_epoch = min(len(self.loader), t.steps_per_epoch or len(self.loader))
         self.val_data = self._val_subset(t.val_examples, cfg.data.split_seed)
-        self.guard = StepGuard([net], [self.optimizer], extra=self.method)
+        self.guard = StepGuard([net], [self.optimizer], extra=self.method,
+                               agree=distributed.agree_all_ok if self.dist.enabled else None)
         self.state = TrainState()
         self.callbacks: list[Callback] = [ValidationCallback(), CheckpointCallback(),
                                           TensorBoardCallback()]
         for cb in [*map(load_callback, t.callbacks), *callbacks]:
             self.add_callback(cb)
         resume = self._resume_path()
-        self.run_dir = prepare_run_dir(cfg, resume)  # after every check that could fail
+        # after every check that could fail; rank 0 creates it, the others learn its name
+        self.run_dir, cfg.train.run_name = distributed.run_on_main(
+            lambda: (prepare_run_dir(cfg, resume), cfg.train.run_name))
+        self._synced_at = -1  # global step of the last BN-statistics sync
         if resume is not None:
             self.resume(resume)
 
@@ -131,20 +146,50 @@ class Trainer:
         return self.model
 
     def save_last(self) -> Path:
-        """Everything a resume needs, atomically, keeping older good copies."""
-        path = self.run_dir / "checkpoints" / "last.pt"
-        return ckpt.save_checkpoint(self._checkpoint_state(), path,
-                                    keep=self.cfg.train.keep_checkpoints)
+        """Everything a resume needs, atomically, keeping older good copies.
+
+        Call it on every rank: BN statistics and RNG states are gathered, rank 0 writes.
+        """
+        self.sync_buffers()
+        state, path = self._checkpoint_state(), self.run_dir / "checkpoints" / "last.pt"
+        if self.dist.is_main:
+            ckpt.save_checkpoint(state, path, keep=self.cfg.train.keep_checkpoints)
+        distributed.barrier()
+        return path
 
     def save_best(self) -> Path:
         """``best.pt``: the evaluated weights (averaged if enabled) with the config."""
+        self.sync_buffers()
         state = {"model": self.eval_model().state_dict(), **self._identity(),
                  "epoch": self.state.best_epoch, "val": dict(self.state.last_val)}
-        return ckpt.save_checkpoint(state, self.run_dir / "checkpoints" / "best.pt")
+        path = self.run_dir / "checkpoints" / "best.pt"
+        if self.dist.is_main:
+            ckpt.save_checkpoint(state, path)
+        distributed.barrier()
+        return path
+
+    def sync_buffers(self) -> None:
+        """Average BN running statistics over ranks (model, AAG, weight average).
+
+        Not needed with ``model.sync_bn`` (the statistics already agree); at most once
+        per step, so validation, best.pt and last.pt see the same values.
+        """
+        if (not self.dist.enabled or self.cfg.model.sync_bn
+                or self._synced_at == self.state.global_step):
+            return
+        modules, _ = self._trained_modules()
+        for module in modules + ([self.averager.module] if self.averager else []):
+            distributed.average_buffers(module)
+        self._synced_at = self.state.global_step
 
     def resume(self, path: Path) -> None:
-        """Restore model, optimiser, method, averaging, counters and RNG from ``path``."""
-        state, used = ckpt.load_for_resume(path, keep=self.cfg.train.keep_checkpoints)
+        """Restore model, optimiser, method, averaging, counters and RNG from ``path``.
+
+        A checkpoint written with another number of ranks (or batch size) continues at
+        the same point of the epoch when that maps to whole steps, else at its start.
+        """
+        state, used = ckpt.load_for_resume(path, keep=self.cfg.train.keep_checkpoints,
+                                           warn=self._say_error)
         ckpt.check_compatible(state, self.cfg.model.name, self.splits.num_classes)
         ckpt.load_model_state(self.model, state["model"], str(used))
         try:
@@ -158,10 +203,33 @@ class Trainer:
                 f"{used} does not match this run's method, optimiser or weight averaging "
                 f"({' '.join(str(err).split())[:160]}); resume with the run's own settings"
             ) from None
-        ckpt.restore_rng(state["rng"])
+        self._restore_rng(state)
         self._sync_best()
-        print(f"resumed from {used} at epoch {self.state.epoch}, "
-              f"step {self.state.step_in_epoch} of the epoch")
+        saved_batch = state.get("loader", {}).get("global_batch", self.global_batch)
+        step, note = distributed.resume_position(self.state.step_in_epoch, saved_batch,
+                                         self.global_batch)
+        self.state.step_in_epoch = step
+        if note:
+            self._say_error(f"note: {note}")
+        if self.dist.is_main:
+            print(f"resumed from {used} at epoch {self.state.epoch}, "
+                  f"step {self.state.step_in_epoch} of the epoch")
+
+    def _restore_rng(self, state: dict[str, Any]) -> None:
+        """Each rank's own RNG state when the number of ranks is unchanged; otherwise rank
+        0 continues the saved main stream and other ranks draw fresh per-rank seeds."""
+        ranks = state.get("rng_ranks") or [state["rng"]]
+        if len(ranks) == self.dist.world_size:
+            ckpt.restore_rng(ranks[self.dist.rank])
+        elif self.dist.is_main:
+            ckpt.restore_rng(state["rng"])
+        else:
+            seed_everything(distributed.rank_seed(self.cfg.train.seed + self.state.global_step,
+                                          self.dist.rank))
+
+    def _say_error(self, message: str) -> None:
+        if self.dist.is_main:
+            print(message, file=sys.stderr)
 
     def _sync_best(self) -> None:
         """Select against the best.pt on disk: after a fallback to an older last.pt, best.pt
@@ -171,7 +239,7 @@ class Trainer:
         try:
             best = ckpt.load_checkpoint(path) if path.is_file() else None
         except ckpt.CheckpointError as err:
-            print(f"warning: {err}; the next validation writes a new best.pt", file=sys.stderr)
+            self._say_error(f"warning: {err}; the next validation writes a new best.pt")
             best = None
         if best is None:
             s.best_val_pgd, s.best_val_clean, s.best_epoch = -1.0, -1.0, 0
@@ -185,7 +253,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train for ``train.epochs`` epochs (from where a resume left off); metrics."""
         t0, first = time.perf_counter(), self.state.global_step
-        (self.run_dir / "config.yaml").write_text(config_to_yaml(self.cfg))
+        if self.dist.is_main:
+            (self.run_dir / "config.yaml").write_text(config_to_yaml(self.cfg))
         self._emit("on_train_start")
         total = self.cfg.train.epochs * self.steps_per_epoch
         self._bar = tqdm(total=total, initial=first, disable=not self.progress,
@@ -215,7 +284,7 @@ class Trainer:
 
     def _set_lr(self, epoch: int, step: int) -> None:
         lr = learning_rate(self.cfg.optim, epoch, step, self.steps_per_epoch,
-                           self.cfg.train.epochs, self.cfg.data.batch_size)
+                           self.cfg.train.epochs, self.global_batch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
@@ -230,7 +299,8 @@ class Trainer:
         ok = self.guard.commit(stats.get("loss"))  # restores the pre-step state if not ok
         s = self.state
         s.global_step, s.step_in_epoch, s.images_seen = (
-            s.global_step + 1, s.step_in_epoch + 1, s.images_seen + len(y))
+            s.global_step + 1, s.step_in_epoch + 1,
+            s.images_seen + len(y) * self.dist.world_size)  # ranks' batches differ by <= 1
         if self.averager is not None:
             self.averager.update_step(self.model)
         for key, value in stats.items():  # device-side sums of good steps only
@@ -247,8 +317,9 @@ class Trainer:
     def _log(self) -> None:
         """The one host sync: means since the last log, throughput, the non-finite check."""
         keys = list(self._sums)
-        counters = self.guard.counters(self._good.device)
-        values = torch.stack([*self._sums.values(), self._good, *counters]).tolist()
+        counters = self.guard.counters(self._good.device)  # equal on all ranks already
+        sums = distributed.all_reduce_sum(torch.stack([*self._sums.values(), self._good]))
+        values = torch.cat([sums, torch.stack(counters).to(sums)]).tolist()
         good, (consecutive, bad) = values[len(keys)], values[len(keys) + 1:]
         now = time.perf_counter()
         self.state.step_seconds += now - self._log_mark
@@ -277,6 +348,7 @@ class Trainer:
         if self._sums:
             self._log()
         self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
+        self.sync_buffers()  # before SWA reads them and validation uses them
         if self.averager is not None:
             self.averager.update_epoch(self.model, epoch)
         self._emit("on_epoch_end", epoch)
@@ -293,14 +365,36 @@ class Trainer:
                 "image_shape": list(self.splits.image_shape)}
 
     def _checkpoint_state(self) -> dict[str, Any]:
+        rng = distributed.all_gather_objects(ckpt.capture_rng())  # every rank's, rank 0 first
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "method": self.method.state_dict(),
             "averaging": None if self.averager is None else self.averager.state_dict(),
-            "trainer": asdict(self.state), "rng": ckpt.capture_rng(),
-            "loader": {"seed": self.loader.seed, "epoch": self.loader.epoch},
+            "trainer": asdict(self.state), "rng": rng[0],
+            "rng_ranks": rng if self.dist.enabled else None,
+            "loader": {"seed": self.loader.seed, "epoch": self.loader.epoch,
+                       "world_size": self.dist.world_size, "global_batch": self.global_batch},
             **self._identity(),
         }
+
+    def _trained_modules(self) -> tuple[list[torch.nn.Module], list]:
+        """Every module and optimiser a step updates: classifier, AAG, AWP's proxy."""
+        modules, optimizers = [self.model], [self.optimizer]
+        for owner in (self.method, getattr(self.method, "awp", None)):
+            more_modules, more_optimizers = owned_modules_and_optimizers(owner)
+            modules += [getattr(m, "_orig_mod", m) for m in more_modules]  # compiled: inner
+            optimizers += more_optimizers
+        return _unique(modules), _unique(optimizers)
+
+    def _distribute(self) -> None:
+        """Under torchrun: SyncBN if asked, rank 0's weights everywhere, averaged gradients;
+        then a seed per rank, so attack and AAG noise differ between ranks."""
+        if not self.dist.enabled:
+            return
+        modules, optimizers = self._trained_modules()
+        distributed.prepare_modules(modules, optimizers, sync_bn=self.cfg.model.sync_bn,
+                            device_type=self.device.type)
+        seed_everything(distributed.rank_seed(self.cfg.train.seed, self.dist.rank))
 
     def _val_subset(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` validation images, stratified (splits may be stored sorted by label)."""
@@ -332,6 +426,9 @@ class Trainer:
 
         from .evaluation import evaluate
 
+        if not self.dist.is_main:  # rank 0 exports and tests; nothing here waits for it
+            self._emit("on_train_end", {})
+            return {}
         model, which = self._best_model()
         plain = export_main_branch(model) if has_dual_bn(model) else model
         tensors = {k: v.detach().cpu().clone().contiguous()
@@ -363,8 +460,13 @@ class Trainer:
             "images_per_second": round(s.images_seen / max(s.step_seconds, 1e-9), 1),
             "method": self.cfg.method.name, "model": self.cfg.model.name,
             "dataset": self.cfg.data.name, "device": str(self.device),
+            "world_size": self.dist.world_size, "global_batch": self.global_batch,
             "run_dir": str(self.run_dir),
         }
+
+
+def _unique(items: list) -> list:
+    return list({id(item): item for item in items}.values())
 
 
 def train(cfg: Config, **kwargs: Any) -> dict[str, Any]:

@@ -55,8 +55,10 @@ class PreActBlock(nn.Module):
         return out + shortcut
 
 
-class ResNet(nn.Module):
-    """ResNet for small images: 3x3 stride-1 stem, four stages, global average pool."""
+class _StagedResNet(nn.Module):
+    """Shared frame: normalisation, 3x3 stride-1 stem, four stages of ``block``."""
+
+    block: type[nn.Module] = BasicBlock
 
     def __init__(
         self,
@@ -70,7 +72,6 @@ class ResNet(nn.Module):
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.conv1 = nn.Conv2d(in_chans, width, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
         self.in_planes = width
         self.layer1 = self._stage(width, blocks[0], 1)
         self.layer2 = self._stage(width * 2, blocks[1], 2)
@@ -81,53 +82,45 @@ class ResNet(nn.Module):
     def _stage(self, planes: int, n: int, stride: int) -> nn.Sequential:
         layers = []
         for s in [stride] + [1] * (n - 1):
-            layers.append(BasicBlock(self.in_planes, planes, s))
+            layers.append(self.block(self.in_planes, planes, s))
             self.in_planes = planes
         return nn.Sequential(*layers)
+
+    def _stages(self, x: Tensor) -> Tensor:
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def _head(self, x: Tensor) -> Tensor:
+        return self.linear(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class ResNet(_StagedResNet):
+    """ResNet for small images: 3x3 stride-1 stem, no max-pool, global average pool."""
+
+    block = BasicBlock
+
+    def __init__(self, blocks: Sequence[int] = (2, 2, 2, 2), num_classes: int = 10,
+                 width: int = 64, **kwargs) -> None:
+        super().__init__(blocks, num_classes, width, **kwargs)
+        self.bn1 = nn.BatchNorm2d(width)
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(self.normalize(x))))
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
-        return self.linear(out)
+        return self._head(self._stages(out))
 
 
-class PreActResNet(nn.Module):
+class PreActResNet(_StagedResNet):
     """Pre-activation ResNet (He et al. 2016) for small images."""
 
-    def __init__(
-        self,
-        blocks: Sequence[int] = (2, 2, 2, 2),
-        num_classes: int = 10,
-        width: int = 64,
-        in_chans: int = 3,
-        mean: Sequence[float] = CIFAR10_MEAN,
-        std: Sequence[float] = CIFAR10_STD,
-    ) -> None:
-        super().__init__()
-        self.normalize = Normalize(mean, std)
-        self.conv1 = nn.Conv2d(in_chans, width, 3, 1, 1, bias=False)
-        self.in_planes = width
-        self.layer1 = self._stage(width, blocks[0], 1)
-        self.layer2 = self._stage(width * 2, blocks[1], 2)
-        self.layer3 = self._stage(width * 4, blocks[2], 2)
-        self.layer4 = self._stage(width * 8, blocks[3], 2)
-        self.bn = nn.BatchNorm2d(width * 8)
-        self.linear = nn.Linear(width * 8, num_classes)
+    block = PreActBlock
 
-    def _stage(self, planes: int, n: int, stride: int) -> nn.Sequential:
-        layers = []
-        for s in [stride] + [1] * (n - 1):
-            layers.append(PreActBlock(self.in_planes, planes, s))
-            self.in_planes = planes
-        return nn.Sequential(*layers)
+    def __init__(self, blocks: Sequence[int] = (2, 2, 2, 2), num_classes: int = 10,
+                 width: int = 64, **kwargs) -> None:
+        super().__init__(blocks, num_classes, width, **kwargs)
+        self.bn = nn.BatchNorm2d(width * 8)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.conv1(self.normalize(x))
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        out = F.relu(self.bn(out))
-        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
-        return self.linear(out)
+        out = self._stages(self.conv1(self.normalize(x)))
+        return self._head(F.relu(self.bn(out)))
 
 
 @register("resnet18")
