@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["StepGuard", "owned_modules_and_optimizers"]
+__all__ = ["StepGuard", "generator_warnings", "owned_modules_and_optimizers"]
 
 
 def owned_modules_and_optimizers(obj: object) -> tuple[list[nn.Module], list]:
@@ -121,3 +121,20 @@ class StepGuard:
         out = [self.peak.float(), self.recent.float()]
         self.peak, self.recent = self.consecutive.clone(), torch.zeros_like(self.recent)
         return out
+
+
+SATURATED_SHARE = 0.95  # of sigmoid outputs within 0.01 of 0 or 1
+COLLAPSED_STD = 1e-3  # mean spread of the sigmoid output across a batch
+
+
+def generator_warnings(means: dict[str, float]) -> list[str]:
+    """Warnings for a saturated or collapsed AAG, from logged means (empty when healthy)."""
+    found = []
+    saturated, spread = means.get("gen_saturated"), means.get("gen_batch_std")
+    if saturated is not None and saturated > SATURATED_SHARE:
+        found.append(f"generator saturated: {saturated:.0%} of its sigmoid outputs are pinned "
+                     "at 0 or 1, so it barely learns; lower method.generator.lr")
+    if spread is not None and spread < COLLAPSED_STD:
+        found.append(f"generator collapsed: its output varies by {spread:.1e} across the batch "
+                     "(noise and logits no longer matter); lower method.generator.lr or restart")
+    return found

@@ -51,7 +51,7 @@ from .callbacks import (
 )
 from .config import Config, config_to_dict, config_to_yaml
 from .data import Batch, DatasetSplits, load_dataset, make_loader, stratified_split
-from .guard import StepGuard, owned_modules_and_optimizers
+from .guard import StepGuard, generator_warnings, owned_modules_and_optimizers
 from .models import export_main_branch, has_dual_bn
 
 __all__ = ["TrainState", "Trainer", "TrainingError", "train"]
@@ -93,6 +93,7 @@ class Trainer:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)  # one GPU per process
         self.progress = progress and self.dist.is_main
+        self._warned: set[str] = set()  # generator warnings already shown
         self.global_batch = cfg.data.batch_size * self.dist.world_size
         check_test_attacks(cfg.train.test_attacks)
         seed_everything(cfg.train.seed)  # the same on every rank: identical initial weights
@@ -332,6 +333,10 @@ class Trainer:
         self._bar.set_postfix({k: f"{means[k]:.3g}" for k in ("loss", "acc_adv", "images_per_s")
                                if k in means})
         self._emit("on_log", means)
+        for warning in generator_warnings(means):
+            if warning.split(":")[0] not in self._warned:
+                self._warned.add(warning.split(":")[0])
+                self._say_error(f"warning: {warning}")
         self._reset_log()
         if consecutive >= self.cfg.train.max_bad_steps:
             self._stop_non_finite(int(consecutive))

@@ -23,6 +23,9 @@ from dat.checkpoint import load_checkpoint
 from dat.cli import train_main
 from dat.config import load_config
 from dat.data import DataError, DatasetSplits, ImageSet
+from dat.generator import AmplitudeGenerator
+from dat.guard import generator_warnings
+from dat.methods.dat import generator_health
 from dat.trainer import Trainer, TrainingError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -271,3 +274,18 @@ def test_resume_with_another_architecture_or_missing_checkpoint(capsys, tmp_path
     assert "no usable checkpoint" in err
     err = _error_line(capsys, [*out])  # same run name again without --resume
     assert "already holds a run" in err
+
+
+def test_a_saturated_or_collapsed_generator_is_reported() -> None:
+    torch.manual_seed(0)
+    g = AmplitudeGenerator(num_classes=10, image_shape=(3, 8, 8))
+    logits = torch.randn(16, 10)
+    healthy = {k: float(v) for k, v in generator_health(g.unit(logits)).items()}
+    assert generator_warnings(healthy) == []
+    with torch.no_grad():  # pin every sigmoid output at 1 and make it ignore its input
+        g.net[-1].weight.zero_()
+        g.net[-1].bias.fill_(50.0)
+    pinned = {k: float(v) for k, v in generator_health(g.unit(logits)).items()}
+    assert pinned["gen_saturated"] == 1.0 and pinned["gen_batch_std"] < 1e-6
+    messages = generator_warnings(pinned)
+    assert [m.split(":")[0] for m in messages] == ["generator saturated", "generator collapsed"]

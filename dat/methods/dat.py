@@ -29,7 +29,7 @@ from ..spectral import decompose, mix_amplitude
 from .awp import AWP
 from .base import MethodStep
 
-__all__ = ["DATDraws", "DATStep", "build_dat"]
+__all__ = ["DATDraws", "DATStep", "build_dat", "generator_health"]
 
 _CHOICES = {
     "outer": ("dat", "pgd_at", "trades"), "mix": ("mix", "replace"),
@@ -78,6 +78,18 @@ class DATDraws:
 
     def to(self, device: torch.device | str) -> DATDraws:
         return DATDraws(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def generator_health(unit: Tensor) -> dict[str, Tensor]:
+    """Saturation and collapse signals of the AAG's sigmoid output ``unit`` (B, C, H, W//2+1).
+
+    ``gen_saturated``: share of outputs pinned near 0 or 1 (sigmoid gradients vanish there).
+    ``gen_batch_std``: spread across the batch (noise and logits); near 0 means every
+    sample gets the same amplitude, i.e. the generator collapsed.
+    """
+    saturated = ((unit < 0.01) | (unit > 0.99)).float().mean()
+    spread = unit.std(dim=0).mean() if len(unit) > 1 else unit.new_zeros(())
+    return {"gen_saturated": saturated, "gen_batch_std": spread}
 
 
 class _GradReverse(torch.autograd.Function):
@@ -390,8 +402,11 @@ class DATStep(MethodStep):
     def _mix_stats(self, amp_x: Tensor, amp: Tensor, lam: Tensor) -> dict[str, Tensor]:
         with torch.no_grad():
             ratio = amp.flatten(1).norm(dim=1) / amp_x.flatten(1).norm(dim=1).clamp_min(1e-12)
-            return {"lam_mean": lam.mean(), "energy_ratio": ratio.mean(),
-                    "amp_mean": amp.mean(), "amp_std": amp.std()}
+            stats = {"lam_mean": lam.mean(), "energy_ratio": ratio.mean(),
+                     "amp_mean": amp.mean(), "amp_std": amp.std()}
+            if self.source == "generator":
+                stats.update(generator_health(amp / self.generator.scale))
+            return stats
 
     def _keep(self, x, xh, x_adv, xh_adv, amp_x, amp, lam) -> None:
         n = self.keep_images
