@@ -145,6 +145,34 @@ def _pgd20_eval_row(s: _Setup, *, bf16: bool, n: int):
     return run
 
 
+def _autoattack_row(s: _Setup, n: int, checkpoint: str | None):
+    """Reference AutoAttack (standard) on the first ``n`` sample test images.
+
+    AutoAttack attacks only clean-correct points and stops on each as soon as one attack
+    succeeds, so its time depends on the model: pass ``--aa-checkpoint`` (a trained,
+    robust model) for a meaningful figure; without it an untrained model is used.
+    """
+    from dat.config import DataConfig
+    from dat.data import load_dataset
+    from dat.evaluation.loading import load_checkpoint
+
+    if checkpoint:
+        model = load_checkpoint(checkpoint, s.device).model
+    else:
+        model, _ = s.model(dual_bn=False)
+    model.eval()
+    x, y = load_dataset(DataConfig(name="cifar10-sample", test_subset=n)).test.tensors()
+    x, y = x.to(s.device), y.to(s.device)
+
+    def run():
+        report = dat.evaluate(model, (x, y), attacks=["clean", "aa"], checks=False,
+                              progress=False, batch_size=s.args.eval_batch_size)
+        s.aa_note = (f"AA on {n} sample test images: clean {report['results']['clean']:.1f}%,"
+                     f" AA {report['results']['aa']:.1f}%")
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="DAT throughput benchmark")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -158,6 +186,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rows", default="all", help="comma list of row-name prefixes")
     parser.add_argument("--json", default=None, help="also write the table as JSON here")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--aa-examples", type=int, default=None,
+                        help="AutoAttack row: sample test images (default 1000 cuda, 20 cpu)")
+    parser.add_argument("--aa-checkpoint", default=None,
+                        help="AutoAttack row: a trained dat checkpoint (default: untrained)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -168,6 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.batch_size = args.batch_size or (128 if cuda else 32)
     args.eval_batch_size = args.eval_batch_size or (1000 if cuda else 100)
     args.eval_examples = args.eval_examples or (10000 if cuda else 200)
+    args.aa_examples = args.aa_examples or (1000 if cuda else 20)
     args.iters = args.iters or (20 if cuda else 3)
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
     device = torch.device(args.device)
@@ -194,6 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
     eval_rows = {
         "pgd20_eval fp32": lambda: _pgd20_eval_row(s, bf16=False, n=args.eval_examples),
         "pgd20_eval bf16": lambda: _pgd20_eval_row(s, bf16=True, n=args.eval_examples),
+        "autoattack (standard, pyautoattack)":
+            lambda: _autoattack_row(s, args.aa_examples, args.aa_checkpoint),
     }
     wanted = args.rows.split(",") if args.rows != "all" else None
     table, ref_ips = {}, None
@@ -202,8 +237,12 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         fn = build()
         is_eval = name in eval_rows
-        seconds = _time(fn, device, 1 if is_eval else args.warmup, 1 if is_eval else args.iters)
+        warmup = 0 if name.startswith("autoattack") else 1
+        seconds = _time(fn, device, warmup if is_eval else args.warmup,
+                        1 if is_eval else args.iters)
         images = args.eval_examples if is_eval else args.batch_size
+        if name.startswith("autoattack"):
+            images = args.aa_examples
         ips = images / seconds
         if name.startswith("reference_dat"):
             ref_ips = ips
@@ -213,6 +252,8 @@ def main(argv: list[str] | None = None) -> dict:
     for row in table.values():
         row["ratio_vs_reference"] = round(row["img_per_s"] / ref_ips, 2) if ref_ips else None
     _print_table(table, args, device)
+    if getattr(s, "aa_note", None):
+        print(s.aa_note)
     if args.json:
         meta = {"device": torch.cuda.get_device_name(device) if cuda else "cpu",
                 "torch": torch.__version__, "model": args.model, "batch_size": args.batch_size,
