@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -231,3 +233,41 @@ class TensorBoardCallback(Callback):
         for key, value in metrics.get("test", {}).items():
             self.writer.add_scalar(f"test/{key}", value, trainer.state.global_step)
         self.writer.close()
+
+
+class AutoAttackCallback(Callback):
+    """Reference AutoAttack on ``n`` validation images every ``every`` epochs (rank 0).
+
+    A robustness check during training that PGD alone cannot give (METHOD.md section 7:
+    label smoothing can mask cross-entropy attacks). Each result is appended to
+    ``autoattack.json`` in the run directory (kept across resumes) and printed. Name it in
+    a config as ``train.callbacks: ["dat.callbacks:autoattack_every_10_epochs"]``, or add
+    your own with ``trainer.add_callback(AutoAttackCallback(every=5, n=200))``.
+    """
+
+    def __init__(self, every: int = 10, n: int = 500) -> None:
+        if every < 1 or n < 1:
+            raise ValueError(f"AutoAttackCallback(every={every}, n={n}): both must be >= 1")
+        self.every, self.n = every, n
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
+        if (epoch + 1) % self.every or not trainer.dist.is_main:
+            return
+        from .evaluation import evaluate
+
+        x, y = trainer.val_data
+        report = evaluate(trainer.eval_model(), (x[: self.n], y[: self.n]),
+                          attacks=["clean", "aa"], eps=trainer.cfg.method.attack.eps,
+                          batch_size=trainer.cfg.data.eval_batch_size, checks=False,
+                          progress=False)
+        entry = {"epoch": epoch + 1, "n": report["n"], **report["results"]}
+        path = trainer.run_dir / "autoattack.json"
+        history = json.loads(path.read_text()) if path.is_file() else []
+        history = [h for h in history if h["epoch"] < entry["epoch"]] + [entry]
+        path.write_text(json.dumps(history, indent=1))
+        print(f"epoch {entry['epoch']}: AutoAttack on {entry['n']} validation images: "
+              f"clean {entry['clean']:.2f}%, aa {entry['aa']:.2f}%", file=sys.stderr)
+
+
+autoattack_every_10_epochs = AutoAttackCallback(every=10, n=500)
+"""``train.callbacks`` entry: AutoAttack on 500 validation images every 10 epochs."""

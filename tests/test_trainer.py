@@ -168,3 +168,19 @@ def test_ema_and_swa_follow_their_formulas() -> None:
     restored.load_state_dict(swa.state_dict())
     assert restored.n_averaged == 3 and torch.equal(restored.module[0].bias, swa.module[0].bias)
     assert math.isclose(float(ema.module[0].bias[0]), 2.75)
+
+
+def test_autoattack_callback_records_reference_aa_on_validation_images(tmp_path) -> None:
+    from dat.callbacks import AutoAttackCallback, autoattack_every_10_epochs, load_callback
+
+    assert load_callback("dat.callbacks:autoattack_every_10_epochs") is autoattack_every_10_epochs
+    cfg = load_config(None, [*TINY, "train.epochs=2", "train.steps_per_epoch=2",
+                             "method.name=pgd_at", "method.attack.init=uniform",
+                             f"train.out_dir={tmp_path}", "train.run_name=aa"])
+    trainer = Trainer(cfg, progress=False)
+    trainer.add_callback(AutoAttackCallback(every=2, n=12))
+    trainer.fit()
+    history = json.loads((trainer.run_dir / "autoattack.json").read_text())
+    assert [h["epoch"] for h in history] == [2]  # every=2: only after the second epoch
+    entry = history[0]
+    assert entry["n"] == 12 and 0.0 <= entry["aa"] <= entry["clean"] <= 100.0
