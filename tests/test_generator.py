@@ -11,7 +11,7 @@ import dat
 from dat.config import DataConfig, load_config
 from dat.data import load_dataset
 from dat.generator import AmplitudeGenerator, mean_amplitude
-from dat.methods.dat import build_dat
+from dat.methods import build_dat
 from dat.mixing import AmplitudeMix, flip_crop, partner_index
 from dat.spectral import decompose, mix_amplitude
 

@@ -10,7 +10,7 @@ import yaml
 
 import dat
 from dat.config import Config, config_to_dict, load_config
-from dat.methods.dat import DATStep, build_dat
+from dat.methods import DATStep, build_dat
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 ALL = sorted(CONFIGS.glob("*.yaml"))

@@ -11,7 +11,8 @@ from torch import nn
 
 from ..config import Config, ConfigError
 from .base import MethodStep
-from .dat import DATDraws, DATStep, build_dat
+from .dat import DATDraws, DATStep
+from .dat_build import build_dat
 from .mart import MARTStep
 from .pgd_at import BaselineStep, PGDATStep
 from .trades import TRADESStep
@@ -47,8 +48,6 @@ def create(
     """
     m = cfg.method
     if m.name == "dat":
-        from .dat import build_dat  # written alongside; imported lazily
-
         return build_dat(cfg, model, optimizer, num_classes=num_classes,
                          image_shape=image_shape, train_images=train_images)
     common = dict(eps=m.attack.eps, alpha=m.attack.alpha, steps=m.attack.steps,

@@ -12,7 +12,7 @@ against the plain reference in tests/reference_dat.py.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,16 +20,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attacks import eaeg, eval_mode, pgd
-from ..config import Config, ConfigError
-from ..generator import AmplitudeGenerator, mean_amplitude
 from ..losses import js_divergence, trades_loss
-from ..mixing import flip_crop, partner_index
+from ..mixing import flip_crop
 from ..models.dual_bn import bn_branch, has_dual_bn
 from ..spectral import decompose, mix_amplitude
 from .awp import AWP
 from .base import MethodStep
+from .dat_parts import DATDraws, _GradReverse, generator_health
 
-__all__ = ["DATDraws", "DATStep", "build_dat", "generator_health"]
+__all__ = ["DATDraws", "DATStep", "generator_health"]
 
 _CHOICES = {
     "outer": ("dat", "pgd_at", "trades"), "mix": ("mix", "replace"),
@@ -42,66 +41,6 @@ def _check_choices(**values: str) -> None:
     for key, value in values.items():
         if value not in _CHOICES[key]:
             raise ValueError(f"DATStep({key}={value!r}): use one of {_CHOICES[key]}")
-
-
-@dataclass
-class DATDraws:
-    """Every random draw of one DAT step, so two implementations can share them."""
-
-    noise_x: Tensor  # (B, C, H, W) attack start of x: N(0, I) (gaussian) or U(-1, 1) (uniform)
-    noise_xh: Tensor  # (B, C, H, W) attack start of x_hat, same law
-    z: Tensor  # (B, noise_dim) AAG noise, N(0, I)
-    lam: Tensor  # (B,) mixing weight, U(0, mu)
-    flip: Tensor  # (B,) bool, horizontal flip of x_hat
-    offsets: Tensor  # (B, 2) int64 crop corner (dy, dx) in [0, 2 * padding]
-    partner: Tensor  # (B,) int64 other image of the batch (amplitude_source=random_image)
-
-    @classmethod
-    def sample(cls, batch_size: int, image_shape: tuple[int, int, int], *,
-               noise_dim: int = 100, mu: float = 1.0, padding: int = 3,
-               init: str = "gaussian", device: torch.device | str = "cpu",
-               generator: torch.Generator | None = None) -> DATDraws:
-        """Draw on ``device`` (with ``generator``, which must live there, if given)."""
-        kw = dict(device=device, generator=generator)
-        shape = (batch_size, *image_shape)
-        if init == "gaussian":
-            noise_x, noise_xh = torch.randn(shape, **kw), torch.randn(shape, **kw)
-        else:
-            noise_x, noise_xh = (torch.rand(shape, **kw) * 2 - 1 for _ in range(2))
-        return cls(
-            noise_x=noise_x, noise_xh=noise_xh, z=torch.randn(batch_size, noise_dim, **kw),
-            lam=torch.rand(batch_size, **kw) * mu,
-            flip=torch.rand(batch_size, **kw) < 0.5,
-            offsets=torch.randint(0, 2 * padding + 1, (batch_size, 2), **kw),
-            partner=partner_index(batch_size, generator, device),
-        )
-
-    def to(self, device: torch.device | str) -> DATDraws:
-        return DATDraws(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
-
-
-def generator_health(unit: Tensor) -> dict[str, Tensor]:
-    """Saturation and collapse signals of the AAG's sigmoid output ``unit`` (B, C, H, W//2+1).
-
-    ``gen_saturated``: share of outputs pinned near 0 or 1 (sigmoid gradients vanish there).
-    ``gen_batch_std``: spread across the batch (noise and logits); near 0 means every
-    sample gets the same amplitude, i.e. the generator collapsed.
-    """
-    saturated = ((unit < 0.01) | (unit > 0.99)).float().mean()
-    spread = unit.std(dim=0).mean() if len(unit) > 1 else unit.new_zeros(())
-    return {"gen_saturated": saturated, "gen_batch_std": spread}
-
-
-class _GradReverse(torch.autograd.Function):
-    """Identity forward, negated gradient backward: one backward trains both players."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return -grad
 
 
 @dataclass
@@ -420,51 +359,3 @@ class DATStep(MethodStep):
             self._images = {k: t.detach().float().clone() for k, t in images.items()}
             for k, a in spectra.items():
                 self._images[k] = torch.fft.fftshift(a.float().log1p(), dim=-2)
-
-
-def _mean_amplitude_of(train_images, limit: int = 10_000) -> Tensor:
-    """Mean amplitude of up to ``limit`` evenly spaced training images (decoded on demand)."""
-    if train_images is None:
-        raise ConfigError("method.generator.amplitude_scale=dataset needs the training images "
-                          "(build_dat(..., train_images=splits.train)); or use official")
-    if isinstance(train_images, Tensor):
-        return mean_amplitude(train_images)
-    n = len(train_images)
-    index = torch.linspace(0, n - 1, min(n, limit)).round().long().unique()
-    return mean_amplitude(train_images.subset(index).materialize().images)
-
-
-def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
-def build_dat(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, *,
-              num_classes: int, image_shape: tuple[int, int, int],
-              train_images: Any = None) -> DATStep:
-    """The :class:`DATStep` that ``cfg.method`` describes (with its AAG and AAG optimiser).
-
-    ``train_images`` (an ImageSet or a uint8 tensor) is needed only for
-    ``method.generator.amplitude_scale=dataset``.
-    """
-    m, g = cfg.method, cfg.method.generator
-    device = next(model.parameters()).device
-    generator = generator_opt = None
-    if m.recombined_branch and m.amplitude_source == "generator":
-        mean_amp = _mean_amplitude_of(train_images) if g.amplitude_scale == "dataset" else None
-        generator = AmplitudeGenerator(num_classes, image_shape, g.noise_dim, g.hidden,
-                                       g.amplitude_scale, mean_amp).to(device)
-        generator_opt = torch.optim.SGD(generator.parameters(), lr=g.lr, momentum=g.momentum,
-                                        weight_decay=g.weight_decay)
-    return DATStep(
-        model, generator, optimizer, generator_opt, beta=m.beta, omega=m.omega,
-        label_smoothing=m.label_smoothing, eps=m.attack.eps, alpha=m.attack.alpha,
-        steps=m.attack.steps, attack_init=m.attack.init, mu=m.mu, mix=m.mix,
-        amplitude_source=m.amplitude_source, split_bn=m.split_bn,
-        second_attack=m.second_attack, recombined_branch=m.recombined_branch, outer=m.outer,
-        recombined_padding=m.recombined_padding, generator_update=m.generator_update,
-        awp_gamma=m.awp_gamma, awp_warmup=m.awp_warmup, batched=cfg.perf.batched_branches,
-        autocast_dtype=_autocast_dtype(cfg.perf.precision, device),
-        keep_images=8 if cfg.train.image_every > 0 else 0,
-    )
