@@ -79,7 +79,7 @@ def convert_dual_bn(model: nn.Module) -> nn.Module:
     if not _replace_bn(model):
         raise ValueError(
             f"{type(model).__name__} has no BatchNorm layer, so it cannot get two BN branches; "
-            "use a model with BatchNorm or set model.dual_bn=false (method.split_bn=false)"
+            "use a model with BatchNorm, or train without split BN (method.split_bn=false)"
         )
     return model
 
