@@ -280,12 +280,12 @@ def test_a_saturated_or_collapsed_generator_is_reported() -> None:
     torch.manual_seed(0)
     g = AmplitudeGenerator(num_classes=10, image_shape=(3, 8, 8))
     logits = torch.randn(16, 10)
-    healthy = {k: float(v) for k, v in generator_health(g.unit(logits)).items()}
-    assert generator_warnings(healthy) == []
-    with torch.no_grad():  # pin every sigmoid output at 1 and make it ignore its input
-        g.net[-1].weight.zero_()
+    with torch.no_grad():
+        healthy = {k: float(v) for k, v in generator_health(g.unit(logits)).items()}
+        g.net[-1].weight.zero_()  # pin every sigmoid output at 1, whatever the input
         g.net[-1].bias.fill_(50.0)
-    pinned = {k: float(v) for k, v in generator_health(g.unit(logits)).items()}
+        pinned = {k: float(v) for k, v in generator_health(g.unit(logits)).items()}
+    assert generator_warnings(healthy) == []
     assert pinned["gen_saturated"] == 1.0 and pinned["gen_batch_std"] < 1e-6
     messages = generator_warnings(pinned)
     assert [m.split(":")[0] for m in messages] == ["generator saturated", "generator collapsed"]
