@@ -21,8 +21,6 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,10 +47,11 @@ from .callbacks import (
     ValidationCallback,
     load_callback,
 )
-from .config import Config, config_to_dict, config_to_yaml
+from .config import Config, config_to_yaml
 from .data import Batch, DatasetSplits, load_dataset, make_loader, stratified_split
 from .guard import StepGuard, generator_warnings, owned_modules_and_optimizers
 from .models import export_main_branch, has_dual_bn
+from .run_state import CheckpointedRun, TrainState
 
 __all__ = ["TrainState", "Trainer", "TrainingError", "train"]
 
@@ -61,25 +60,7 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps); the message says why."""
 
 
-@dataclass
-class TrainState:
-    """Counters a resume restores (plain values, stored in every checkpoint)."""
-
-    epoch: int = 0  # epochs completed
-    step_in_epoch: int = 0  # batches of the current epoch already consumed
-    global_step: int = 0
-    images_seen: int = 0
-    bad_steps: int = 0  # non-finite steps skipped in total
-    step_seconds: float = 0.0  # time spent in training steps (excludes validation)
-    wall_seconds: float = 0.0  # time in fit(), summed over resumes
-    best_val_pgd: float = -1.0  # percent
-    best_val_clean: float = -1.0  # percent, breaks ties in best_val_pgd
-    best_epoch: int = 0
-    last_val: dict = field(default_factory=dict)
-    history: list = field(default_factory=list)  # one entry per validation
-
-
-class Trainer:
+class Trainer(CheckpointedRun):
     """Builds data, model, optimiser, method step and callbacks from ``cfg``; ``fit()``.
 
     ``splits`` replaces ``load_dataset(cfg.data)`` (your own data); ``callbacks`` are
@@ -146,29 +127,6 @@ class Trainer:
             return self.averager.module
         return self.model
 
-    def save_last(self) -> Path:
-        """Everything a resume needs, atomically, keeping older good copies.
-
-        Call it on every rank: BN statistics and RNG states are gathered, rank 0 writes.
-        """
-        self.sync_buffers()
-        state, path = self._checkpoint_state(), self.run_dir / "checkpoints" / "last.pt"
-        if self.dist.is_main:
-            ckpt.save_checkpoint(state, path, keep=self.cfg.train.keep_checkpoints)
-        distributed.barrier()
-        return path
-
-    def save_best(self) -> Path:
-        """``best.pt``: the evaluated weights (averaged if enabled) with the config."""
-        self.sync_buffers()
-        state = {"model": self.eval_model().state_dict(), **self._identity(),
-                 "epoch": self.state.best_epoch, "val": dict(self.state.last_val)}
-        path = self.run_dir / "checkpoints" / "best.pt"
-        if self.dist.is_main:
-            ckpt.save_checkpoint(state, path)
-        distributed.barrier()
-        return path
-
     def sync_buffers(self) -> None:
         """Average BN running statistics over ranks (model, AAG, weight average).
 
@@ -183,72 +141,9 @@ class Trainer:
             distributed.average_buffers(module)
         self._synced_at = self.state.global_step
 
-    def resume(self, path: Path) -> None:
-        """Restore model, optimiser, method, averaging, counters and RNG from ``path``.
-
-        A checkpoint written with another number of ranks (or batch size) continues at
-        the same point of the epoch when that maps to whole steps, else at its start.
-        """
-        state, used = ckpt.load_for_resume(path, keep=self.cfg.train.keep_checkpoints,
-                                           warn=self._say_error)
-        ckpt.check_compatible(state, self.cfg.model.name, self.splits.num_classes)
-        ckpt.load_model_state(self.model, state["model"], str(used))
-        try:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.method.load_state_dict(state["method"])
-            if self.averager is not None:
-                self.averager.load_state_dict(state["averaging"] or {"kind": "none"})
-            self.state = TrainState(**state["trainer"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as err:
-            raise ckpt.CheckpointError(
-                f"{used} does not match this run's method, optimiser or weight averaging "
-                f"({' '.join(str(err).split())[:160]}); resume with the run's own settings"
-            ) from None
-        self._restore_rng(state)
-        self._sync_best()
-        saved_batch = state.get("loader", {}).get("global_batch", self.global_batch)
-        step, note = distributed.resume_position(self.state.step_in_epoch, saved_batch,
-                                         self.global_batch)
-        self.state.step_in_epoch = step
-        if note:
-            self._say_error(f"note: {note}")
-        if self.dist.is_main:
-            print(f"resumed from {used} at epoch {self.state.epoch}, "
-                  f"step {self.state.step_in_epoch} of the epoch")
-
-    def _restore_rng(self, state: dict[str, Any]) -> None:
-        """Each rank's own RNG state when the number of ranks is unchanged; otherwise rank
-        0 continues the saved main stream and other ranks draw fresh per-rank seeds."""
-        ranks = state.get("rng_ranks") or [state["rng"]]
-        if len(ranks) == self.dist.world_size:
-            ckpt.restore_rng(ranks[self.dist.rank])
-        elif self.dist.is_main:
-            ckpt.restore_rng(state["rng"])
-        else:
-            seed_everything(distributed.rank_seed(self.cfg.train.seed + self.state.global_step,
-                                          self.dist.rank))
-
     def _say_error(self, message: str) -> None:
         if self.dist.is_main:
             print(message, file=sys.stderr)
-
-    def _sync_best(self) -> None:
-        """Select against the best.pt on disk: after a fallback to an older last.pt, best.pt
-        may come from the abandoned later steps, and metrics must describe that file."""
-        path = self.run_dir / "checkpoints" / "best.pt"
-        s = self.state
-        try:
-            best = ckpt.load_checkpoint(path) if path.is_file() else None
-        except ckpt.CheckpointError as err:
-            self._say_error(f"warning: {err}; the next validation writes a new best.pt")
-            best = None
-        if best is None:
-            s.best_val_pgd, s.best_val_clean, s.best_epoch = -1.0, -1.0, 0
-            return
-        val = best.get("val", {})
-        pgd = next((v for k, v in val.items() if k.startswith("pgd")), -1.0)
-        s.best_val_pgd, s.best_val_clean = pgd, val.get("clean", -1.0)
-        s.best_epoch = int(best.get("epoch", 0))
 
     # -- the loop -------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -364,24 +259,6 @@ class Trainer:
             getattr(callback, event)(self, *args)
 
     # -- state and the end of a run ---------------------------------------------------
-    def _identity(self) -> dict[str, Any]:
-        return {"config": config_to_dict(self.cfg), "num_classes": self.splits.num_classes,
-                "classes": list(self.splits.classes), "dual_bn": has_dual_bn(self.model),
-                "image_shape": list(self.splits.image_shape)}
-
-    def _checkpoint_state(self) -> dict[str, Any]:
-        rng = distributed.all_gather_objects(ckpt.capture_rng())  # every rank's, rank 0 first
-        return {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "method": self.method.state_dict(),
-            "averaging": None if self.averager is None else self.averager.state_dict(),
-            "trainer": asdict(self.state), "rng": rng[0],
-            "rng_ranks": rng if self.dist.enabled else None,
-            "loader": {"seed": self.loader.seed, "epoch": self.loader.epoch,
-                       "world_size": self.dist.world_size, "global_batch": self.global_batch},
-            **self._identity(),
-        }
-
     def _trained_modules(self) -> tuple[list[torch.nn.Module], list]:
         """Every module and optimiser a step updates: classifier, AAG, AWP's proxy."""
         modules, optimizers = [self.model], [self.optimizer]
@@ -409,14 +286,6 @@ class Trainer:
         if n < len(val):
             val = val.subset(stratified_split(val.labels, n, seed)[1])
         return val.tensors()
-
-    def _resume_path(self) -> Path | None:
-        t = self.cfg.train
-        if not t.resume:
-            return None
-        if t.resume == "auto":
-            return ckpt.find_run_checkpoint(t.out_dir, t.run_name)
-        return Path(t.resume)
 
     def _best_model(self) -> tuple[torch.nn.Module, str]:
         best = self.run_dir / "checkpoints" / "best.pt"
