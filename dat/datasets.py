@@ -139,18 +139,50 @@ def _scan_folder(folder: Path, classes: list[str] | None = None) -> tuple[ImageS
     return ImageSet(labels_t, files=files, image_shape=shape), classes
 
 
+def _scan_annotated(folder: Path, annotations: Path, classes: list[str]) -> ImageSet:
+    """Images of ``folder/images/`` labelled by ``annotations`` (``file<TAB>class...``)."""
+    index = {name: i for i, name in enumerate(classes)}
+    files, labels = [], []
+    for n, line in enumerate(annotations.read_text().splitlines(), start=1):
+        fields = line.split("\t")
+        if not line.strip():
+            continue
+        if len(fields) < 2 or fields[1] not in index:
+            raise DataError(f"{annotations} line {n}: expected 'file<TAB>class' with a class "
+                            f"of train/, got {line[:80]!r}")
+        path = folder / "images" / fields[0]
+        if not path.is_file():
+            raise DataError(f"{annotations} line {n} names {path}, which does not exist")
+        files.append(str(path))
+        labels.append(index[fields[1]])
+    if not files:
+        raise DataError(f"{annotations} lists no images")
+    shape = _check_headers(files, folder)
+    return ImageSet(torch.tensor(labels, dtype=torch.int64), files=files, image_shape=shape)
+
+
 def load_imagefolder(root: Path) -> tuple[ImageSet, ImageSet, list[str]]:
-    """``root/train/<class>/*`` plus ``root/test/`` (or ``root/val/``) as the held-out set."""
+    """``root/train/<class>/*`` plus ``root/test/`` (or ``root/val/``) as the held-out set.
+
+    Tiny-ImageNet's published layout also works as is: images under
+    ``train/<class>/images/``, and a flat ``val/images/`` labelled by
+    ``val/val_annotations.txt`` (its unlabelled ``test/`` is then ignored).
+    """
     if not (root / "train").is_dir():
         raise DataError(
             f"data.root={str(root)!r} has no train/ folder; an ImageFolder tree needs "
             "train/<class>/* and val/<class>/* or test/<class>/*"
         )
+    annotations = root / "val" / "val_annotations.txt"
     held = next((root / s for s in ("test", "val") if (root / s).is_dir()), None)
     if held is None:
         raise DataError(f"data.root={str(root)!r} has train/ but neither test/ nor val/")
     train, classes = _scan_folder(root / "train")
-    test, _ = _scan_folder(held, classes)
+    if annotations.is_file():  # Tiny-ImageNet as published: flat val/images/ + a label file
+        held = root / "val"
+        test = _scan_annotated(held, annotations, classes)
+    else:
+        test, _ = _scan_folder(held, classes)
     if test.image_shape != train.image_shape:
         raise DataError(
             f"{held} images are {test.image_shape}, train/ images {train.image_shape}; "

@@ -102,6 +102,34 @@ def tiny_tree(tmp_path: Path, sample_splits) -> Path:
     return tmp_path
 
 
+def test_tiny_imagenet_published_layout_loads(tmp_path: Path, sample_splits) -> None:
+    """train/<wnid>/images/*, a flat val/images/ + val_annotations.txt, unlabelled test/."""
+    wnids = ["n01443537", "n01629819"]
+    for label, wnid in enumerate(wnids):
+        folder = tmp_path / "train" / wnid / "images"
+        folder.mkdir(parents=True)
+        images = sample_splits.train.images[sample_splits.train.labels == label][:4]
+        for i, img in enumerate(images):
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{wnid}_{i}.JPEG")
+    (tmp_path / "val" / "images").mkdir(parents=True)
+    (tmp_path / "test" / "images").mkdir(parents=True)
+    lines, val_labels = [], [1, 0, 1]
+    for i, label in enumerate(val_labels):
+        img = sample_splits.test.images[sample_splits.test.labels == label][i]
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp_path / "val" / "images" /
+                                                            f"val_{i}.JPEG")
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp_path / "test" / "images" /
+                                                            f"test_{i}.JPEG")
+        lines.append(f"val_{i}.JPEG\t{wnids[label]}\t0\t0\t31\t31")
+    (tmp_path / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    s = load_dataset(DataConfig(name="imagefolder", root=str(tmp_path), val_size=2))
+    assert s.classes == wnids and (len(s.train), len(s.val), len(s.test)) == (6, 2, 3)
+    assert s.test.labels.tolist() == val_labels  # labels come from the annotation file
+    (tmp_path / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn99999999\n")
+    with pytest.raises(DataError, match="line 1: expected 'file<TAB>class'"):
+        load_dataset(DataConfig(name="imagefolder", root=str(tmp_path), val_size=2))
+
+
 @pytest.mark.parametrize("held_name", ["test", "val"])
 def test_imagefolder_tree_loads(tiny_tree: Path, held_name: str) -> None:
     if held_name == "val":
