@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["StepGuard", "generator_warnings", "owned_modules_and_optimizers"]
+__all__ = ["StepGuard", "generator_warnings", "owned_modules_and_optimizers", "unique_objects"]
 
 
 def owned_modules_and_optimizers(obj: object) -> tuple[list[nn.Module], list]:
@@ -34,7 +34,8 @@ def owned_modules_and_optimizers(obj: object) -> tuple[list[nn.Module], list]:
     return modules, optimizers
 
 
-def _unique(items: list) -> list:
+def unique_objects(items: list) -> list:
+    """``items`` without repeats (by identity, first occurrence kept)."""
     seen, out = set(), []
     for item in items:
         if id(item) not in seen:
@@ -49,8 +50,8 @@ class StepGuard:
     def __init__(self, modules: list[nn.Module], optimizers: list, extra: object = None,
                  agree: Callable[[Tensor], Tensor] | None = None) -> None:
         more_modules, more_optims = owned_modules_and_optimizers(extra)
-        self.modules = _unique([*modules, *more_modules])
-        self.optimizers = _unique([*optimizers, *more_optims])
+        self.modules = unique_objects([*modules, *more_modules])
+        self.optimizers = unique_objects([*optimizers, *more_optims])
         self._saved: dict[int, Tensor] = {}
         self.agree = agree  # ok on this rank -> ok on every rank (None: single process)
         self.consecutive: Tensor | None = None  # device-side counters, read when logging
@@ -58,14 +59,14 @@ class StepGuard:
         self.recent: Tensor | None = None
 
     def _params(self) -> list[Tensor]:
-        return _unique([p for m in self.modules for p in m.parameters()])
+        return unique_objects([p for m in self.modules for p in m.parameters()])
 
     def _tensors(self) -> list[Tensor]:
         found = [*self._params(), *(b for m in self.modules for b in m.buffers())]
         for opt in self.optimizers:
             for state in opt.state.values():
                 found += [v for v in state.values() if torch.is_tensor(v)]
-        return _unique(found)
+        return unique_objects(found)
 
     @torch.no_grad()
     def snapshot(self) -> None:

@@ -49,7 +49,12 @@ from .callbacks import (
 )
 from .config import Config, config_to_yaml
 from .data import Batch, DatasetSplits, load_dataset, make_loader, stratified_split
-from .guard import StepGuard, generator_warnings, owned_modules_and_optimizers
+from .guard import (
+    StepGuard,
+    generator_warnings,
+    owned_modules_and_optimizers,
+    unique_objects,
+)
 from .models import export_main_branch, has_dual_bn
 from .run_state import CheckpointedRun, TrainState
 
@@ -266,7 +271,7 @@ class Trainer(CheckpointedRun):
             more_modules, more_optimizers = owned_modules_and_optimizers(owner)
             modules += [getattr(m, "_orig_mod", m) for m in more_modules]  # compiled: inner
             optimizers += more_optimizers
-        return _unique(modules), _unique(optimizers)
+        return unique_objects(modules), unique_objects(optimizers)
 
     def _distribute(self) -> None:
         """Under torchrun: SyncBN if asked, rank 0's weights everywhere, averaged gradients;
@@ -337,10 +342,6 @@ class Trainer(CheckpointedRun):
             "world_size": self.dist.world_size, "global_batch": self.global_batch,
             "run_dir": str(self.run_dir),
         }
-
-
-def _unique(items: list) -> list:
-    return list({id(item): item for item in items}.values())
 
 
 def train(cfg: Config, **kwargs: Any) -> dict[str, Any]:

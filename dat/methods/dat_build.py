@@ -26,12 +26,6 @@ def _mean_amplitude_of(train_images, limit: int = 10_000) -> Tensor:
     return mean_amplitude(train_images.subset(index).materialize().images)
 
 
-def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
 def build_dat(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, *,
               num_classes: int, image_shape: tuple[int, int, int],
               train_images: Any = None) -> DATStep:
@@ -40,6 +34,8 @@ def build_dat(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, *
     ``train_images`` (an ImageSet or a uint8 tensor) is needed only for
     ``method.generator.amplitude_scale=dataset``.
     """
+    from ..build import resolve_precision  # dat.build imports dat.methods: import at call time
+
     m, g = cfg.method, cfg.method.generator
     device = next(model.parameters()).device
     generator = generator_opt = None
@@ -57,6 +53,6 @@ def build_dat(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, *
         second_attack=m.second_attack, recombined_branch=m.recombined_branch, outer=m.outer,
         recombined_padding=m.recombined_padding, generator_update=m.generator_update,
         awp_gamma=m.awp_gamma, awp_warmup=m.awp_warmup, batched=cfg.perf.batched_branches,
-        autocast_dtype=_autocast_dtype(cfg.perf.precision, device),
+        autocast_dtype=resolve_precision(cfg.perf.precision, device),
         keep_images=8 if cfg.train.image_every > 0 else 0,
     )
