@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from reference_dat import reference_dat_step  # noqa: E402
 
 import dat  # noqa: E402
+from dat.build import resolve_batched, resolve_channels_last  # noqa: E402
 from dat.generator import AmplitudeGenerator  # noqa: E402
 from dat.methods.dat import DATDraws, DATStep  # noqa: E402
 from dat.methods.pgd_at import PGDATStep  # noqa: E402
@@ -206,21 +207,26 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
     s = _Setup(args, device)
-    fast = dict(bf16=cuda, channels_last=cuda, batched=True)
+    # The fast path's defaults on this device (perf.* = auto), then each piece flipped.
+    fast = dict(bf16=cuda, channels_last=resolve_channels_last("auto", device),
+                batched=resolve_batched("auto", device))
+    flip = {k: ("no " if on else "") + label for k, on, label in (
+        ("bf16", fast["bf16"], "bf16"), ("channels_last", fast["channels_last"], "channels_last"),
+        ("batched", fast["batched"], "batched branches"))}
+    base = dict(bf16=cuda, channels_last=fast["channels_last"])
     rows: dict[str, Callable] = {
         "reference_dat (published procedure, fp32)": lambda: _reference_row(s),
         "fast_dat reversal (all fast paths)": lambda: _fast_row(s, update="reversal", **fast),
         "fast_dat alternating": lambda: _fast_row(s, update="alternating", **fast),
-        "fast_dat reversal, no batched branches":
-            lambda: _fast_row(s, update="reversal", **{**fast, "batched": False}),
-        "fast_dat reversal, fp32":
-            lambda: _fast_row(s, update="reversal", **{**fast, "bf16": False}),
-        "fast_dat reversal, no channels_last":
-            lambda: _fast_row(s, update="reversal", **{**fast, "channels_last": False}),
-        "pgd_at10": lambda: _baseline_row(s, PGDATStep, bf16=cuda, channels_last=cuda),
-        "trades10": lambda: _baseline_row(s, TRADESStep, bf16=cuda, channels_last=cuda),
-        "plain_step (fwd+bwd+SGD)": lambda: _plain_row(s, bf16=cuda, channels_last=cuda),
     }
+    for key, label in flip.items():
+        rows[f"fast_dat reversal, {label}"] = (
+            lambda key=key: _fast_row(s, update="reversal", **{**fast, key: not fast[key]}))
+    rows.update({
+        "pgd_at10": lambda: _baseline_row(s, PGDATStep, **base),
+        "trades10": lambda: _baseline_row(s, TRADESStep, **base),
+        "plain_step (fwd+bwd+SGD)": lambda: _plain_row(s, **base),
+    })
     if args.compile:
         rows["fast_dat reversal + torch.compile"] = lambda: _fast_row(
             s, update="reversal", compile_model=True, **fast)

@@ -27,6 +27,8 @@ __all__ = [
     "check_test_attacks",
     "learning_rate",
     "prepare_run_dir",
+    "resolve_batched",
+    "resolve_channels_last",
     "resolve_device",
     "resolve_precision",
     "seed_everything",
@@ -48,6 +50,18 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
+
+
+def resolve_channels_last(setting: str, device: torch.device) -> bool:
+    """``auto`` -> channels_last on CUDA and on CPU, where oneDNN's NHWC convolutions
+    cut a CPU DAT step by about 20% (BENCHMARKS.md)."""
+    return setting == "on" or (setting == "auto" and device.type in ("cuda", "cpu"))
+
+
+def resolve_batched(setting: str, device: torch.device) -> bool:
+    """``auto`` -> one 2B batch on CUDA (fewer launches); two B batches on CPU, where the
+    split-BN concatenations cost more than they save (BENCHMARKS.md)."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
 def seed_everything(seed: int) -> None:
@@ -106,8 +120,7 @@ def build_model(cfg: Config, num_classes: int, image_shape: tuple[int, int, int]
     except ValueError as err:
         raise ConfigError(f"model.name={cfg.model.name!r}: {err}") from None
     model = model.to(device)
-    if cfg.perf.channels_last == "on" or (cfg.perf.channels_last == "auto"
-                                          and device.type == "cuda"):
+    if resolve_channels_last(cfg.perf.channels_last, device):
         model = model.to(memory_format=torch.channels_last)
     _check_fits(model, cfg.model.name, image_shape, num_classes, device)
     return model

@@ -127,8 +127,8 @@ class PerfConfig:
     """Fast-path switches; each can be turned off to compare with the plain path."""
 
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    channels_last: str = "auto"  # auto (on for CUDA) | on | off
-    batched_branches: bool = True  # attack x and x_hat as one 2B batch with split BN
+    channels_last: str = "auto"  # auto (on for CUDA and CPU) | on | off
+    batched_branches: str = "auto"  # auto (on for CUDA) | on | off: x and x_hat as one 2B batch
     compile: bool = False  # torch.compile the model
     log_every: int = 50  # steps between host syncs for logging
 
@@ -322,6 +322,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.lr={o.lr} must be > 0")
     _choice(cfg.perf.precision, ("auto", "bf16", "fp32"), "perf.precision")
     _choice(cfg.perf.channels_last, ("auto", "on", "off"), "perf.channels_last")
+    legacy = {"true": "on", "false": "off"}  # the field was a bool before 2026-11-27
+    b = cfg.perf.batched_branches
+    cfg.perf.batched_branches = legacy.get(str(b).lower(), b)
+    _choice(cfg.perf.batched_branches, ("auto", "on", "off"), "perf.batched_branches")
     t = cfg.train
     if t.epochs < 1:
         raise ConfigError(f"train.epochs={t.epochs} must be >= 1")

@@ -35,6 +35,7 @@ from .build import (
     check_test_attacks,
     learning_rate,
     prepare_run_dir,
+    resolve_channels_last,
     resolve_device,
     resolve_precision,
     seed_everything,
@@ -191,8 +192,7 @@ class Trainer(CheckpointedRun):
 
     def _train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         x, x_raw, y = batch
-        if self.cfg.perf.channels_last == "on" or (
-                self.cfg.perf.channels_last == "auto" and self.device.type == "cuda"):
+        if resolve_channels_last(self.cfg.perf.channels_last, self.device):
             x = x.contiguous(memory_format=torch.channels_last)
             x_raw = x_raw.contiguous(memory_format=torch.channels_last)
         self.guard.snapshot()

@@ -34,7 +34,8 @@ def build_dat(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, *
     ``train_images`` (an ImageSet or a uint8 tensor) is needed only for
     ``method.generator.amplitude_scale=dataset``.
     """
-    from ..build import resolve_precision  # dat.build imports dat.methods: import at call time
+    # dat.build imports dat.methods: import at call time
+    from ..build import resolve_batched, resolve_precision
 
     m, g = cfg.method, cfg.method.generator
     device = next(model.parameters()).device
@@ -52,7 +53,8 @@ def build_dat(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, *
         amplitude_source=m.amplitude_source, split_bn=m.split_bn,
         second_attack=m.second_attack, recombined_branch=m.recombined_branch, outer=m.outer,
         recombined_padding=m.recombined_padding, generator_update=m.generator_update,
-        awp_gamma=m.awp_gamma, awp_warmup=m.awp_warmup, batched=cfg.perf.batched_branches,
+        awp_gamma=m.awp_gamma, awp_warmup=m.awp_warmup,
+        batched=resolve_batched(cfg.perf.batched_branches, device),
         autocast_dtype=resolve_precision(cfg.perf.precision, device),
         keep_images=8 if cfg.train.image_every > 0 else 0,
     )

@@ -1,0 +1,31 @@
+"""bench/throughput.py runs on a CPU with a tiny model and reports ratios to the reference."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import throughput  # noqa: E402
+
+
+def test_throughput_table_on_cpu(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    table = throughput.main(["--rows", "reference,fast_dat,plain", "--batch-size", "4",
+                             "--iters", "1", "--warmup", "0", "--json", str(out)])
+    names = list(table)
+    assert names[0].startswith("reference_dat")
+    # every fast-path piece is flipped once on top of the device's defaults (CPU: fp32,
+    # channels_last on, two B batches)
+    assert "fast_dat reversal, bf16" in names
+    assert "fast_dat reversal, no channels_last" in names
+    assert "fast_dat reversal, batched branches" in names
+    assert table[names[0]]["ratio_vs_reference"] == 1.0
+    for row in table.values():
+        assert row["img_per_s"] > 0 and row["ratio_vs_reference"] > 0
+    saved = json.loads(out.read_text())
+    assert saved["meta"]["batch_size"] == 4 and set(saved["rows"]) == set(table)
+    assert "| reference_dat" in capsys.readouterr().out
