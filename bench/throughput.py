@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from reference_dat import reference_dat_step  # noqa: E402
 
 import dat  # noqa: E402
-from dat.build import resolve_batched, resolve_channels_last  # noqa: E402
+from dat.build import compile_model, resolve_batched, resolve_channels_last  # noqa: E402
 from dat.generator import AmplitudeGenerator  # noqa: E402
 from dat.methods.dat import DATDraws, DATStep  # noqa: E402
 from dat.methods.pgd_at import PGDATStep  # noqa: E402
@@ -62,6 +62,7 @@ class _Setup:
         self.args, self.device = args, device
         gen = torch.Generator().manual_seed(0)
         b = args.batch_size
+        self.notes: list[str] = []
         self.x = torch.rand(b, 3, 32, 32, generator=gen).to(device)
         self.x_raw = torch.rand(b, 3, 32, 32, generator=gen).to(device)
         self.y = torch.randint(0, 10, (b,), generator=gen).to(device)
@@ -94,15 +95,30 @@ def _reference_row(s: _Setup):
 
 
 def _fast_row(s: _Setup, *, bf16: bool, channels_last: bool, batched: bool, update: str,
-              compile_model: bool = False):
+              compile_mode: str = "off"):
     model, opt = s.model(channels_last=channels_last)
     g, gopt = s.generator()
-    net = torch.compile(model) if compile_model else model
+    net = compile_model(model, compile_mode)
     step = DATStep(net, g, opt, gopt, batched=batched, generator_update=update,
                    autocast_dtype=torch.bfloat16 if bf16 else None)
     step.model = net
     x, x_raw = s.inputs(channels_last)
     return lambda: step.run(x, s.y, x_raw)
+
+
+def _compiled(s: _Setup, fn: Callable[[], object], mode: str) -> Callable[[], object]:
+    """Run the first (compiling) call now and note how long it took."""
+    start = time.perf_counter()
+    fn()
+    _sync(s.device)
+    s.notes.append(f"compile({mode}): first step took {time.perf_counter() - start:.1f} s")
+    if mode == "reduce-overhead":
+        def step():
+            torch.compiler.cudagraph_mark_step_begin()
+            return fn()
+
+        return step
+    return fn
 
 
 def _baseline_row(s: _Setup, cls, *, bf16: bool, channels_last: bool, **kw):
@@ -127,11 +143,13 @@ def _plain_row(s: _Setup, *, bf16: bool, channels_last: bool):
     return step
 
 
-def _pgd20_eval_row(s: _Setup, *, bf16: bool, n: int):
+def _pgd20_eval_row(s: _Setup, *, bf16: bool, channels_last: bool, n: int):
+    """The evaluation suite's PGD-20 through dat.evaluate's forward wrapper."""
+    from dat.evaluation.runner import _FastForward
     from dat.evaluation.suite import make_attack
 
     model, _ = s.model(dual_bn=False)
-    model.eval()
+    net = _FastForward(model, bf16, channels_last).eval()
     gen = torch.Generator().manual_seed(1)
     x = torch.rand(n, 3, 32, 32, generator=gen).to(s.device)
     y = torch.randint(0, 10, (n,), generator=gen).to(s.device)
@@ -139,9 +157,8 @@ def _pgd20_eval_row(s: _Setup, *, bf16: bool, n: int):
     bs = s.args.eval_batch_size
 
     def run():
-        with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=bf16):
-            for xb, yb in zip(x.split(bs), y.split(bs), strict=True):
-                attack.fn(model, xb, yb)
+        for xb, yb in zip(x.split(bs), y.split(bs), strict=True):
+            attack.fn(net, xb, yb)
 
     return run
 
@@ -174,6 +191,18 @@ def _autoattack_row(s: _Setup, n: int, checkpoint: str | None):
     return run
 
 
+def _measure(name: str, fn: Callable[[], object], is_eval: bool, args: argparse.Namespace,
+             device: torch.device) -> dict:
+    warmup = 0 if name.startswith("autoattack") else 1
+    seconds = _time(fn, device, warmup if is_eval else args.warmup, 1 if is_eval else args.iters)
+    images = args.eval_examples if is_eval else args.batch_size
+    if name.startswith("autoattack"):
+        images = args.aa_examples
+    ips = images / seconds
+    return {"ms_per_iter": round(seconds * 1000, 2), "img_per_s": round(ips, 1),
+            "epoch_s_50k": round(50000 / ips, 1), "seconds": round(seconds, 3)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="DAT throughput benchmark")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -183,7 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-examples", type=int, default=None)
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--compile", action="store_true", help="add a torch.compile row")
+    parser.add_argument("--compile", default="", help="comma list of torch.compile modes "
+                        "(default, reduce-overhead, max-autotune): one fast_dat row each")
     parser.add_argument("--rows", default="all", help="comma list of row-name prefixes")
     parser.add_argument("--json", default=None, help="also write the table as JSON here")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -227,43 +257,48 @@ def main(argv: list[str] | None = None) -> dict:
         "trades10": lambda: _baseline_row(s, TRADESStep, **base),
         "plain_step (fwd+bwd+SGD)": lambda: _plain_row(s, **base),
     })
-    if args.compile:
-        rows["fast_dat reversal + torch.compile"] = lambda: _fast_row(
-            s, update="reversal", compile_model=True, **fast)
+    for mode in filter(None, args.compile.split(",")):
+        rows[f"fast_dat reversal + compile({mode})"] = (
+            lambda mode=mode: _compiled(s, _fast_row(s, update="reversal", compile_mode=mode,
+                                                     **fast), mode))
+    eval_cl = device.type == "cpu"  # dat.evaluate's channels_last default
+    cl_label = "no channels_last" if eval_cl else "channels_last"
     eval_rows = {
-        "pgd20_eval fp32": lambda: _pgd20_eval_row(s, bf16=False, n=args.eval_examples),
-        "pgd20_eval bf16": lambda: _pgd20_eval_row(s, bf16=True, n=args.eval_examples),
+        "pgd20_eval fp32": lambda: _pgd20_eval_row(s, bf16=False, channels_last=eval_cl,
+                                                   n=args.eval_examples),
+        f"pgd20_eval fp32, {cl_label}": lambda: _pgd20_eval_row(
+            s, bf16=False, channels_last=not eval_cl, n=args.eval_examples),
+        "pgd20_eval bf16": lambda: _pgd20_eval_row(s, bf16=True, channels_last=eval_cl,
+                                                   n=args.eval_examples),
         "autoattack (standard, pyautoattack)":
             lambda: _autoattack_row(s, args.aa_examples, args.aa_checkpoint),
     }
     wanted = args.rows.split(",") if args.rows != "all" else None
-    table, ref_ips = {}, None
+    table = {}
     for name, build in {**rows, **eval_rows}.items():
         if wanted and not any(name.startswith(w) for w in wanted):
             continue
-        fn = build()
-        is_eval = name in eval_rows
-        warmup = 0 if name.startswith("autoattack") else 1
-        seconds = _time(fn, device, warmup if is_eval else args.warmup,
-                        1 if is_eval else args.iters)
-        images = args.eval_examples if is_eval else args.batch_size
-        if name.startswith("autoattack"):
-            images = args.aa_examples
-        ips = images / seconds
-        if name.startswith("reference_dat"):
-            ref_ips = ips
-        table[name] = {"ms_per_iter": round(seconds * 1000, 2), "img_per_s": round(ips, 1),
-                       "epoch_s_50k": round(50000 / ips, 1), "seconds": round(seconds, 3)}
-        print(f"  measured {name}: {ips:.1f} img/s", file=sys.stderr, flush=True)
+        try:  # one failing row (e.g. a compile mode this machine lacks) must not end the run
+            table[name] = _measure(name, build(), name in eval_rows, args, device)
+            print(f"  measured {name}: {table[name]['img_per_s']:.1f} img/s", file=sys.stderr,
+                  flush=True)
+        except Exception as err:  # noqa: BLE001 - reported in the table instead
+            table[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+            print(f"  FAILED {name}: {table[name]['error']}", file=sys.stderr, flush=True)
+    ref = next((v for k, v in table.items() if k.startswith("reference_dat") and "error" not in v),
+               None)
     for row in table.values():
-        row["ratio_vs_reference"] = round(row["img_per_s"] / ref_ips, 2) if ref_ips else None
+        if "error" not in row:
+            row["ratio_vs_reference"] = round(row["img_per_s"] / ref["img_per_s"], 2) if ref \
+                else None
     _print_table(table, args, device)
-    if getattr(s, "aa_note", None):
-        print(s.aa_note)
+    for note in s.notes + ([s.aa_note] if getattr(s, "aa_note", None) else []):
+        print(note)
     if args.json:
         meta = {"device": torch.cuda.get_device_name(device) if cuda else "cpu",
                 "torch": torch.__version__, "model": args.model, "batch_size": args.batch_size,
-                "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+                "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+                "notes": s.notes}
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": table}, indent=1))
     return table
 
@@ -276,6 +311,9 @@ def _print_table(table: dict, args: argparse.Namespace, device: torch.device) ->
     print(f"| {'row':<44} | {'ms/iter':>9} | {'img/s':>9} | {'s/50k ep':>8} | {'x ref':>6} |")
     print(f"|{'-' * 46}|{'-' * 11}|{'-' * 11}|{'-' * 10}|{'-' * 8}|")
     for row, v in table.items():
+        if "error" in v:
+            print(f"| {row:<44} | failed: {v['error']} |")
+            continue
         ratio = "" if v["ratio_vs_reference"] is None else f"{v['ratio_vs_reference']:.2f}"
         print(f"| {row:<44} | {v['ms_per_iter']:>9.1f} | {v['img_per_s']:>9.1f} | "
               f"{v['epoch_s_50k']:>8.1f} | {ratio:>6} |")

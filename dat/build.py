@@ -22,6 +22,7 @@ from .methods import needs_dual_bn
 from .models import create
 
 __all__ = [
+    "compile_model",
     "build_model",
     "check_labels",
     "check_test_attacks",
@@ -50,6 +51,23 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
+
+
+def compile_model(model: nn.Module, mode: str, backend: str = "inductor") -> nn.Module:
+    """``torch.compile(model, mode=...)`` with static shapes, or ``model`` for ``off``.
+
+    A DAT step calls the model in up to 7 guard variants (train/eval, BN branch, grad
+    mode, B or 2B images), so the recompile limit is raised to 32 instead of falling back
+    to eager at torch's default of 8.
+    """
+    if mode == "off":
+        return model
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    if backend != "inductor":  # modes are inductor options; other backends take none
+        return torch.compile(model, backend=backend, dynamic=False)
+    return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
 
 
 def resolve_channels_last(setting: str, device: torch.device) -> bool:

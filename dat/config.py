@@ -122,6 +122,9 @@ class OptimConfig:
     reference_batch_size: int = 128
 
 
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+
+
 @dataclass
 class PerfConfig:
     """Fast-path switches; each can be turned off to compare with the plain path."""
@@ -129,7 +132,7 @@ class PerfConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     channels_last: str = "auto"  # auto (on for CUDA and CPU) | on | off
     batched_branches: str = "auto"  # auto (on for CUDA) | on | off: x and x_hat as one 2B batch
-    compile: bool = False  # torch.compile the model
+    compile: str = "off"  # off | default | reduce-overhead (CUDA graphs) | max-autotune
     log_every: int = 50  # steps between host syncs for logging
 
 
@@ -322,10 +325,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.lr={o.lr} must be > 0")
     _choice(cfg.perf.precision, ("auto", "bf16", "fp32"), "perf.precision")
     _choice(cfg.perf.channels_last, ("auto", "on", "off"), "perf.channels_last")
-    legacy = {"true": "on", "false": "off"}  # the field was a bool before 2026-11-27
-    b = cfg.perf.batched_branches
-    cfg.perf.batched_branches = legacy.get(str(b).lower(), b)
+    b = cfg.perf.batched_branches  # a bool before 2026-11-27
+    cfg.perf.batched_branches = {"true": "on", "false": "off"}.get(str(b).lower(), b)
     _choice(cfg.perf.batched_branches, ("auto", "on", "off"), "perf.batched_branches")
+    c = cfg.perf.compile  # also a bool before 2026-11-27
+    cfg.perf.compile = {"true": "default", "false": "off"}.get(str(c).lower(), c)
+    _choice(cfg.perf.compile, COMPILE_MODES, "perf.compile")
     t = cfg.train
     if t.epochs < 1:
         raise ConfigError(f"train.epochs={t.epochs} must be >= 1")

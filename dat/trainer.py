@@ -33,6 +33,7 @@ from .build import (
     build_model,
     check_labels,
     check_test_attacks,
+    compile_model,
     learning_rate,
     prepare_run_dir,
     resolve_channels_last,
@@ -88,7 +89,7 @@ class Trainer(CheckpointedRun):
         check_labels(self.splits)
         self.model = build_model(cfg, self.splits.num_classes, self.splits.image_shape,
                                  self.device)
-        net = torch.compile(self.model) if cfg.perf.compile else self.model
+        net = compile_model(self.model, cfg.perf.compile)
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
             weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
@@ -195,6 +196,8 @@ class Trainer(CheckpointedRun):
         if resolve_channels_last(self.cfg.perf.channels_last, self.device):
             x = x.contiguous(memory_format=torch.channels_last)
             x_raw = x_raw.contiguous(memory_format=torch.channels_last)
+        if self.cfg.perf.compile == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: CUDA graph outputs rotate
         self.guard.snapshot()
         stats = self.method.run(x, y, x_raw)
         ok = self.guard.commit(stats.get("loss"))  # restores the pre-step state if not ok

@@ -53,6 +53,8 @@ BAD_OVERRIDES = [
     (["method.attack.eps=abc/255"], r"method.attack.eps"),
     (["method.generator.amplitude_scale=huge"], r"use one of official, dataset"),
     (["train.device=gpu"], r"use auto, cpu, cuda or cuda:N"),
+    (["perf.compile=fast"], r"perf.compile='fast' is not valid; use one of off, default"),
+    (["perf.batched_branches=maybe"], r"use one of auto, on, off"),
 ]
 
 
@@ -61,6 +63,15 @@ def test_bad_values_give_one_line_errors_naming_the_fix(overrides, match) -> Non
     with pytest.raises(ConfigError, match=match) as info:
         load_config(overrides=overrides)
     assert "\n" not in str(info.value)
+
+
+def test_perf_switches_that_were_booleans_still_load(tmp_path: Path) -> None:
+    """Run folders written before perf.compile / perf.batched_branches took modes resume."""
+    (tmp_path / "old.yaml").write_text("perf:\n  compile: true\n  batched_branches: false\n")
+    cfg = load_config(str(tmp_path / "old.yaml"))
+    assert (cfg.perf.compile, cfg.perf.batched_branches) == ("default", "off")
+    cfg = load_config(overrides=["perf.compile=false", "perf.batched_branches=true"])
+    assert (cfg.perf.compile, cfg.perf.batched_branches) == ("off", "on")
 
 
 def test_yaml_accepts_fractions_and_rejects_unknown_keys(tmp_path: Path) -> None:

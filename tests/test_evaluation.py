@@ -193,3 +193,37 @@ def test_cli_reports_a_bad_checkpoint_in_one_line(tmp_path, capsys) -> None:
     assert evaluate_main(["--checkpoint", str(tmp_path / "junk.pt")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
+
+
+def test_channels_last_forward_matches_and_leaves_the_model_alone(trained, sample_splits):
+    from dat.evaluation.runner import _FastForward
+
+    x, y = sample_splits.test.tensors()
+    x = x[:16].clone().requires_grad_(True)
+    fast = _FastForward(trained, bf16=False, channels_last=True).eval()
+    logits = fast(x)
+    (grad,) = torch.autograd.grad(F.cross_entropy(logits, y[:16]), x)
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = trained(x_ref)
+    (grad_ref,) = torch.autograd.grad(F.cross_entropy(ref, y[:16]), x_ref)
+    assert torch.allclose(logits, ref, atol=1e-5)
+    assert torch.allclose(grad, grad_ref, atol=1e-6)
+    assert grad.is_contiguous()  # attacks keep working on NCHW tensors
+    assert all(p.is_contiguous() for p in trained.parameters())  # the model is not converted
+
+
+def test_channels_last_is_on_by_default_on_cpu_and_switchable(trained, sample_splits, tmp_path):
+    x, y = sample_splits.test.tensors()
+    kwargs = dict(attacks=["clean", "pgd20"], progress=False, checks=False)
+    on = evaluate(trained, (x[:60], y[:60]), **kwargs)
+    off = evaluate(trained, (x[:60], y[:60]), channels_last=False, **kwargs)
+    assert on["channels_last"] is True and off["channels_last"] is False
+    assert on["results"]["clean"] == off["results"]["clean"]
+    # same attack, same seed; only convolution rounding differs: at most one image in 60
+    assert abs(on["results"]["pgd20"] - off["results"]["pgd20"]) <= 100 / 60 + 1e-9
+    _checkpoint(trained, tmp_path / "best.pt")
+    code = evaluate_main(["--checkpoint", str(tmp_path / "best.pt"), "--attacks", "clean",
+                          "--n-examples", "20", "--out", str(tmp_path / "eval"), "--no-progress",
+                          "--no-checks", "--channels-last", "off"])
+    assert code == 0
+    assert json.loads((tmp_path / "eval" / "report.json").read_text())["channels_last"] is False

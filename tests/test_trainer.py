@@ -184,3 +184,29 @@ def test_autoattack_callback_records_reference_aa_on_validation_images(tmp_path)
     assert [h["epoch"] for h in history] == [2]  # every=2: only after the second epoch
     entry = history[0]
     assert entry["n"] == 12 and 0.0 <= entry["aa"] <= entry["clean"] <= 100.0
+
+
+def test_perf_compile_compiles_the_trained_model(tmp_path, monkeypatch) -> None:
+    """perf.compile=reduce-overhead reaches torch.compile, the run trains through the
+    compiled module (aot_eager here: no code generation on the test CPU) and saves the
+    plain model's weights."""
+    real_compile, modes = torch.compile, []
+
+    def aot_eager_compile(model, mode=None, dynamic=None, **kw):
+        modes.append((mode, dynamic))
+        return real_compile(model, backend="aot_eager", dynamic=dynamic)
+
+    monkeypatch.setattr(torch, "compile", aot_eager_compile)
+    torch._dynamo.reset()
+    cfg = load_config(None, [*TINY, "method.name=dat", "train.steps_per_epoch=2",
+                             "perf.compile=reduce-overhead", "train.test_attacks=[clean]",
+                             f"train.out_dir={tmp_path}", "train.run_name=compiled"])
+    trainer = Trainer(cfg, progress=False)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    metrics = trainer.fit()
+    assert modes == [("reduce-overhead", False)]
+    assert metrics["steps"] == 2 and metrics["bad_steps"] == 0  # finite, nothing rolled back
+    after = trainer.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained
+    saved = load_checkpoint(tmp_path / "compiled" / "checkpoints" / "last.pt")
+    assert not any("_orig_mod" in k for k in saved["model"])

@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--out", help="report folder (default: eval_<name> next to the checkpoint)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
+                   help="feed the model channels_last images (auto: on for CPU)")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda:N")
     p.add_argument("--seed", type=int, default=0)
@@ -130,7 +132,8 @@ def _run(args: argparse.Namespace) -> int:
         checks=not args.no_checks, progress=not args.no_progress, seed=args.seed, out_dir=out,
         sweep=args.sweep, diagnostics=args.diagnostics, heatmap=args.heatmap,
         heatmap_norm=args.heatmap_norm, heatmap_examples=args.heatmap_examples,
-        tensorboard=args.tensorboard)
+        tensorboard=args.tensorboard,
+        channels_last=None if args.channels_last == "auto" else args.channels_last == "on")
     from .report import format_markdown
 
     print(format_markdown(report))

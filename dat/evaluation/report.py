@@ -64,7 +64,9 @@ def format_markdown(report: dict) -> str:
     """The report as a Markdown page: results, AA breakdown, sweep, diagnostics, checks."""
     lines = ["# Robustness evaluation", "",
              f"{report['n']} examples, L-inf eps = {report['eps_255']:.3g}/255, "
-             f"precision {report['precision']}, seed {report['seed']}, device "
+             f"precision {report['precision']}"
+             f"{', channels_last' if report.get('channels_last') else ''}, "
+             f"seed {report['seed']}, device "
              f"{report['device']}, {report['seconds']:.1f} s.", ""]
     lines += _results_table(report) + _aa_lines(report) + _sweep_lines(report)
     lines += _diagnostic_lines(report)
