@@ -9,13 +9,15 @@ OUT=${OUT:-/tmp/out}; R=/tmp/res; mkdir -p "$OUT" "$R"
 pack() { tar -czf "$OUT/results.tgz" -C "$R" . ; echo "== packed after $1 ($(date +%T))"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$R/gpu.txt"
 python -c "import torch; print(torch.__version__)" | tee -a "$R/gpu.txt"
-# 1. throughput at batch 128 (every row) and 512 (DAT rows)
-python bench/throughput.py --device cuda --batch-size 128 --iters ${ITERS:-20} --json "$R/throughput_b128.json" 2>&1 | tee "$R/throughput_b128.txt"
+# 1. throughput at batch 128 (every row) and 512 (DAT rows), each with a torch.compile row
+#    per mode in COMPILE (compiling takes minutes; COMPILE= skips it)
+COMPILE=${COMPILE-reduce-overhead}
+python bench/throughput.py --device cuda --batch-size 128 --iters ${ITERS:-20} --compile "$COMPILE" --json "$R/throughput_b128.json" 2>&1 | tee "$R/throughput_b128.txt"
 pack throughput128
-python bench/throughput.py --device cuda --batch-size 512 --iters ${ITERS512:-10} --rows "${ROWS512:-reference,fast_dat,plain}" --json "$R/throughput_b512.json" 2>&1 | tee "$R/throughput_b512.txt"
+python bench/throughput.py --device cuda --batch-size 512 --iters ${ITERS512:-10} --rows "${ROWS512:-reference,fast_dat,plain}" --compile "$COMPILE" --json "$R/throughput_b512.json" 2>&1 | tee "$R/throughput_b512.txt"
 pack throughput512
 # 2. same-budget training reference vs fast, bf16 attack objective, WRN-34-10 memory
-python bench/gpu_check.py --data .devdata/cifar10_25k.npz --out "$R" --epochs ${GC_EPOCHS:-2} 2>&1 | tee "$R/gpu_check.txt"
+python bench/gpu_check.py --data .devdata/cifar10_25k.npz --out "$R" --epochs ${GC_EPOCHS:-2} --seeds ${GC_SEEDS:-1} 2>&1 | tee "$R/gpu_check.txt"
 pack gpu_check
 # 3. the real trainer on the GPU, then evaluate.py with AutoAttack on 1,000 test images
 python bench/unpack_npz.py .devdata/cifar10_25k.npz /tmp/c10 >/dev/null

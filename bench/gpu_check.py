@@ -3,7 +3,8 @@
     python bench/gpu_check.py --data .devdata/cifar10_25k.npz --out OUT_DIR
 
 1. Same budget, same data order: train ResNet-18 with the plain reference DAT step and
-   with the fast DATStep, then PGD-20 on held-out test images (robustness must match).
+   with the fast DATStep, then PGD-20 on held-out test images (robustness must match);
+   ``--seeds N`` repeats both for N seeds and reports the means.
 2. bf16 vs fp32 training attack: the EAEG objective reached on a fixed batch.
 3. Peak memory of a fast DAT step for WRN-34-10 at batch 128.
 The ``--data`` file has the layout of dat/assets/cifar10_sample.npz (scripts/make_sample.py).
@@ -48,8 +49,8 @@ def _load(path: str, device: torch.device):
     return out
 
 
-def _train(kind: str, data, args, device) -> tuple[torch.nn.Module, float]:
-    torch.manual_seed(0)
+def _train(kind: str, data, args, device, seed: int = 0) -> tuple[torch.nn.Module, float]:
+    torch.manual_seed(seed)
     model = dat.models.create(args.model, 10, dual_bn=True).to(device)
     gen = AmplitudeGenerator(num_classes=10, image_shape=(3, 32, 32)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -61,7 +62,7 @@ def _train(kind: str, data, args, device) -> tuple[torch.nn.Module, float]:
                    autocast_dtype=torch.bfloat16 if fast and device.type == "cuda" else None)
     images, labels = data["train"]
     images, labels = images[: args.train_n], labels[: args.train_n]
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     total = args.epochs * (len(images) // args.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.1, total_steps=total, pct_start=0.25)
     start = time.perf_counter()
@@ -129,6 +130,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--test-n", type=int, default=1000)
     p.add_argument("--fast-update", default="alternating")
+    p.add_argument("--seeds", type=int, default=1, help="repeat both runs with seeds 0..N-1")
     p.add_argument("--skip-wrn", action="store_true")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -136,17 +138,24 @@ def main() -> None:
     data = _load(args.data, device)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "args": vars(args)}
-    for kind in ("reference", "fast"):
-        model, seconds = _train(kind, data, args, device)
-        result[kind] = {"train_seconds": round(seconds, 1),
-                        **_robust_accuracy(model, data, args.test_n)}
-        print(kind, result[kind], flush=True)
-        if kind == "fast":
-            x, y = data["test"]
-            x, y = x[:256].float() / 255, y[:256]
-            result["attack_objective"] = {"fp32": _attack_objective(model, x, y, False),
-                                          "bf16": _attack_objective(model, x, y, True)}
-            print("attack objective", result["attack_objective"], flush=True)
+    for seed in range(args.seeds):
+        for kind in ("reference", "fast"):
+            model, seconds = _train(kind, data, args, device, seed)
+            res = {"seed": seed, "train_seconds": round(seconds, 1),
+                   **_robust_accuracy(model, data, args.test_n)}
+            result.setdefault(f"{kind}_runs", []).append(res)
+            print(kind, res, flush=True)
+            if kind == "fast" and seed == 0:
+                x, y = data["test"]
+                x, y = x[:256].float() / 255, y[:256]
+                result["attack_objective"] = {"fp32": _attack_objective(model, x, y, False),
+                                              "bf16": _attack_objective(model, x, y, True)}
+                print("attack objective", result["attack_objective"], flush=True)
+    for kind in ("reference", "fast"):  # mean over seeds
+        runs = result[f"{kind}_runs"]
+        result[kind] = {k: round(sum(r[k] for r in runs) / len(runs), 2)
+                        for k in runs[0] if k != "seed"}
+        print(kind, "mean over", len(runs), "seeds", result[kind], flush=True)
     if device.type == "cuda" and not args.skip_wrn:
         result["wrn34_10_b128_peak_gib"] = round(_wrn_memory(device, 128), 2)
         print("wrn34_10 peak GiB", result["wrn34_10_b128_peak_gib"], flush=True)
