@@ -287,10 +287,10 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  FAILED {name}: {table[name]['error']}", file=sys.stderr, flush=True)
     ref = next((v for k, v in table.items() if k.startswith("reference_dat") and "error" not in v),
                None)
-    for row in table.values():
+    for name, row in table.items():  # training rows only: evaluation has no reference
         if "error" not in row:
-            row["ratio_vs_reference"] = round(row["img_per_s"] / ref["img_per_s"], 2) if ref \
-                else None
+            row["ratio_vs_reference"] = round(row["img_per_s"] / ref["img_per_s"], 2) \
+                if ref and name not in eval_rows else None
     _print_table(table, args, device)
     for note in s.notes + ([s.aa_note] if getattr(s, "aa_note", None) else []):
         print(note)
