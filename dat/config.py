@@ -324,10 +324,12 @@ def validate(cfg: Config) -> None:
     if o.lr <= 0:
         raise ConfigError(f"optim.lr={o.lr} must be > 0")
     _choice(cfg.perf.precision, ("auto", "bf16", "fp32"), "perf.precision")
-    _choice(cfg.perf.channels_last, ("auto", "on", "off"), "perf.channels_last")
-    b = cfg.perf.batched_branches  # a bool before 2026-11-27
-    cfg.perf.batched_branches = {"true": "on", "false": "off"}.get(str(b).lower(), b)
-    _choice(cfg.perf.batched_branches, ("auto", "on", "off"), "perf.batched_branches")
+    for key in ("channels_last", "batched_branches"):
+        # YAML reads a bare on/off as a boolean (and batched_branches was one before
+        # 2026-11-27), so both arrive here as 'True' / 'False'
+        value = getattr(cfg.perf, key)
+        setattr(cfg.perf, key, {"true": "on", "false": "off"}.get(str(value).lower(), value))
+        _choice(getattr(cfg.perf, key), ("auto", "on", "off"), f"perf.{key}")
     c = cfg.perf.compile  # also a bool before 2026-11-27
     cfg.perf.compile = {"true": "default", "false": "off"}.get(str(c).lower(), c)
     _choice(cfg.perf.compile, COMPILE_MODES, "perf.compile")

@@ -72,6 +72,12 @@ def test_perf_switches_that_were_booleans_still_load(tmp_path: Path) -> None:
     assert (cfg.perf.compile, cfg.perf.batched_branches) == ("default", "off")
     cfg = load_config(overrides=["perf.compile=false", "perf.batched_branches=true"])
     assert (cfg.perf.compile, cfg.perf.batched_branches) == ("off", "on")
+    # YAML 1.1 reads bare on/off as booleans; they must still mean on/off
+    (tmp_path / "onoff.yaml").write_text("perf:\n  channels_last: off\n  batched_branches: on\n")
+    cfg = load_config(str(tmp_path / "onoff.yaml"))
+    assert (cfg.perf.channels_last, cfg.perf.batched_branches) == ("off", "on")
+    cfg = load_config(overrides=["perf.channels_last=on", "perf.batched_branches=off"])
+    assert (cfg.perf.channels_last, cfg.perf.batched_branches) == ("on", "off")
 
 
 def test_yaml_accepts_fractions_and_rejects_unknown_keys(tmp_path: Path) -> None:

@@ -210,3 +210,24 @@ def test_perf_compile_compiles_the_trained_model(tmp_path, monkeypatch) -> None:
     assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained
     saved = load_checkpoint(tmp_path / "compiled" / "checkpoints" / "last.pt")
     assert not any("_orig_mod" in k for k in saved["model"])
+
+
+def test_perf_auto_picks_the_measured_cpu_fast_path(tmp_path) -> None:
+    """auto on a CPU: channels_last on, branches as two B batches, fp32 (BENCHMARKS.md)."""
+    from dat.build import resolve_batched, resolve_channels_last
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_channels_last("auto", cpu) and resolve_channels_last("auto", cuda)
+    assert not resolve_batched("auto", cpu) and resolve_batched("auto", cuda)
+    assert resolve_batched("on", cpu) and not resolve_channels_last("off", cuda)
+    cfg = load_config(None, [*TINY, "method.name=dat", f"train.out_dir={tmp_path}"])
+    trainer = Trainer(cfg, progress=False)
+    conv = next(m for m in trainer.model.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert trainer.method.batched is False and trainer.method.autocast_dtype is None
+    off = load_config(None, [*TINY, "method.name=dat", f"train.out_dir={tmp_path}",
+                             "perf.channels_last=off", "perf.batched_branches=on",
+                             "train.run_name=off"])
+    trainer = Trainer(off, progress=False)
+    conv = next(m for m in trainer.model.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous() and trainer.method.batched is True
