@@ -48,7 +48,8 @@ class DualBatchNorm(nn.Module):
         half = x.shape[0] // 2
         if x.shape[0] != 2 * half:
             raise ValueError(f"split BatchNorm needs an even batch, got {x.shape[0]}")
-        return torch.cat([self.main(x[:half]), self.aux(x[half:])], dim=0)
+        first, second = x.split(half)  # one cat in backward (two slices would zero-fill twice)
+        return torch.cat([self.main(first), self.aux(second)], dim=0)
 
     def extra_repr(self) -> str:
         return f"branch={self.branch!r}"
