@@ -80,6 +80,23 @@ def test_project_clips_to_ball_and_range() -> None:
     assert torch.allclose(out, torch.tensor([0.0, 0.6, 0.9]))
 
 
+def test_pgd_equals_the_textbook_loop_bit_for_bit(make_warm_model, sample_batch) -> None:
+    """The fused step (sign, add, clamp into a box computed once) gives exactly the
+    iterates of ``project(x_adv + alpha * sign(grad), x, eps)``."""
+    model = make_warm_model().eval()
+    x, y = sample_batch
+    start = torch.empty_like(x).uniform_(-EPS, EPS, generator=torch.Generator().manual_seed(0))
+    ours = pgd(model, x, y, EPS, ALPHA, steps=5, start=start)
+    x_adv = project(x + start, x, EPS)
+    for _ in range(5):
+        x_adv = x_adv.detach().requires_grad_(True)
+        loss = F.cross_entropy(model(x_adv), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x_adv)
+        x_adv = project(x_adv.detach() + ALPHA * grad.sign(), x, EPS)
+    assert torch.equal(ours, x_adv)
+    assert (ours - x).abs().max() > EPS / 2  # it moved
+
+
 def test_eaeg_target_is_computed_once_from_the_clean_image(make_warm_model, sample_batch):
     x, y = sample_batch
     model = make_warm_model().eval()
