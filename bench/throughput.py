@@ -191,6 +191,31 @@ def _autoattack_row(s: _Setup, n: int, checkpoint: str | None):
     return run
 
 
+_NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided",
+              "lift_fresh", "_local_scalar_dense", "set_", "resize_"}
+
+
+def count_ops(fn: Callable[[], object]) -> int:
+    """ATen operations of one call of ``fn`` that do work: views and allocations excluded.
+
+    Each is at least one kernel launch on a GPU, so at batch 128, where a DAT step is
+    launch-bound, this count tracks the step time (BENCHMARKS.md).
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view and func.overloadpacket.__name__ not in _NO_KERNEL:
+                _Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count():
+        fn()
+    return _Count.n
+
+
 def _measure(name: str, fn: Callable[[], object], is_eval: bool, args: argparse.Namespace,
              device: torch.device) -> dict:
     warmup = 0 if name.startswith("autoattack") else 1
@@ -199,8 +224,11 @@ def _measure(name: str, fn: Callable[[], object], is_eval: bool, args: argparse.
     if name.startswith("autoattack"):
         images = args.aa_examples
     ips = images / seconds
-    return {"ms_per_iter": round(seconds * 1000, 2), "img_per_s": round(ips, 1),
-            "epoch_s_50k": round(50000 / ips, 1), "seconds": round(seconds, 3)}
+    row = {"ms_per_iter": round(seconds * 1000, 2), "img_per_s": round(ips, 1),
+           "epoch_s_50k": round(50000 / ips, 1), "seconds": round(seconds, 3)}
+    if args.count_ops and not is_eval and "compile(" not in name:
+        row["ops_per_iter"] = count_ops(fn)
+    return row
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -214,6 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--compile", default="", help="comma list of torch.compile modes "
                         "(default, reduce-overhead, max-autotune): one fast_dat row each")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="also count the ATen operations (kernels) of one training step")
     parser.add_argument("--rows", default="all", help="comma list of row-name prefixes")
     parser.add_argument("--json", default=None, help="also write the table as JSON here")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -308,15 +338,16 @@ def _print_table(table: dict, args: argparse.Namespace, device: torch.device) ->
         f"cpu, {torch.get_num_threads()} threads")
     print(f"\n{name}, torch {torch.__version__}, model {args.model}, batch {args.batch_size}, "
           f"eval batch {args.eval_batch_size} x {args.eval_examples} images")
-    print(f"| {'row':<44} | {'ms/iter':>9} | {'img/s':>9} | {'s/50k ep':>8} | {'x ref':>6} |")
-    print(f"|{'-' * 46}|{'-' * 11}|{'-' * 11}|{'-' * 10}|{'-' * 8}|")
+    print(f"| {'row':<44} | {'ms/iter':>9} | {'img/s':>9} | {'s/50k ep':>8} | {'x ref':>6} | "
+          f"{'ops/iter':>8} |")
+    print(f"|{'-' * 46}|{'-' * 11}|{'-' * 11}|{'-' * 10}|{'-' * 8}|{'-' * 10}|")
     for row, v in table.items():
         if "error" in v:
             print(f"| {row:<44} | failed: {v['error']} |")
             continue
         ratio = "" if v["ratio_vs_reference"] is None else f"{v['ratio_vs_reference']:.2f}"
         print(f"| {row:<44} | {v['ms_per_iter']:>9.1f} | {v['img_per_s']:>9.1f} | "
-              f"{v['epoch_s_50k']:>8.1f} | {ratio:>6} |")
+              f"{v['epoch_s_50k']:>8.1f} | {ratio:>6} | {v.get('ops_per_iter', ''):>8} |")
 
 
 if __name__ == "__main__":
