@@ -16,7 +16,7 @@ def test_throughput_table_on_cpu(tmp_path, capsys):
     out = tmp_path / "bench.json"
     table = throughput.main(["--rows", "reference,fast_dat,plain", "--batch-size", "4",
                              "--iters", "1", "--warmup", "0", "--json", str(out),
-                             "--compile", "no-such-mode"])
+                             "--compile", "no-such-mode", "--count-ops"])
     names = list(table)
     assert names[0].startswith("reference_dat")
     # every fast-path piece is flipped once on top of the device's defaults (CPU: fp32,
@@ -29,6 +29,11 @@ def test_throughput_table_on_cpu(tmp_path, capsys):
     assert "no-such-mode" in table.pop("fast_dat reversal + compile(no-such-mode)")["error"]
     for row in table.values():
         assert row["img_per_s"] > 0 and row["ratio_vs_reference"] > 0
+    # fewer operations than the published procedure: targets once, no generator recompute
+    ops = {name: row["ops_per_iter"] for name, row in table.items()}
+    assert ops["fast_dat reversal (all fast paths)"] < 0.8 * ops[names[0]]
+    assert ops["fast_dat reversal (all fast paths)"] < ops["fast_dat alternating"]
+    assert 0 < ops["plain_step (fwd+bwd+SGD)"] < ops["fast_dat alternating"]
     saved = json.loads(out.read_text())
     assert saved["meta"]["batch_size"] == 4 and set(saved["rows"]) >= set(table)
     assert "| reference_dat" in capsys.readouterr().out
