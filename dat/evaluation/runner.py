@@ -97,7 +97,7 @@ class _FastForward(nn.Module):
     """Runs the wrapped model under bf16 autocast and/or on channels_last images.
 
     Attacks still see NCHW float32 tensors: the layout change happens inside the forward
-    (oneDNN's channels_last convolutions make PGD about 1.4x faster on a CPU, BENCHMARKS.md),
+    (oneDNN's channels_last convolutions make PGD 1.6x faster on a CPU, BENCHMARKS.md),
     and logits come back as float32.
     """
 
