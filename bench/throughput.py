@@ -95,7 +95,7 @@ def _reference_row(s: _Setup):
 
 
 def _fast_row(s: _Setup, *, bf16: bool, channels_last: bool, batched: bool, update: str,
-              compile_mode: str = "off"):
+              compile_mode: str = "off", guard: bool = False):
     model, opt = s.model(channels_last=channels_last)
     g, gopt = s.generator()
     net = compile_model(model, compile_mode)
@@ -103,6 +103,16 @@ def _fast_row(s: _Setup, *, bf16: bool, channels_last: bool, batched: bool, upda
                    autocast_dtype=torch.bfloat16 if bf16 else None)
     step.model = net
     x, x_raw = s.inputs(channels_last)
+    if guard:  # the trainer's non-finite-step guard around each step
+        from dat.guard import StepGuard
+
+        step_guard = StepGuard([net], [opt], extra=step)
+
+        def guarded():
+            step_guard.snapshot()
+            step_guard.commit(step.run(x, s.y, x_raw)["loss"])
+
+        return guarded
     return lambda: step.run(x, s.y, x_raw)
 
 
@@ -279,6 +289,8 @@ def main(argv: list[str] | None = None) -> dict:
         "fast_dat reversal (all fast paths)": lambda: _fast_row(s, update="reversal", **fast),
         "fast_dat alternating": lambda: _fast_row(s, update="alternating", **fast),
     }
+    rows["fast_dat reversal + step guard (trainer)"] = (
+        lambda: _fast_row(s, update="reversal", guard=True, **fast))
     for key, label in flip.items():
         rows[f"fast_dat reversal, {label}"] = (
             lambda key=key: _fast_row(s, update="reversal", **{**fast, key: not fast[key]}))

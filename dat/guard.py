@@ -1,12 +1,14 @@
 """Skip non-finite training steps without a host sync per step.
 
 Before each step :meth:`StepGuard.snapshot` copies every parameter, buffer and optimiser
-state tensor (one fused copy per group); after it :meth:`StepGuard.commit` computes a
-device-side flag ``ok = isfinite(loss) and isfinite(|grad|) and isfinite(|params|)`` and
-puts the old values back with ``torch.where(ok, new, old)``. A bad step therefore leaves
-the model, its BN statistics and the optimiser exactly as they were, and nothing waits
-for the GPU: the trainer reads the counters only when it logs (every ``perf.log_every``
-steps), and stops once ``train.max_bad_steps`` consecutive steps were bad.
+state tensor into one flat buffer per (device, dtype); after it :meth:`StepGuard.commit`
+computes a device-side flag ``ok = isfinite(loss) and isfinite(|grad|) and isfinite(|params|)``
+and writes back ``torch.where(ok, new, old)``, again over the flat buffers: a handful of
+kernels per step instead of one per tensor, which matters where a step is launch-bound.
+A bad step therefore leaves the model, its BN statistics and the optimiser exactly as they
+were, and nothing waits for the GPU: the trainer reads the counters only when it logs
+(every ``perf.log_every`` steps), and stops once ``train.max_bad_steps`` consecutive steps
+were bad.
 
 Under torchrun, ``agree`` (:func:`dat.distributed.agree_all_ok`) makes the flag the AND
 over ranks, so every rank keeps or rolls back the same steps and the replicas stay equal.
@@ -52,7 +54,9 @@ class StepGuard:
         more_modules, more_optims = owned_modules_and_optimizers(extra)
         self.modules = unique_objects([*modules, *more_modules])
         self.optimizers = unique_objects([*optimizers, *more_optims])
-        self._saved: dict[int, Tensor] = {}
+        # per (device, dtype): the tensors and one flat copy of them all
+        self._saved: dict[tuple, tuple[list[Tensor], Tensor]] = {}
+        self._buffers: dict[tuple, Tensor] = {}  # reused flat storage of the snapshots
         self.agree = agree  # ok on this rank -> ok on every rank (None: single process)
         self.consecutive: Tensor | None = None  # device-side counters, read when logging
         self.peak: Tensor | None = None
@@ -71,14 +75,14 @@ class StepGuard:
     @torch.no_grad()
     def snapshot(self) -> None:
         """Copy the current state (call right before the step)."""
-        tensors = self._tensors()
-        saved = {id(t): self._saved.get(id(t)) for t in tensors}
-        for t in tensors:
-            s = saved[id(t)]
-            if s is None or s.shape != t.shape or s.dtype != t.dtype or s.device != t.device:
-                saved[id(t)] = torch.empty_like(t)
-        self._saved = saved
-        torch._foreach_copy_([saved[id(t)] for t in tensors], tensors)
+        self._saved = {}
+        for key, (tensors, flat) in _dense_groups(self._tensors()).items():
+            old = self._buffers.get(key)
+            total = sum(f.numel() for f in flat)
+            if old is None or old.numel() != total:
+                old = self._buffers[key] = flat[0].new_empty(total)
+            torch.cat(flat, out=old)  # one copy for the whole group
+            self._saved[key] = (tensors, old)
 
     @torch.no_grad()
     def commit(self, loss: Tensor | None) -> Tensor:
@@ -91,14 +95,20 @@ class StepGuard:
             ok = ok & loss.detach().float().isfinite().all().to(ok.device)
         if self.agree is not None:
             ok = self.agree(ok)
-        for t in self._tensors():
-            if t.device != ok.device:
+        snapshotted = set()
+        for key, (tensors, saved) in self._saved.items():
+            snapshotted.update(id(t) for t in tensors)
+            if saved.device != ok.device:
                 continue
-            saved = self._saved.get(id(t))
-            if saved is None:
+            if len(key) == 3:  # a lone non-dense tensor, saved in logical order
+                tensors[0].copy_(torch.where(ok, tensors[0], saved.view(tensors[0].shape)))
+                continue
+            flat = [_memory_flat(t) for t in tensors]
+            kept = torch.where(ok, torch.cat(flat), saved)  # a few kernels, no host sync
+            torch._foreach_copy_(flat, list(kept.split([f.numel() for f in flat])))
+        for t in self._tensors():  # state created during this step (SGD's first momentum)
+            if id(t) not in snapshotted and t.device == ok.device:
                 t.masked_fill_(~ok, 0)
-            else:
-                torch.where(ok, t, saved, out=t)  # one kernel, no host sync
         self._count(ok)
         return ok
 
@@ -122,6 +132,29 @@ class StepGuard:
         out = [self.peak.float(), self.recent.float()]
         self.peak, self.recent = self.consecutive.clone(), torch.zeros_like(self.recent)
         return out
+
+
+def _memory_flat(t: Tensor) -> Tensor:
+    """A 1-D view of ``t`` in memory order (``t`` must be dense, any layout)."""
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+def _is_dense(t: Tensor) -> bool:
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(
+        memory_format=torch.channels_last))
+
+
+def _dense_groups(tensors: list[Tensor]) -> dict[tuple, tuple[list[Tensor], list[Tensor]]]:
+    """Tensors grouped by (device, dtype) with their flat views; a tensor that is not dense
+    gets a group of its own (its clone is then an ordinary copy)."""
+    groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
+    for t in tensors:
+        key = (t.device, t.dtype) if _is_dense(t) else (t.device, t.dtype, id(t))
+        flat = _memory_flat(t) if _is_dense(t) else t.reshape(-1)
+        members, views = groups.setdefault(key, ([], []))
+        members.append(t)
+        views.append(flat)
+    return groups
 
 
 SATURATED_SHARE = 0.95  # of sigmoid outputs within 0.01 of 0 or 1

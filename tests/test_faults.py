@@ -18,13 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from dat.checkpoint import load_checkpoint
 from dat.cli import train_main
 from dat.config import load_config
 from dat.data import DataError, DatasetSplits, ImageSet
 from dat.generator import AmplitudeGenerator
-from dat.guard import generator_warnings
+from dat.guard import StepGuard, generator_warnings
 from dat.methods.dat import generator_health
 from dat.trainer import Trainer, TrainingError
 
@@ -289,3 +290,50 @@ def test_a_saturated_or_collapsed_generator_is_reported() -> None:
     assert pinned["gen_saturated"] == 1.0 and pinned["gen_batch_std"] < 1e-6
     messages = generator_warnings(pinned)
     assert [m.split(":")[0] for m in messages] == ["generator saturated", "generator collapsed"]
+
+
+def test_step_guard_rolls_back_every_layout_exactly_in_a_few_kernels() -> None:
+    """Rollback is bit-exact for channels_last, non-dense and integer tensors, and costs a
+    handful of operations however many tensors there are (one kernel each on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 3, 3) for _ in range(40)]
+    model = nn.Sequential(*layers, nn.BatchNorm2d(3))
+    model[0].to(memory_format=torch.channels_last)
+    model[1].weight.data = model[1].weight.data.transpose(0, 1)  # not dense in any layout
+    assert not model[1].weight.is_contiguous()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    guard = StepGuard([model], [opt])
+
+    def step(poison: bool) -> None:
+        guard.snapshot()
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        model[-1].num_batches_tracked += 1
+        loss = torch.tensor(float("nan") if poison else 1.0)
+        guard.commit(loss)
+
+    step(False)  # creates the momentum buffers
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    momentum = [s["momentum_buffer"].clone() for s in opt.state.values()]
+    step(True)
+    assert _state_equal(state, model.state_dict())
+    assert all(torch.equal(a, s["momentum_buffer"]) for a, s in zip(
+        momentum, opt.state.values(), strict=True))
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    step(False)
+    assert not torch.equal(state["0.weight"], model[0].weight)  # a good step is kept
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        guard.snapshot()
+        guard.commit(torch.tensor(1.0))
+    assert len(guard._tensors()) > 160 and Count.n < 40, Count.n
