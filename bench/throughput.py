@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from op_count import count_ops  # noqa: E402
 from reference_dat import reference_dat_step  # noqa: E402
 
 import dat  # noqa: E402
@@ -199,31 +200,6 @@ def _autoattack_row(s: _Setup, n: int, checkpoint: str | None):
                      f" AA {report['results']['aa']:.1f}%")
 
     return run
-
-
-_NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided",
-              "lift_fresh", "_local_scalar_dense", "set_", "resize_"}
-
-
-def count_ops(fn: Callable[[], object]) -> int:
-    """ATen operations of one call of ``fn`` that do work: views and allocations excluded.
-
-    Each is at least one kernel launch on a GPU, so at batch 128, where a DAT step is
-    launch-bound, this count tracks the step time (BENCHMARKS.md).
-    """
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class _Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not func.is_view and func.overloadpacket.__name__ not in _NO_KERNEL:
-                _Count.n += 1
-            return func(*args, **(kwargs or {}))
-
-    with _Count():
-        fn()
-    return _Count.n
 
 
 def _measure(name: str, fn: Callable[[], object], is_eval: bool, args: argparse.Namespace,

@@ -48,8 +48,8 @@ class WeightAverager:
     def _average(self, model: nn.Module, weight: float) -> None:
         avg, cur, avg_int, cur_int = self._pairs(model)
         torch._foreach_lerp_(avg, cur, weight)  # one fused kernel per dtype/device group
-        for a, b in zip(avg_int, cur_int, strict=True):
-            a.copy_(b)
+        if avg_int:
+            torch._foreach_copy_(avg_int, cur_int)  # integer buffers (BN batch counts)
         self.n_averaged += 1
 
     def update_step(self, model: nn.Module) -> None:

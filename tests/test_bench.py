@@ -37,3 +37,13 @@ def test_throughput_table_on_cpu(tmp_path, capsys):
     saved = json.loads(out.read_text())
     assert saved["meta"]["batch_size"] == 4 and set(saved["rows"]) >= set(table)
     assert "| reference_dat" in capsys.readouterr().out
+
+
+def test_trainer_adds_few_operations_per_step():
+    """The trainer's own per-step work (guard, stat sums, EMA) stays a few dozen
+    operations, not one per tensor: on a GPU each is a kernel launch."""
+    import trainer_ops
+
+    counts = trainer_ops.main(["--model", "resnet_tiny"])
+    assert counts["method_run"] > 500
+    assert 0 < counts["trainer_overhead"] < 60, counts

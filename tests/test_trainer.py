@@ -231,3 +231,17 @@ def test_perf_auto_picks_the_measured_cpu_fast_path(tmp_path) -> None:
     trainer = Trainer(off, progress=False)
     conv = next(m for m in trainer.model.modules() if isinstance(m, nn.Conv2d))
     assert conv.weight.is_contiguous() and trainer.method.batched is True
+
+
+def test_step_stats_are_summed_on_the_device_by_name(tmp_path) -> None:
+    """Good steps' stats add up in one vector; a stat that comes and goes keeps its name."""
+    trainer = Trainer(load_config(None, [*TINY, "method.name=trades",
+                                         f"train.out_dir={tmp_path}"]), progress=False)
+    trainer._reset_log()
+    yes, no = torch.tensor(True), torch.tensor(False)
+    trainer._accumulate({"a": torch.tensor(1.0), "b": torch.tensor(2.0)}, yes)
+    trainer._accumulate({"a": torch.tensor(1.0), "b": torch.tensor(3.0)}, yes)
+    trainer._accumulate({"a": torch.tensor(1.0), "c": torch.tensor(5.0)}, yes)
+    trainer._accumulate({"a": torch.tensor(7.0), "c": torch.tensor(float("nan"))}, no)
+    assert trainer._sum_keys == ("a", "b", "c")
+    assert trainer._sum_vec.tolist() == [3.0, 5.0, 5.0] and float(trainer._good) == 3.0
