@@ -1,8 +1,8 @@
 """Training-time inner maximisation: PGD (Madry), TRADES-KL and DAT's EAEG.
 
-Every attack is L-inf in [0, 1] pixel space, runs the model in eval mode (restoring
-its ``training`` flag afterwards), never accumulates parameter gradients, and uses the
-BN branch the caller routes (``branch=...`` or an enclosing ``bn_branch``). Losses are
+Every attack is L-inf in [0, 1] pixel space, runs the model in eval mode with its
+parameters frozen (both restored afterwards), never accumulates parameter gradients, and
+uses the BN branch the caller routes (``branch=...`` or an enclosing ``bn_branch``). Losses are
 summed over the batch, so a sample's step does not depend on what else is in the
 batch: attacking ``cat([x, x_hat])`` with split BN equals two separate attacks (bit for
 bit on CPU and in fp64 on CUDA; with TF32/bf16 convolutions rounding flips the sign of
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .losses import cw_margin, kl_divergence
 from .models.dual_bn import bn_branch
 
-__all__ = ["eaeg", "eval_mode", "pgd", "project", "trades_kl"]
+__all__ = ["eaeg", "eval_mode", "frozen_parameters", "pgd", "project", "trades_kl"]
 
 
 @contextlib.contextmanager
@@ -40,6 +40,24 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = flag
 
 
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[nn.Module]:
+    """Parameters stop requiring gradients inside the block, and are restored after.
+
+    An attack needs gradients w.r.t. its input only. Eager autograd skips weight gradients
+    by itself, but a ``torch.compile``d model's backward graph computes them all: frozen,
+    the compiled attack runs 15% faster on a CPU (BENCHMARKS.md), with identical results.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
     """Project onto the L-inf ball of radius ``eps`` around ``x`` and onto [0, 1]."""
     x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
@@ -56,7 +74,8 @@ def _ascend(model, x, x_adv, loss_fn, eps, alpha, steps, branch) -> Tensor:
     # is exact).
     low, high = (x - eps).clamp_(min=0.0), (x + eps).clamp_(max=1.0)
     # enable_grad: callers often attack inside torch.no_grad() (evaluation loops).
-    with eval_mode(model), _branch(model, branch), torch.enable_grad():
+    with eval_mode(model), _branch(model, branch), frozen_parameters(model), \
+            torch.enable_grad():
         for _ in range(steps):
             x_adv = x_adv.detach().requires_grad_(True)
             loss = loss_fn(model(x_adv))

@@ -97,6 +97,25 @@ def test_pgd_equals_the_textbook_loop_bit_for_bit(make_warm_model, sample_batch)
     assert (ours - x).abs().max() > EPS / 2  # it moved
 
 
+def test_attacks_freeze_parameters_and_restore_every_flag(make_warm_model, sample_batch):
+    """Inside the attack no parameter requires grad (a compiled backward would compute
+    weight gradients otherwise); afterwards each flag is as the caller left it."""
+    model = make_warm_model()
+    x, y = sample_batch
+    user_frozen = next(model.parameters())
+    user_frozen.requires_grad_(False)
+    seen = []
+    model.register_forward_hook(lambda m, i, o: seen.append(
+        any(p.requires_grad for p in m.parameters())))
+    pgd(model, x, y, EPS, ALPHA, steps=2)
+    assert seen == [False, False]
+    assert not user_frozen.requires_grad
+    assert all(p.requires_grad for p in model.parameters() if p is not user_frozen)
+    with pytest.raises(ValueError, match="batch_size"):
+        pgd(model, x, y[:1], EPS, ALPHA, steps=2)  # fails inside the attack
+    assert all(p.requires_grad for p in model.parameters() if p is not user_frozen)
+
+
 def test_eaeg_target_is_computed_once_from_the_clean_image(make_warm_model, sample_batch):
     x, y = sample_batch
     model = make_warm_model().eval()
