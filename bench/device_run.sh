@@ -29,3 +29,6 @@ pack train
 python evaluate.py --checkpoint /tmp/runs/gpu/checkpoints/best.pt --attacks clean,pgd20,cw,aa \
   --n-examples 1000 --out "$R/eval" --no-progress 2>&1 | tee "$R/eval.txt"
 pack eval
+# 4. compiled attacks: weight gradients skipped by frozen parameters (bench/compiled_attack.py)
+python bench/compiled_attack.py --device cuda --model resnet18 --batch-size 128 2>&1 | grep -v '^W1' | tee "$R/compiled_attack.txt"
+pack compiled_attack
