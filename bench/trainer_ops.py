@@ -2,9 +2,9 @@
 
     python bench/trainer_ops.py [--model resnet18] [overrides ...]
 
-Builds the trainer on the bundled sample (EMA on, batched branches on, as on a GPU) and
-counts, with ``op_count.count_ops``, one ``Trainer._train_step`` and one bare
-``method.run`` on the same batch. The difference is the trainer's own per-step work: the
+Builds the trainer on the bundled sample (EMA, batched branches and the fused step guard
+on, as on a GPU) and counts, with ``op_count.count_ops``, one ``Trainer._train_step`` and
+one bare ``method.run`` on the same batch. The difference is the trainer's own per-step work: the
 non-finite-step guard, the device-side stat sums and the weight average.
 """
 
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
             "train.weight_averaging=ema", "train.image_every=0", "perf.batched_branches=on",
             f"train.out_dir={out}", *args.overrides])
         trainer = Trainer(cfg, progress=False)
+        trainer.guard.fused = True  # the guard as on CUDA (on a CPU it runs per tensor)
         trainer._reset_log()
         trainer._bar = type("NoBar", (), {"update": lambda self, n: None})()
         x, x_raw, y = batch = next(iter(trainer.loader))

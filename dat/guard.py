@@ -1,10 +1,11 @@
 """Skip non-finite training steps without a host sync per step.
 
 Before each step :meth:`StepGuard.snapshot` copies every parameter, buffer and optimiser
-state tensor into one flat buffer per (device, dtype); after it :meth:`StepGuard.commit`
-computes a device-side flag ``ok = isfinite(loss) and isfinite(|grad|) and isfinite(|params|)``
-and writes back ``torch.where(ok, new, old)``, again over the flat buffers: a handful of
-kernels per step instead of one per tensor, which matters where a step is launch-bound.
+state tensor; after it :meth:`StepGuard.commit` computes a device-side flag
+``ok = isfinite(loss) and isfinite(|grad|) and isfinite(|params|)`` and writes back
+``torch.where(ok, new, old)``. On CUDA both go through one flat buffer per (device, dtype),
+a handful of kernels per step instead of one per tensor, since a step there is
+launch-bound; on a CPU, one kernel per tensor moves half the bytes.
 A bad step therefore leaves the model, its BN statistics and the optimiser exactly as they
 were, and nothing waits for the GPU: the trainer reads the counters only when it logs
 (every ``perf.log_every`` steps), and stops once ``train.max_bad_steps`` consecutive steps
@@ -50,13 +51,17 @@ class StepGuard:
     """Roll back any step whose loss, gradients or parameters are not finite."""
 
     def __init__(self, modules: list[nn.Module], optimizers: list, extra: object = None,
-                 agree: Callable[[Tensor], Tensor] | None = None) -> None:
+                 agree: Callable[[Tensor], Tensor] | None = None,
+                 fused: bool | None = None) -> None:
         more_modules, more_optims = owned_modules_and_optimizers(extra)
         self.modules = unique_objects([*modules, *more_modules])
         self.optimizers = unique_objects([*optimizers, *more_optims])
-        # per (device, dtype): the tensors and one flat copy of them all
-        self._saved: dict[tuple, tuple[list[Tensor], Tensor]] = {}
-        self._buffers: dict[tuple, Tensor] = {}  # reused flat storage of the snapshots
+        # fused: one flat buffer per (device, dtype), a few kernels in all; else one buffer
+        # and one kernel per tensor, but half the memory traffic. None: fused on CUDA, where
+        # launches cost more than bytes; per tensor on a CPU, where the reverse holds.
+        self.fused = fused
+        self._saved: list[tuple[list[Tensor], Tensor, bool]] = []  # (tensors, copy, flat?)
+        self._buffers: dict[tuple, Tensor] = {}  # snapshot storage, reused between steps
         self.agree = agree  # ok on this rank -> ok on every rank (None: single process)
         self.consecutive: Tensor | None = None  # device-side counters, read when logging
         self.peak: Tensor | None = None
@@ -72,17 +77,32 @@ class StepGuard:
                 found += [v for v in state.values() if torch.is_tensor(v)]
         return unique_objects(found)
 
+    def _buffer(self, key: tuple, like: Tensor, numel: int | None = None) -> Tensor:
+        old = self._buffers.get(key)
+        if numel is not None:  # a flat buffer
+            if old is None or old.numel() != numel or old.dtype != like.dtype:
+                old = self._buffers[key] = like.new_empty(numel)
+        elif (old is None or old.shape != like.shape or old.dtype != like.dtype
+              or old.device != like.device or old.stride() != like.stride()):
+            old = self._buffers[key] = torch.empty_like(like)
+        return old
+
     @torch.no_grad()
     def snapshot(self) -> None:
         """Copy the current state (call right before the step)."""
-        self._saved = {}
-        for key, (tensors, flat) in _dense_groups(self._tensors()).items():
-            old = self._buffers.get(key)
-            total = sum(f.numel() for f in flat)
-            if old is None or old.numel() != total:
-                old = self._buffers[key] = flat[0].new_empty(total)
-            torch.cat(flat, out=old)  # one copy for the whole group
-            self._saved[key] = (tensors, old)
+        tensors = self._tensors()
+        fused = self.fused if self.fused is not None else any(t.is_cuda for t in tensors)
+        single = [t for t in tensors if not (fused and _is_dense(t))]
+        self._saved = []
+        if fused:
+            for key, (group, flat) in _dense_groups([t for t in tensors if _is_dense(t)]).items():
+                buffer = self._buffer(key, flat[0], sum(f.numel() for f in flat))
+                torch.cat(flat, out=buffer)  # one copy for the whole group
+                self._saved.append((group, buffer, True))
+        copies = [self._buffer((id(t),), t) for t in single]
+        if single:
+            torch._foreach_copy_(copies, single)
+        self._saved += [([t], c, False) for t, c in zip(single, copies, strict=True)]
 
     @torch.no_grad()
     def commit(self, loss: Tensor | None) -> Tensor:
@@ -96,15 +116,15 @@ class StepGuard:
         if self.agree is not None:
             ok = self.agree(ok)
         snapshotted = set()
-        for key, (tensors, saved) in self._saved.items():
+        for tensors, saved, flat_group in self._saved:
             snapshotted.update(id(t) for t in tensors)
             if saved.device != ok.device:
                 continue
-            if len(key) == 3:  # a lone non-dense tensor, saved in logical order
-                tensors[0].copy_(torch.where(ok, tensors[0], saved.view(tensors[0].shape)))
+            if not flat_group:
+                torch.where(ok, tensors[0], saved, out=tensors[0])  # no host sync
                 continue
             flat = [_memory_flat(t) for t in tensors]
-            kept = torch.where(ok, torch.cat(flat), saved)  # a few kernels, no host sync
+            kept = torch.where(ok, torch.cat(flat), saved)
             torch._foreach_copy_(flat, list(kept.split([f.numel() for f in flat])))
         for t in self._tensors():  # state created during this step (SGD's first momentum)
             if id(t) not in snapshotted and t.device == ok.device:
@@ -145,15 +165,12 @@ def _is_dense(t: Tensor) -> bool:
 
 
 def _dense_groups(tensors: list[Tensor]) -> dict[tuple, tuple[list[Tensor], list[Tensor]]]:
-    """Tensors grouped by (device, dtype) with their flat views; a tensor that is not dense
-    gets a group of its own (its clone is then an ordinary copy)."""
+    """Dense tensors grouped by (device, dtype), with their flat memory-order views."""
     groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
     for t in tensors:
-        key = (t.device, t.dtype) if _is_dense(t) else (t.device, t.dtype, id(t))
-        flat = _memory_flat(t) if _is_dense(t) else t.reshape(-1)
-        members, views = groups.setdefault(key, ([], []))
+        members, views = groups.setdefault((t.device, t.dtype), ([], []))
         members.append(t)
-        views.append(flat)
+        views.append(_memory_flat(t))
     return groups
 
 
