@@ -3,7 +3,10 @@
 # Carry: .devdata (cifar10_25k.npz) and .whl/site (pure-python packages missing there).
 # Everything lands in /tmp/res and is packed into $OUT/results.tgz after each stage, so a
 # timeout still returns what finished (the device tool returns at most 8 files).
+# STAGES picks stages (default "1 2 3 4"), so the checks can be split over two calls.
 set -u
+STAGES=" ${STAGES:-1 2 3 4} "
+want() { [[ "$STAGES" == *" $1 "* ]]; }
 export PYTHONPATH=$PWD/.whl/site:$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; R=/tmp/res; mkdir -p "$OUT" "$R"
 pack() { tar -czf "$OUT/results.tgz" -C "$R" . ; echo "== packed after $1 ($(date +%T))"; }
@@ -12,14 +15,19 @@ python -c "import torch; print(torch.__version__)" | tee -a "$R/gpu.txt"
 # 1. throughput at batch 128 (every row) and 512 (DAT rows), each with a torch.compile row
 #    per mode in COMPILE (compiling takes minutes; COMPILE= skips it)
 COMPILE=${COMPILE-reduce-overhead}
+if want 1; then
 python bench/throughput.py --device cuda --batch-size 128 --iters ${ITERS:-20} --compile "$COMPILE" --json "$R/throughput_b128.json" 2>&1 | tee "$R/throughput_b128.txt"
 pack throughput128
 python bench/throughput.py --device cuda --batch-size 512 --iters ${ITERS512:-10} --rows "${ROWS512:-reference,fast_dat,plain}" --compile "$COMPILE" --json "$R/throughput_b512.json" 2>&1 | tee "$R/throughput_b512.txt"
 pack throughput512
+fi
 # 2. same-budget training reference vs fast, bf16 attack objective, WRN-34-10 memory
+if want 2; then
 python bench/gpu_check.py --data .devdata/cifar10_25k.npz --out "$R" --epochs ${GC_EPOCHS:-2} --seeds ${GC_SEEDS:-1} 2>&1 | tee "$R/gpu_check.txt"
 pack gpu_check
+fi
 # 3. the real trainer on the GPU, then evaluate.py with AutoAttack on 1,000 test images
+if want 3; then
 python bench/unpack_npz.py .devdata/cifar10_25k.npz /tmp/c10 >/dev/null
 python train.py model.name=resnet18 data.name=imagefolder data.root=/tmp/c10 train.epochs=${TRAIN_EPOCHS:-5} \
   optim.schedule=cosine data.batch_size=256 optim.lr=0.2 train.val_examples=500 train.image_every=0 \
@@ -29,6 +37,9 @@ pack train
 python evaluate.py --checkpoint /tmp/runs/gpu/checkpoints/best.pt --attacks clean,pgd20,cw,aa \
   --n-examples 1000 --out "$R/eval" --no-progress 2>&1 | tee "$R/eval.txt"
 pack eval
+fi
 # 4. compiled attacks: weight gradients skipped by frozen parameters (bench/compiled_attack.py)
+if want 4; then
 python bench/compiled_attack.py --device cuda --model resnet18 --batch-size 128 2>&1 | grep -v '^W1' | tee "$R/compiled_attack.txt"
 pack compiled_attack
+fi
