@@ -103,6 +103,8 @@ class StepGuard:
         if single:
             torch._foreach_copy_(copies, single)
         self._saved += [([t], c, False) for t, c in zip(single, copies, strict=True)]
+        used = {id(copy) for _, copy, _ in self._saved}  # drop storage of tensors now gone
+        self._buffers = {k: v for k, v in self._buffers.items() if id(v) in used}
 
     @torch.no_grad()
     def commit(self, loss: Tensor | None) -> Tensor:

@@ -327,6 +327,10 @@ def test_step_guard_rolls_back_every_layout_exactly_in_a_few_kernels(fused) -> N
     assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
     step(False)
     assert not torch.equal(state["0.weight"], model[0].weight)  # a good step is kept
+    for st in opt.state.values():  # new state tensors (e.g. a reloaded optimiser) ...
+        st["momentum_buffer"] = st["momentum_buffer"].clone()
+    guard.snapshot()
+    assert len(guard._buffers) == len(guard._saved)  # ... do not leave stale copies behind
 
     class Count(TorchDispatchMode):
         n = 0
