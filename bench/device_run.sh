@@ -38,8 +38,15 @@ python evaluate.py --checkpoint /tmp/runs/gpu/checkpoints/best.pt --attacks clea
   --n-examples 1000 --out "$R/eval" --no-progress 2>&1 | tee "$R/eval.txt"
 pack eval
 fi
-# 4. compiled attacks: weight gradients skipped by frozen parameters (bench/compiled_attack.py)
+# 4. compiled attacks: weight gradients skipped by frozen parameters (bench/compiled_attack.py),
+#    and evaluation with BN folded (bench/fold_bn.py)
 if want 4; then
 python bench/compiled_attack.py --device cuda --model resnet18 --batch-size 128 2>&1 | grep -v '^W1' | tee "$R/compiled_attack.txt"
 pack compiled_attack
+# BN folded into the convolutions for evaluation (dat.evaluate's fold_bn; auto is CPU-only
+# until this is measured)
+for prec in fp32 bf16; do
+python bench/fold_bn.py --device cuda --model resnet18 --examples 5000 --batch-size 500 --reps 3 --precision $prec 2>&1 | tee -a "$R/fold_bn.txt"
+done
+pack fold_bn
 fi

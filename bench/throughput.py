@@ -154,12 +154,15 @@ def _plain_row(s: _Setup, *, bf16: bool, channels_last: bool):
     return step
 
 
-def _pgd20_eval_row(s: _Setup, *, bf16: bool, channels_last: bool, n: int):
-    """The evaluation suite's PGD-20 through dat.evaluate's forward wrapper."""
+def _pgd20_eval_row(s: _Setup, *, bf16: bool, channels_last: bool, fold: bool, n: int):
+    """The evaluation suite's PGD-20 through dat.evaluate's forward wrapper, on the
+    BN-folded copy of the model when ``fold``."""
     from dat.evaluation.runner import _FastForward
     from dat.evaluation.suite import make_attack
+    from dat.models.folding import fold_batchnorm
 
     model, _ = s.model(dual_bn=False)
+    model = fold_batchnorm(model)[0].to(s.device) if fold else model.eval()
     net = _FastForward(model, bf16, channels_last).eval()
     gen = torch.Generator().manual_seed(1)
     x = torch.rand(n, 3, 32, 32, generator=gen).to(s.device)
@@ -279,15 +282,18 @@ def main(argv: list[str] | None = None) -> dict:
         rows[f"fast_dat reversal + compile({mode})"] = (
             lambda mode=mode: _compiled(s, _fast_row(s, update="reversal", compile_mode=mode,
                                                      **fast), mode))
-    eval_cl = device.type == "cpu"  # dat.evaluate's channels_last default
-    cl_label = "no channels_last" if eval_cl else "channels_last"
+    # dat.evaluate's defaults: channels_last and BN folding on for CPU
+    ev = dict(channels_last=device.type == "cpu", fold=device.type == "cpu",
+              n=args.eval_examples)
+    cl_label = "no channels_last" if ev["channels_last"] else "channels_last"
+    fold_label = "BN not folded" if ev["fold"] else "BN folded"
     eval_rows = {
-        "pgd20_eval fp32": lambda: _pgd20_eval_row(s, bf16=False, channels_last=eval_cl,
-                                                   n=args.eval_examples),
+        "pgd20_eval fp32": lambda: _pgd20_eval_row(s, bf16=False, **ev),
         f"pgd20_eval fp32, {cl_label}": lambda: _pgd20_eval_row(
-            s, bf16=False, channels_last=not eval_cl, n=args.eval_examples),
-        "pgd20_eval bf16": lambda: _pgd20_eval_row(s, bf16=True, channels_last=eval_cl,
-                                                   n=args.eval_examples),
+            s, bf16=False, **{**ev, "channels_last": not ev["channels_last"]}),
+        f"pgd20_eval fp32, {fold_label}": lambda: _pgd20_eval_row(
+            s, bf16=False, **{**ev, "fold": not ev["fold"]}),
+        "pgd20_eval bf16": lambda: _pgd20_eval_row(s, bf16=True, **ev),
         "autoattack (standard, pyautoattack)":
             lambda: _autoattack_row(s, args.aa_examples, args.aa_checkpoint),
     }

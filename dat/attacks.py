@@ -1,7 +1,8 @@
 """Training-time inner maximisation: PGD (Madry), TRADES-KL and DAT's EAEG.
 
-Every attack is L-inf in [0, 1] pixel space, runs the model in eval mode with its
-parameters frozen (both restored afterwards), never accumulates parameter gradients, and
+Every attack is L-inf in [0, 1] pixel space, runs the model in eval mode (a compiled
+model also with its parameters frozen; both restored afterwards), never accumulates
+parameter gradients, and
 uses the BN branch the caller routes (``branch=...`` or an enclosing ``bn_branch``). Losses are
 summed over the batch, so a sample's step does not depend on what else is in the
 batch: attacking ``cat([x, x_hat])`` with split BN equals two separate attacks (bit for
@@ -12,6 +13,7 @@ some small gradients, so the two differ in a fraction of pixels by multiples of 
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -21,7 +23,7 @@ from torch import Tensor, nn
 from .losses import cw_margin, kl_divergence
 from .models.dual_bn import bn_branch
 
-__all__ = ["eaeg", "eval_mode", "frozen_parameters", "pgd", "project", "trades_kl"]
+__all__ = ["eaeg", "eval_mode", "frozen_parameters", "is_compiled", "pgd", "project", "trades_kl"]
 
 
 @contextlib.contextmanager
@@ -47,7 +49,7 @@ def frozen_parameters(model: nn.Module) -> Iterator[nn.Module]:
     An attack needs gradients w.r.t. its input only. Eager autograd skips weight gradients
     by itself, but a ``torch.compile``d model's backward graph computes them all: frozen,
     the compiled EAEG runs 27% faster on a CPU (``bench/compiled_attack.py``), with
-    identical results.
+    identical results. The attacks freeze compiled models only (see :func:`is_compiled`).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
@@ -57,6 +59,25 @@ def frozen_parameters(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for p in params:
             p.requires_grad_(True)
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` or a sub-module went through ``torch.compile``.
+
+    Only then do the attacks freeze the parameters: an eager model keeps them trainable
+    because autocast caches its low-precision weight copies for leaves that require grad,
+    so a frozen eager model under bf16 would re-cast every weight at every attack step
+    (110 extra kernels per ResNet-18 DAT step, ``bench/trainer_ops.py``).
+    """
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")  # absent: nothing was compiled
+    if dynamo is None:
+        return False
+    return any(isinstance(m, dynamo.OptimizedModule)
+               or getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+
+
+def _frozen_if_compiled(model: nn.Module):
+    return frozen_parameters(model) if is_compiled(model) else contextlib.nullcontext(model)
 
 
 def project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
@@ -75,7 +96,7 @@ def _ascend(model, x, x_adv, loss_fn, eps, alpha, steps, branch) -> Tensor:
     # is exact).
     low, high = (x - eps).clamp_(min=0.0), (x + eps).clamp_(max=1.0)
     # enable_grad: callers often attack inside torch.no_grad() (evaluation loops).
-    with eval_mode(model), _branch(model, branch), frozen_parameters(model), \
+    with eval_mode(model), _branch(model, branch), _frozen_if_compiled(model), \
             torch.enable_grad():
         for _ in range(steps):
             x_adv = x_adv.detach().requires_grad_(True)

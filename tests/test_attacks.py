@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dat.attacks import eaeg, eval_mode, pgd, project, trades_kl
+from dat.attacks import eaeg, eval_mode, is_compiled, pgd, project, trades_kl
 from dat.losses import cw_margin
 from dat.spectral import decompose, mix_amplitude
 
@@ -97,23 +97,48 @@ def test_pgd_equals_the_textbook_loop_bit_for_bit(make_warm_model, sample_batch)
     assert (ours - x).abs().max() > EPS / 2  # it moved
 
 
-def test_attacks_freeze_parameters_and_restore_every_flag(make_warm_model, sample_batch):
-    """Inside the attack no parameter requires grad (a compiled backward would compute
-    weight gradients otherwise); afterwards each flag is as the caller left it."""
+def test_attacks_freeze_a_compiled_model_and_restore_every_flag(make_warm_model, sample_batch):
+    """Inside the attack no parameter of a compiled model requires grad (its compiled
+    backward would compute weight gradients otherwise); afterwards each flag is as the
+    caller left it, also when the attack fails."""
     model = make_warm_model()
     x, y = sample_batch
     user_frozen = next(model.parameters())
     user_frozen.requires_grad_(False)
+    compiled = torch.compile(model, backend="eager", dynamic=False)
+    assert is_compiled(compiled) and not is_compiled(model)
     seen = []
-    model.register_forward_hook(lambda m, i, o: seen.append(
+    compiled.register_forward_pre_hook(lambda m, i: seen.append(
         any(p.requires_grad for p in m.parameters())))
-    pgd(model, x, y, EPS, ALPHA, steps=2)
+    pgd(compiled, x, y, EPS, ALPHA, steps=2)
     assert seen == [False, False]
     assert not user_frozen.requires_grad
     assert all(p.requires_grad for p in model.parameters() if p is not user_frozen)
     with pytest.raises(ValueError, match="batch_size"):
-        pgd(model, x, y[:1], EPS, ALPHA, steps=2)  # fails inside the attack
+        pgd(compiled, x, y[:1], EPS, ALPHA, steps=2)  # fails inside the attack
     assert all(p.requires_grad for p in model.parameters() if p is not user_frozen)
+
+
+def test_eager_attacks_under_autocast_cast_each_weight_once(make_warm_model, sample_batch):
+    """An eager model keeps its parameters trainable in the attack, so autocast casts each
+    weight to bf16 once per attack instead of once per step; no gradient reaches them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCasts(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountCasts.n += func.overloadpacket.__name__ == "_to_copy"
+            return func(*args, **(kwargs or {}))
+
+    model = make_warm_model()
+    x, y = sample_batch
+    n_weights = sum(1 for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    with torch.autocast("cpu", dtype=torch.bfloat16), CountCasts():
+        pgd(model, x, y, EPS, ALPHA, steps=6)
+    # weights and biases once; the input and the logits (for the fp32 loss) at each step
+    assert CountCasts.n <= 2 * n_weights + 2 * 6
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
 
 
 def test_eaeg_target_is_computed_once_from_the_clean_image(make_warm_model, sample_batch):

@@ -47,3 +47,12 @@ def test_trainer_adds_few_operations_per_step():
     counts = trainer_ops.main(["--model", "resnet_tiny"])
     assert counts["method_run"] > 500
     assert 0 < counts["trainer_overhead"] < 60, counts
+
+
+def test_fold_bn_bench_folds_and_agrees():
+    import fold_bn
+
+    result = fold_bn.main(["--model", "resnet_tiny", "--examples", "8", "--batch-size", "8",
+                           "--reps", "1"])
+    assert result["bn_folded"] > 0 and result["max_logit_gap"] < 1e-5
+    assert result["pgd20_outcomes_agree"] >= 7 and result["speedup"] > 0

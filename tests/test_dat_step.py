@@ -395,3 +395,34 @@ def test_compiled_model_gives_the_eager_step(batch, batched):
     graphs = counters["stats"]["unique_graphs"]
     assert 0 < graphs <= 8, graphs  # train/eval x branch x grad mode, not one per call
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_bf16_attack_steps_do_not_recast_the_weights(batch, batched):
+    """Under bf16 autocast the forwards that need no weight gradient (clean logits and
+    attacks) share one autocast region, so each weight is cast to bf16 once for all of
+    them, not once per attack step: four more attack steps add only the casts of their
+    inputs, logits and input gradients. On a GPU each cast is a kernel launch."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCasts(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountCasts.n += func.overloadpacket.__name__ == "_to_copy"
+            return func(*args, **(kwargs or {}))
+
+    x, y, x_raw = batch
+    counts = []
+    for steps in (2, 6):
+        model, gen, opt, gopt = _players()
+        step = DATStep(model, gen, opt, gopt, autocast_dtype=torch.bfloat16,
+                       batched=batched, steps=steps)
+        CountCasts.n = 0
+        with CountCasts():
+            step.run(x, y, x_raw)
+        counts.append(CountCasts.n)
+    # per attack step: the input to bf16, the logits to fp32 for each loss term, and the
+    # same casts back in the backward, about 7; re-cast weights add 14 more (resnet_tiny)
+    attacks = 1 if batched else 2
+    assert counts[1] - counts[0] <= 4 * 8 * attacks, counts

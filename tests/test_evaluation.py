@@ -16,6 +16,7 @@ from dat.config import Config, config_to_dict
 from dat.data import augment_batch, stratified_split
 from dat.evaluation import EvaluationError, evaluate, make_attack
 from dat.evaluation.cli import evaluate_main
+from dat.evaluation.report import format_markdown
 from dat.evaluation.suite import attack_points
 
 EPS = 0.05  # L-inf radius of the margin test, [0, 1] scale
@@ -227,3 +228,50 @@ def test_channels_last_is_on_by_default_on_cpu_and_switchable(trained, sample_sp
                           "--no-checks", "--channels-last", "off"])
     assert code == 0
     assert json.loads((tmp_path / "eval" / "report.json").read_text())["channels_last"] is False
+
+
+def test_bn_folding_is_on_by_default_on_cpu_and_switchable(trained, sample_splits, tmp_path):
+    x, y = sample_splits.test.tensors()
+    kwargs = dict(attacks=["clean", "pgd20"], progress=False)
+    on = evaluate(trained, (x[:60], y[:60]), **kwargs)
+    off = evaluate(trained, (x[:60], y[:60]), fold_bn=False, **kwargs)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in trained.modules())
+    assert on["fold_bn"]["folded"] == n_bn and on["fold_bn"]["max_logit_gap"] < 1e-5
+    assert off["fold_bn"] == {"folded": 0}
+    assert on["checks_status"] == off["checks_status"] == "pass", on["checks"]
+    assert on["results"]["clean"] == off["results"]["clean"]
+    # same attack, same seed; only rounding differs: at most one image in 60
+    assert abs(on["results"]["pgd20"] - off["results"]["pgd20"]) <= 100 / 60 + 1e-9
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in trained.modules()) == n_bn  # untouched
+    _checkpoint(trained, tmp_path / "best.pt")
+    code = evaluate_main(["--checkpoint", str(tmp_path / "best.pt"), "--attacks", "clean",
+                          "--n-examples", "20", "--out", str(tmp_path / "eval"), "--no-progress",
+                          "--no-checks", "--fold-bn", "off"])
+    assert code == 0
+    assert json.loads((tmp_path / "eval" / "report.json").read_text())["fold_bn"]["folded"] == 0
+    assert f"{n_bn} BatchNorm layers folded" in format_markdown(on)
+    assert "folded" not in format_markdown(off)
+
+
+class _PreHooked(nn.Module):
+    """A model whose forward pre-hook on the top module rescales the input: a trace would
+    drop the hook, so a folded copy computes something else."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.register_forward_pre_hook(lambda m, args: (args[0] * 0.5,))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def test_a_fold_that_changes_the_logits_is_not_used(trained, sample_splits):
+    x, y = sample_splits.test.tensors()
+    model = _PreHooked(trained).eval()
+    kwargs = dict(attacks=["clean", "pgd20"], progress=False, checks=False)
+    report = evaluate(model, (x[:40], y[:40]), fold_bn=True, **kwargs)
+    assert report["fold_bn"]["folded"] == 0 and "differ" in report["fold_bn"]["note"]
+    with torch.no_grad():
+        clean = 100.0 * float((model(x[:40]).argmax(1) == y[:40]).float().mean())
+    assert report["results"]["clean"] == pytest.approx(clean)

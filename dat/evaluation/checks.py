@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -63,22 +63,20 @@ class ModeMonitor:
 
     forwards: int = 0
     training_forwards: int = 0
-    _handles: list = field(default_factory=list)
 
     @contextlib.contextmanager
     def watch(self, model: nn.Module) -> Iterator[ModeMonitor]:
+        """Count the forwards of ``model``'s modules inside the block (nestable)."""
         def hook(module: nn.Module, _inputs) -> None:
             self.forwards += 1
             self.training_forwards += int(module.training)
 
-        for m in model.modules():
-            self._handles.append(m.register_forward_pre_hook(hook))
+        handles = [m.register_forward_pre_hook(hook) for m in model.modules()]
         try:
             yield self
         finally:
-            for h in self._handles:
+            for h in handles:
                 h.remove()
-            self._handles.clear()
 
 
 def check_eval_mode(given_training: bool, monitor: ModeMonitor) -> Check:

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
                    help="feed the model channels_last images (auto: on for CPU)")
+    p.add_argument("--fold-bn", choices=("auto", "on", "off"), default="auto",
+                   help="attack a copy with eval-mode BatchNorm folded into the convolutions "
+                        "(auto: on for CPU)")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda:N")
     p.add_argument("--seed", type=int, default=0)
@@ -133,7 +136,8 @@ def _run(args: argparse.Namespace) -> int:
         sweep=args.sweep, diagnostics=args.diagnostics, heatmap=args.heatmap,
         heatmap_norm=args.heatmap_norm, heatmap_examples=args.heatmap_examples,
         tensorboard=args.tensorboard,
-        channels_last=None if args.channels_last == "auto" else args.channels_last == "on")
+        channels_last=None if args.channels_last == "auto" else args.channels_last == "on",
+        fold_bn=None if args.fold_bn == "auto" else args.fold_bn == "on")
     from .report import format_markdown
 
     print(format_markdown(report))

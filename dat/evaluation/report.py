@@ -60,13 +60,21 @@ def _diagnostic_lines(report: dict) -> list[str]:
     return lines
 
 
+def _fold_text(fold: dict | None) -> str:
+    if not fold or (not fold.get("folded") and "note" not in fold):
+        return ""
+    if fold.get("folded"):
+        return f", {fold['folded']} BatchNorm layers folded"
+    return f", BatchNorm not folded ({fold['note']})"
+
+
 def format_markdown(report: dict) -> str:
     """The report as a Markdown page: results, AA breakdown, sweep, diagnostics, checks."""
     lines = ["# Robustness evaluation", "",
              f"{report['n']} examples, L-inf eps = {report['eps_255']:.3g}/255, "
              f"precision {report['precision']}"
-             f"{', channels_last' if report.get('channels_last') else ''}, "
-             f"seed {report['seed']}, device "
+             f"{', channels_last' if report.get('channels_last') else ''}"
+             f"{_fold_text(report.get('fold_bn'))}, seed {report['seed']}, device "
              f"{report['device']}, {report['seconds']:.1f} s.", ""]
     lines += _results_table(report) + _aa_lines(report) + _sweep_lines(report)
     lines += _diagnostic_lines(report)

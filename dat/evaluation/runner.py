@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..attacks import eval_mode
+from ..attacks import eval_mode, is_compiled
 from ..models.dual_bn import bn_branch, has_dual_bn
+from ..models.folding import FoldError, fold_batchnorm, max_logit_gap
 from . import checks as C
 from .autoattack import autoattack_info, run_autoattack
 from .suite import (
@@ -34,6 +35,8 @@ DEFAULT_SWEEP = (0, 1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255)  # L-inf radii
 SWEEP_STEPS = 20  # the sweep runs PGD-20
 LARGE_EPS = 0.5  # radius at which any working attack reaches chance level
 MODEL_CHECK_EXAMPLES = 256  # inputs for the determinism / logits / gradient checks
+FOLD_CHECK_EXAMPLES = 64  # inputs on which the BN-folded model must match the original
+FOLD_TOLERANCE = 1e-2  # relative logit gap: rounding (TF32 too) stays far below, a wrong fold not
 
 
 def _as_xy(batch) -> tuple[Tensor, Tensor]:
@@ -110,6 +113,29 @@ class _FastForward(nn.Module):
             x = _ToChannelsLast.apply(x)
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self.model(x).float()
+
+
+def _fold(model: nn.Module, enabled: bool, x: Tensor) -> tuple[nn.Module, dict]:
+    """The model the attacks run: a BN-folded copy when enabled, possible and verified."""
+    if not enabled:
+        return model, {"folded": 0}
+    if is_compiled(model):
+        return model, {"folded": 0, "note": "a compiled model is evaluated as given"}
+    try:
+        folded, n = fold_batchnorm(model)
+    except FoldError as err:
+        return model, {"folded": 0, "note": f"{err}; evaluated unfolded"}
+    except Exception as err:  # anything else a user's model raises while being traced
+        return model, {"folded": 0, "note": f"folding failed ({type(err).__name__}: "
+                                            f"{str(err)[:100]}); evaluated unfolded"}
+    if n == 0:
+        return model, {"folded": 0, "note": "no convolution -> BatchNorm pair to fold"}
+    folded.to(x.device)
+    gap = max_logit_gap(model, folded, x)
+    if not gap <= FOLD_TOLERANCE:  # also catches NaN
+        return model, {"folded": 0, "note": f"folded logits differ by {gap:.1e} (relative); "
+                                            "evaluated unfolded"}
+    return folded, {"folded": n, "max_logit_gap": gap}
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -223,10 +249,11 @@ def _sanity_checks(run: _Run, results: dict, sweep: dict | None, aa_messages,
     return found
 
 
-def _summary(run: _Run, eps: float, precision: str, channels_last: bool) -> dict:
+def _summary(run: _Run, eps: float, precision: str, channels_last: bool, fold: dict) -> dict:
     """Settings and per-attack details for the report."""
     return {"n": len(run.y), "eps": eps, "eps_255": eps * 255, "num_classes": run.num_classes,
-            "precision": precision, "channels_last": channels_last, "seed": run.seed,
+            "precision": precision, "channels_last": channels_last, "fold_bn": fold,
+            "seed": run.seed,
             "device": str(run.device), "attacks": run.info,
             "bounds": {k: b.to_dict() for k, b in run.bounds.items()}}
 
@@ -238,6 +265,7 @@ def evaluate(
     sweep: bool | Iterable[float] | None = None, diagnostics: str | bool | None = None,
     heatmap: bool = False, heatmap_norm: float = 4.0, heatmap_examples: int = 256,
     check_examples: int = 500, tensorboard: bool = False, channels_last: bool | None = None,
+    fold_bn: bool | None = None,
 ) -> dict:
     """Evaluate ``model`` (a module mapping [0, 1] images to logits) against ``attacks``.
 
@@ -249,31 +277,41 @@ def evaluate(
     accuracy in percent. Dual-BN models are evaluated on their main branch, in eval mode.
     ``channels_last``: feed the model channels_last images (None: on for CPU, where it is
     measured faster; off elsewhere). Attacks always run on NCHW tensors.
+    ``fold_bn``: attack a copy with each eval-mode BN folded into the convolution before
+    it (:func:`dat.models.folding.fold_batchnorm`; None: on for CPU, where it is measured
+    faster). The copy must match the model's logits on the first examples, else the model
+    is attacked as given; ``report["fold_bn"]`` says which ran and why.
     """
     attacks = list(attacks)
     _validate_args(attacks, eps, batch_size, precision, n_examples)
     x, y = collect_examples(data, n_examples)
     device = _device(model)
     channels_last = device.type == "cpu" if channels_last is None else bool(channels_last)
+    fold_bn = device.type == "cpu" if fold_bn is None else bool(fold_bn)
     radii = list(DEFAULT_SWEEP) if sweep is True else (list(sweep) if sweep else None)
     given_training, before, monitor = model.training, C.buffers_snapshot(model), C.ModeMonitor()
     branch = bn_branch(model, "main") if has_dual_bn(model) else contextlib.nullcontext()
     start = time.perf_counter()
     with eval_mode(model), branch, monitor.watch(model):
-        # built inside eval_mode: a wrapper left in train mode would make torchattacks
-        # "restore" train mode on the whole model after its first attack
-        fast = precision == "bf16" or channels_last
-        net = _FastForward(model, precision == "bf16", channels_last).eval() if fast else model
-        run = _Run(net, x, y, batch_size, device, seed, progress)
-        results, aa_messages = _run_attacks(run, attacks, eps)
-        swept = _run_sweep(run, radii) if radii else None
-        found = _sanity_checks(run, results, swept, aa_messages, check_examples) if checks else []
-        diag = _diagnostics(run, eps, diagnostics, heatmap, heatmap_norm, heatmap_examples)
+        target, fold = _fold(model, fold_bn, x[:FOLD_CHECK_EXAMPLES].to(device))
+        with monitor.watch(target) if target is not model else contextlib.nullcontext():
+            # built inside eval_mode: a wrapper left in train mode would make torchattacks
+            # "restore" train mode on the whole model after its first attack
+            fast = precision == "bf16" or channels_last
+            net = (_FastForward(target, precision == "bf16", channels_last).eval() if fast
+                   else target)
+            run = _Run(net, x, y, batch_size, device, seed, progress)
+            results, aa_messages = _run_attacks(run, attacks, eps)
+            swept = _run_sweep(run, radii) if radii else None
+            found = (_sanity_checks(run, results, swept, aa_messages, check_examples)
+                     if checks else [])
+            diag = _diagnostics(run, eps, diagnostics, heatmap, heatmap_norm, heatmap_examples)
     if checks:
         found = [C.check_eval_mode(given_training, monitor),
                  C.check_bn_statistics(before, C.buffers_snapshot(model)),
                  C.check_bounds(run.bounds)] + found
-    report = {"results": results, **_summary(run, eps, precision, channels_last), "sweep": swept,
+    report = {"results": results, **_summary(run, eps, precision, channels_last, fold),
+              "sweep": swept,
               "checks": {c.name: c.to_dict() for c in found},
               "checks_status": C.overall_status(found) if checks else "skip",
               **diag, "seconds": round(time.perf_counter() - start, 3)}

@@ -150,7 +150,10 @@ class DATStep(MethodStep):
         if self.generator is not None:
             self.generator.train()
         try:
-            views, stats = self._views(x.detach(), y, x_raw.detach(), draws, raw_is_x)
+            # One autocast region for the forwards that need no weight gradient (clean
+            # logits, attacks): autocast casts each weight to bf16 once for all of them.
+            with self._amp():
+                views, stats = self._views(x.detach(), y, x_raw.detach(), draws, raw_is_x)
             stats.update(self._update(views, y))
         finally:
             self.model.train(was_training)
