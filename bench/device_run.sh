@@ -4,49 +4,69 @@
 # Everything lands in /tmp/res and is packed into $OUT/results.tgz after each stage, so a
 # timeout still returns what finished (the device tool returns at most 8 files).
 # STAGES picks stages (default "1 2 3 4"), so the checks can be split over two calls.
+# SMOKE=1 runs every stage on the CPU with tiny models and sizes (a few minutes), to check
+# the script itself before it spends GPU time: SMOKE=1 OUT=/tmp/smoke bash bench/device_run.sh
 set -u
 STAGES=" ${STAGES:-1 2 3 4} "
 want() { [[ "$STAGES" == *" $1 "* ]]; }
 export PYTHONPATH=$PWD/.whl/site:$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; R=/tmp/res; mkdir -p "$OUT" "$R"
 pack() { tar -czf "$OUT/results.tgz" -C "$R" . ; echo "== packed after $1 ($(date +%T))"; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$R/gpu.txt"
+SMOKE=${SMOKE:-0}
+if [[ "$SMOKE" == 1 ]]; then
+  R=/tmp/res-smoke; rm -rf "$R"; mkdir -p "$R"
+  DEV=cpu DATA=dat/assets/cifar10_sample.npz
+  TP="--model resnet_tiny --batch-size 4 --iters 1 --warmup 0 --eval-examples 8 --eval-batch-size 8 --aa-examples 2"
+  GC="--model resnet_tiny --train-n 64 --epochs 1 --batch-size 32 --test-n 32 --skip-wrn"
+  TR="model.name=resnet_tiny train.steps_per_epoch=2 train.val_examples=32 data.test_subset=64"
+  EV="--n-examples 20 --attacks clean,pgd20,cw,aa"
+  CA="--device cpu --model resnet_tiny --batch-size 8"
+  FB="--device cpu --model resnet_tiny --examples 8 --batch-size 8 --reps 1"
+  COMPILE=${COMPILE-}
+else
+  DEV=cuda DATA=.devdata/cifar10_25k.npz TP="" GC="" TR="model.name=resnet18 train.val_examples=500 data.test_subset=2000"
+  EV="--n-examples 1000 --attacks clean,pgd20,cw,aa"
+  CA="--device cuda --model resnet18 --batch-size 128"
+  FB="--device cuda --model resnet18 --examples 5000 --batch-size 500 --reps 3"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$R/gpu.txt"
+fi
 python -c "import torch; print(torch.__version__)" | tee -a "$R/gpu.txt"
 # 1. throughput at batch 128 (every row) and 512 (DAT rows), each with a torch.compile row
 #    per mode in COMPILE (compiling takes minutes; COMPILE= skips it)
 COMPILE=${COMPILE-reduce-overhead}
 if want 1; then
-python bench/throughput.py --device cuda --batch-size 128 --iters ${ITERS:-20} --compile "$COMPILE" --json "$R/throughput_b128.json" 2>&1 | tee "$R/throughput_b128.txt"
+python bench/throughput.py --device $DEV --batch-size 128 --iters ${ITERS:-20} --compile "$COMPILE" $TP --json "$R/throughput_b128.json" 2>&1 | tee "$R/throughput_b128.txt"
 pack throughput128
-python bench/throughput.py --device cuda --batch-size 512 --iters ${ITERS512:-10} --rows "${ROWS512:-reference,fast_dat,plain}" --compile "$COMPILE" --json "$R/throughput_b512.json" 2>&1 | tee "$R/throughput_b512.txt"
+python bench/throughput.py --device $DEV --batch-size 512 --iters ${ITERS512:-10} --rows "${ROWS512:-reference,fast_dat,plain}" --compile "$COMPILE" $TP --json "$R/throughput_b512.json" 2>&1 | tee "$R/throughput_b512.txt"
 pack throughput512
 fi
 # 2. same-budget training reference vs fast, bf16 attack objective, WRN-34-10 memory
 if want 2; then
-python bench/gpu_check.py --data .devdata/cifar10_25k.npz --out "$R" --epochs ${GC_EPOCHS:-2} --seeds ${GC_SEEDS:-1} 2>&1 | tee "$R/gpu_check.txt"
+python bench/gpu_check.py --data $DATA --out "$R" --epochs ${GC_EPOCHS:-2} --seeds ${GC_SEEDS:-1} $GC 2>&1 | tee "$R/gpu_check.txt"
 pack gpu_check
 fi
 # 3. the real trainer on the GPU, then evaluate.py with AutoAttack on 1,000 test images
 if want 3; then
-python bench/unpack_npz.py .devdata/cifar10_25k.npz /tmp/c10 >/dev/null
-python train.py model.name=resnet18 data.name=imagefolder data.root=/tmp/c10 train.epochs=${TRAIN_EPOCHS:-5} \
-  optim.schedule=cosine data.batch_size=256 optim.lr=0.2 train.val_examples=500 train.image_every=0 \
-  train.out_dir=/tmp/runs train.run_name=gpu data.test_subset=2000 2>&1 | tr '\r' '\n' | grep -v '%|' | tee "$R/train.txt"
+rm -rf /tmp/c10 /tmp/runs/gpu
+python bench/unpack_npz.py $DATA /tmp/c10 >/dev/null
+python train.py data.name=imagefolder data.root=/tmp/c10 train.epochs=${TRAIN_EPOCHS:-5} \
+  optim.schedule=cosine data.batch_size=256 optim.lr=0.2 train.image_every=0 \
+  train.out_dir=/tmp/runs train.run_name=gpu $TR 2>&1 | tr '\r' '\n' | grep -v '%|' | tee "$R/train.txt"
 cp /tmp/runs/gpu/metrics.json "$R/train_metrics.json" 2>/dev/null
 pack train
-python evaluate.py --checkpoint /tmp/runs/gpu/checkpoints/best.pt --attacks clean,pgd20,cw,aa \
-  --n-examples 1000 --out "$R/eval" --no-progress 2>&1 | tee "$R/eval.txt"
+python evaluate.py --checkpoint /tmp/runs/gpu/checkpoints/best.pt $EV \
+  --out "$R/eval" --no-progress 2>&1 | tee "$R/eval.txt"
 pack eval
 fi
 # 4. compiled attacks: weight gradients skipped by frozen parameters (bench/compiled_attack.py),
 #    and evaluation with BN folded (bench/fold_bn.py)
 if want 4; then
-python bench/compiled_attack.py --device cuda --model resnet18 --batch-size 128 2>&1 | grep -v '^W1' | tee "$R/compiled_attack.txt"
+python bench/compiled_attack.py $CA 2>&1 | grep -v '^W1' | tee "$R/compiled_attack.txt"
 pack compiled_attack
 # BN folded into the convolutions for evaluation (dat.evaluate's fold_bn; auto is CPU-only
 # until this is measured)
 for prec in fp32 bf16; do
-python bench/fold_bn.py --device cuda --model resnet18 --examples 5000 --batch-size 500 --reps 3 --precision $prec 2>&1 | tee -a "$R/fold_bn.txt"
+python bench/fold_bn.py $FB --precision $prec 2>&1 | tee -a "$R/fold_bn.txt"
 done
 pack fold_bn
 fi
