@@ -30,7 +30,12 @@ from op_count import count_ops  # noqa: E402
 from reference_dat import reference_dat_step  # noqa: E402
 
 import dat  # noqa: E402
-from dat.build import compile_model, resolve_batched, resolve_channels_last  # noqa: E402
+from dat.build import (  # noqa: E402
+    compile_model,
+    resolve_batched,
+    resolve_channels_last,
+    resolve_fused_split_bn,
+)
 from dat.generator import AmplitudeGenerator  # noqa: E402
 from dat.methods.dat import DATDraws, DATStep  # noqa: E402
 from dat.methods.pgd_at import PGDATStep  # noqa: E402
@@ -96,12 +101,12 @@ def _reference_row(s: _Setup):
 
 
 def _fast_row(s: _Setup, *, bf16: bool, channels_last: bool, batched: bool, update: str,
-              compile_mode: str = "off", guard: bool = False):
+              fused: bool = False, compile_mode: str = "off", guard: bool = False):
     model, opt = s.model(channels_last=channels_last)
     g, gopt = s.generator()
     net = compile_model(model, compile_mode)
     step = DATStep(net, g, opt, gopt, batched=batched, generator_update=update,
-                   autocast_dtype=torch.bfloat16 if bf16 else None)
+                   autocast_dtype=torch.bfloat16 if bf16 else None, fused_split_bn=fused)
     step.model = net
     x, x_raw = s.inputs(channels_last)
     if guard:  # the trainer's non-finite-step guard around each step
@@ -258,10 +263,13 @@ def main(argv: list[str] | None = None) -> dict:
     s = _Setup(args, device)
     # The fast path's defaults on this device (perf.* = auto), then each piece flipped.
     fast = dict(bf16=cuda, channels_last=resolve_channels_last("auto", device),
-                batched=resolve_batched("auto", device))
-    flip = {k: ("no " if on else "") + label for k, on, label in (
-        ("bf16", fast["bf16"], "bf16"), ("channels_last", fast["channels_last"], "channels_last"),
-        ("batched", fast["batched"], "batched branches"))}
+                batched=resolve_batched("auto", device),
+                fused=resolve_fused_split_bn("auto", device))
+    pieces = [("bf16", "bf16"), ("channels_last", "channels_last"),
+              ("batched", "batched branches")]
+    if fast["batched"]:  # fused split BN acts on the batched attack only
+        pieces.append(("fused", "fused split BN"))
+    flip = {k: ("no " if fast[k] else "") + label for k, label in pieces}
     base = dict(bf16=cuda, channels_last=fast["channels_last"])
     rows: dict[str, Callable] = {
         "reference_dat (published procedure, fp32)": lambda: _reference_row(s),

@@ -31,6 +31,7 @@ __all__ = [
     "resolve_batched",
     "resolve_channels_last",
     "resolve_device",
+    "resolve_fused_split_bn",
     "resolve_precision",
     "seed_everything",
 ]
@@ -80,6 +81,14 @@ def resolve_batched(setting: str, device: torch.device) -> bool:
     """``auto`` -> one 2B batch on CUDA (fewer launches); two B batches on CPU, where the
     split-BN concatenations cost more than they save (BENCHMARKS.md)."""
     return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+def resolve_fused_split_bn(setting: str, device: torch.device) -> bool:
+    """``auto`` -> off on every device for now: fused split BN (4 operations fewer per BN
+    layer and step of the batched attack, BENCHMARKS.md) has not run on a GPU yet, and a
+    CPU does not batch the attack. ``on`` turns it on."""
+    del device  # auto will turn it on for CUDA once it is timed there
+    return setting == "on"
 
 
 def seed_everything(seed: int) -> None:

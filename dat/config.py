@@ -132,6 +132,8 @@ class PerfConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     channels_last: str = "auto"  # auto (on for CUDA and CPU) | on | off
     batched_branches: str = "auto"  # auto (on for CUDA) | on | off: x and x_hat as one 2B batch
+    fused_split_bn: str = "auto"  # auto (off until timed on a GPU) | on | off: split BN as one
+    # affine map in the batched attack (equal up to float rounding)
     compile: str = "off"  # off | default | reduce-overhead (CUDA graphs) | max-autotune
     log_every: int = 50  # steps between host syncs for logging
 
@@ -324,7 +326,7 @@ def validate(cfg: Config) -> None:
     if o.lr <= 0:
         raise ConfigError(f"optim.lr={o.lr} must be > 0")
     _choice(cfg.perf.precision, ("auto", "bf16", "fp32"), "perf.precision")
-    for key in ("channels_last", "batched_branches"):
+    for key in ("channels_last", "batched_branches", "fused_split_bn"):
         # YAML reads a bare on/off as a boolean (and batched_branches was one before
         # 2026-11-27), so both arrive here as 'True' / 'False'
         value = getattr(cfg.perf, key)

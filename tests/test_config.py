@@ -55,6 +55,7 @@ BAD_OVERRIDES = [
     (["train.device=gpu"], r"use auto, cpu, cuda or cuda:N"),
     (["perf.compile=fast"], r"perf.compile='fast' is not valid; use one of off, default"),
     (["perf.batched_branches=maybe"], r"use one of auto, on, off"),
+    (["perf.fused_split_bn=always"], r"perf.fused_split_bn='always' is not valid; use one of"),
 ]
 
 
@@ -73,9 +74,11 @@ def test_perf_switches_that_were_booleans_still_load(tmp_path: Path) -> None:
     cfg = load_config(overrides=["perf.compile=false", "perf.batched_branches=true"])
     assert (cfg.perf.compile, cfg.perf.batched_branches) == ("off", "on")
     # YAML 1.1 reads bare on/off as booleans; they must still mean on/off
-    (tmp_path / "onoff.yaml").write_text("perf:\n  channels_last: off\n  batched_branches: on\n")
+    (tmp_path / "onoff.yaml").write_text(
+        "perf:\n  channels_last: off\n  batched_branches: on\n  fused_split_bn: off\n")
     cfg = load_config(str(tmp_path / "onoff.yaml"))
     assert (cfg.perf.channels_last, cfg.perf.batched_branches) == ("off", "on")
+    assert cfg.perf.fused_split_bn == "off"
     cfg = load_config(overrides=["perf.channels_last=on", "perf.batched_branches=off"])
     assert (cfg.perf.channels_last, cfg.perf.batched_branches) == ("on", "off")
 

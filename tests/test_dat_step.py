@@ -426,3 +426,34 @@ def test_bf16_attack_steps_do_not_recast_the_weights(batch, batched):
     # same casts back in the backward, about 7; re-cast weights add 14 more (resnet_tiny)
     attacks = 1 if batched else 2
     assert counts[1] - counts[0] <= 4 * 8 * attacks, counts
+
+
+def test_fused_split_bn_attack_matches_and_runs_fewer_kernels(batch):
+    """The batched attack with fused split BN gives the same step (float64, where rounding
+    cannot flip a sign) with 4 fewer operations per BN layer and attack step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            Count.n += not func.is_view and not name.startswith("empty")
+            return func(*args, **(kwargs or {}))
+
+    x, y, x_raw = (t.double() if t.is_floating_point() else t for t in batch)
+    runs = []
+    for fused in (False, True):
+        model, gen, opt, gopt = _players(dtype=torch.float64)
+        step = DATStep(model, gen, opt, gopt, batched=True, fused_split_bn=fused,
+                       keep_images=B)
+        Count.n = 0
+        with Count():
+            stats = step(x, y, x_raw, draws=_draws(0, torch.float64))
+        runs.append((model, stats, step.last_images(), Count.n))
+    (m1, s1, im1, n1), (m2, s2, im2, n2) = runs
+    for key in ("x_adv", "x_hat_adv"):
+        assert torch.equal(im1[key], im2[key])
+    assert s1 == pytest.approx(s2, abs=1e-10) and _max_diff(m1, m2) < 1e-10
+    layers = sum(isinstance(m, dat.models.DualBatchNorm) for m in m1.modules())
+    assert n1 - n2 >= 4 * layers * 5 - 20, (n1, n2, layers)

@@ -17,6 +17,7 @@ from dat.models import (
     convert_dual_bn,
     create,
     export_main_branch,
+    fused_split,
     set_bn_branch,
 )
 
@@ -182,3 +183,65 @@ def test_converting_twice_is_a_no_op(make_tiny_model) -> None:
     keys = list(model.state_dict())
     assert list(convert_dual_bn(model).state_dict()) == keys
     assert any(k.endswith(".aux.running_mean") for k in keys)
+
+
+def _warm_split_pair(make_warm_model, sample_batch, channels_last: bool):
+    x, y = sample_batch
+    model = make_warm_model(dual_bn=True).eval()
+    x2 = torch.cat([x, (x.flip(-1) * 0.7)])  # second half: the aux branch's darker images
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x2 = x2.contiguous(memory_format=torch.channels_last)
+    return model, x2, torch.cat([y, y])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_split_equals_split_bn_with_the_same_input_gradient(
+        make_warm_model, sample_batch, channels_last):
+    model, x2, y2 = _warm_split_pair(make_warm_model, sample_batch, channels_last)
+    outs, grads = [], []
+    for fused in (False, True):
+        xin = x2.clone().requires_grad_(True)
+        with bn_branch(model, "split"), fused_split(model, enabled=fused):
+            logits = model(xin)
+            (grad,) = torch.autograd.grad(nn.functional.cross_entropy(logits, y2), xin)
+        outs.append(logits)
+        grads.append(grad)
+    assert torch.allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    assert torch.allclose(grads[1], grads[0], rtol=1e-4, atol=1e-8)
+    assert grads[1].is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert all(m.fused is None for m in model.modules() if isinstance(m, DualBatchNorm))
+
+
+def test_fused_split_in_bf16_is_as_close_to_fp32_as_split_bn(make_warm_model, sample_batch):
+    """The fused map scales bf16 activations with float32 factors and rounds once, like
+    BatchNorm: its bf16 logits are no further from the fp32 ones than split BN's."""
+    model, x2, _ = _warm_split_pair(make_warm_model, sample_batch, True)
+    with torch.no_grad(), bn_branch(model, "split"):
+        exact = model(x2)
+        errors = []
+        for fused in (False, True):
+            with fused_split(model, enabled=fused), torch.autocast("cpu", torch.bfloat16):
+                out = model(x2)
+            assert out.dtype == torch.bfloat16
+            errors.append((out.float() - exact).abs().max().item())
+    assert 0 < errors[1] <= 1.25 * errors[0] + 1e-6, errors
+
+
+def test_fused_split_leaves_training_forwards_alone_and_restores(make_warm_model, sample_batch):
+    """A train-mode forward inside the block still uses (and updates) the batch statistics,
+    and the fused maps are dropped on exit, also when the block raises."""
+    model, x2, _ = _warm_split_pair(make_warm_model, sample_batch, False)
+    ref = copy.deepcopy(model).train()
+    model.train()
+    with pytest.raises(RuntimeError, match="boom"), bn_branch(model, "split"), \
+            fused_split(model):
+        assert all(m.fused is not None for m in model.modules() if isinstance(m, DualBatchNorm))
+        out = model(x2)
+        raise RuntimeError("boom")
+    with bn_branch(ref, "split"):
+        expected = ref(x2)
+    assert torch.equal(out, expected)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 ref.state_dict().values(), strict=True))
+    assert all(m.fused is None for m in model.modules() if isinstance(m, DualBatchNorm))

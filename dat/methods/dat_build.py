@@ -35,7 +35,7 @@ def build_dat(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, *
     ``method.generator.amplitude_scale=dataset``.
     """
     # dat.build imports dat.methods: import at call time
-    from ..build import resolve_batched, resolve_precision
+    from ..build import resolve_batched, resolve_fused_split_bn, resolve_precision
 
     m, g = cfg.method, cfg.method.generator
     device = next(model.parameters()).device
@@ -55,6 +55,7 @@ def build_dat(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, *
         recombined_padding=m.recombined_padding, generator_update=m.generator_update,
         awp_gamma=m.awp_gamma, awp_warmup=m.awp_warmup,
         batched=resolve_batched(cfg.perf.batched_branches, device),
+        fused_split_bn=resolve_fused_split_bn(cfg.perf.fused_split_bn, device),
         autocast_dtype=resolve_precision(cfg.perf.precision, device),
         keep_images=8 if cfg.train.image_every > 0 else 0,
     )

@@ -6,6 +6,7 @@ from .dual_bn import (
     bn_branch,
     convert_dual_bn,
     export_main_branch,
+    fused_split,
     has_dual_bn,
     set_bn_branch,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "convert_dual_bn",
     "create",
     "export_main_branch",
+    "fused_split",
     "has_dual_bn",
     "list_models",
     "register",

@@ -5,6 +5,10 @@ images with the ``aux`` branch, because their statistics differ; evaluation and
 export use ``main`` only. ``split`` routes the first half of a batch to ``main`` and
 the second half to ``aux`` so that both branches run in one forward pass (exactly
 equivalent to two passes, since BatchNorm statistics are per branch anyway).
+
+Inside :func:`fused_split`, an eval-mode ``split`` forward is one per-channel affine map
+for both halves (one kernel forward, one backward, instead of three each), for the
+attacks of a batched DAT step.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ __all__ = [
     "bn_branch",
     "convert_dual_bn",
     "export_main_branch",
+    "fused_split",
     "has_dual_bn",
     "set_bn_branch",
 ]
@@ -38,6 +43,7 @@ class DualBatchNorm(nn.Module):
         self.main = copy.deepcopy(bn)
         self.aux = copy.deepcopy(bn)
         self.branch = "main"
+        self.fused: tuple[Tensor, Tensor] | None = None  # (scale, shift), set by fused_split
         self.train(bn.training)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -48,8 +54,86 @@ class DualBatchNorm(nn.Module):
         half = x.shape[0] // 2
         if x.shape[0] != 2 * half:
             raise ValueError(f"split BatchNorm needs an even batch, got {x.shape[0]}")
+        if self.fused is not None and not self.training:
+            return _SplitAffine.apply(x, *self.fused)
         first, second = x.split(half)  # one cat in backward (two slices would zero-fill twice)
         return torch.cat([self.main(first), self.aux(second)], dim=0)
+
+
+class _SplitAffine(torch.autograd.Function):
+    """``x * scale + shift`` per half and channel, output in x's dtype and layout.
+
+    ``scale`` and ``shift`` (2, C) are float32 (or float64), so a bf16 input is scaled in
+    float32 and rounded once, as BatchNorm does. No gradient reaches them:
+    :func:`fused_split` is for attacks, which need the input's gradient only.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+        halves = x.view(2, x.shape[0] // 2, *x.shape[1:])  # (2, B, C, ...)
+        shape = (2, 1, scale.shape[1]) + (1,) * (x.dim() - 2)
+        scale, shift = scale.view(shape), shift.view(shape)
+        out = torch.empty_like(halves)
+        with torch.autocast(x.device.type, enabled=False):  # mixed dtypes on purpose
+            torch.addcmul(shift, halves, scale, out=out)
+        ctx.save_for_backward(scale)
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (scale,) = ctx.saved_tensors
+        halves = grad.reshape(2, grad.shape[0] // 2, *grad.shape[1:])
+        out = torch.empty_like(halves)
+        with torch.autocast(grad.device.type, enabled=False):
+            torch.mul(halves, scale, out=out)
+        return out.view(grad.shape), None, None
+
+
+def _foldable_stats(layer: DualBatchNorm) -> bool:
+    bns = (layer.main, layer.aux)
+    return all(bn.running_var is not None and bn.weight is not None for bn in bns)
+
+
+@contextlib.contextmanager
+def fused_split(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
+    """Inside, eval-mode ``split`` forwards run one fused affine map per layer.
+
+    The maps come from the running statistics and affine parameters as they are on entry,
+    computed for all layers at once (a few kernels per block, not per layer). Use it around
+    an attack only: parameters and statistics must not change inside, and no gradient
+    reaches the BN parameters. The outputs equal the unfused ones up to float rounding.
+    Layers without running statistics or affine parameters keep the plain path.
+    """
+    layers = [m for m in model.modules() if isinstance(m, DualBatchNorm) and _foldable_stats(m)]
+    if not enabled or not layers:
+        yield model
+        return
+    with torch.no_grad():
+        pairs = [bn for m in layers for bn in (m.main, m.aux)]
+        dtype = torch.promote_types(pairs[0].weight.dtype, torch.float32)  # bf16 -> fp32
+
+        def flat(name: str) -> Tensor:
+            return torch.cat([getattr(bn, name).to(dtype) for bn in pairs])
+
+        weight, bias, mean, var = flat("weight"), flat("bias"), flat("running_mean"), \
+            flat("running_var")
+        eps = {bn.eps for bn in pairs}
+        if len(eps) == 1:
+            var.add_(eps.pop())
+        else:  # rare: layers with different eps, one add per layer
+            var = torch.cat([bn.running_var.to(dtype) + bn.eps for bn in pairs])
+        scale = weight.mul_(var.rsqrt_())
+        shift = bias.sub_(mean.mul_(scale))
+    start = 0
+    try:
+        for m in layers:
+            n = 2 * m.main.num_features
+            m.fused = (scale[start:start + n].view(2, -1), shift[start:start + n].view(2, -1))
+            start += n
+        yield model
+    finally:
+        for m in layers:
+            m.fused = None
 
     def extra_repr(self) -> str:
         return f"branch={self.branch!r}"
