@@ -245,3 +245,23 @@ def test_fused_split_leaves_training_forwards_alone_and_restores(make_warm_model
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
                                                  ref.state_dict().values(), strict=True))
     assert all(m.fused is None for m in model.modules() if isinstance(m, DualBatchNorm))
+
+
+def test_fused_split_handles_batchnorm1d_mixed_eps_and_layers_without_affine():
+    torch.manual_seed(0)
+    model = convert_dual_bn(nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(),
+                                          nn.Linear(5, 4), nn.BatchNorm1d(4, affine=False)))
+    with torch.no_grad():
+        with bn_branch(model, "aux"):
+            model.train()(torch.randn(32, 6) * 2 + 1)  # aux statistics differ from main
+    model.eval()
+    model[1].aux.eps = 1e-2  # layers with different eps take the per-layer path
+    x = torch.randn(8, 6)
+    with torch.no_grad(), bn_branch(model, "split"):
+        plain = model(x)
+        with fused_split(model):
+            fused_flags = [m.fused is not None for m in model.modules()
+                           if isinstance(m, DualBatchNorm)]
+            fused = model(x)
+    assert fused_flags == [True, False]  # affine=False keeps the plain path
+    assert torch.allclose(fused, plain, atol=1e-6)
