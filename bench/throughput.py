@@ -241,6 +241,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rows", default="all", help="comma list of row-name prefixes")
     parser.add_argument("--json", default=None, help="also write the table as JSON here")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--defaults", choices=["cpu", "cuda"], default=None,
+                        help="whose perf.*=auto defaults the rows start from (default: the "
+                        "device's); --defaults cuda on a CPU counts the GPU step's operations")
     parser.add_argument("--aa-examples", type=int, default=None,
                         help="AutoAttack row: sample test images (default 1000 cuda, 20 cpu)")
     parser.add_argument("--aa-checkpoint", default=None,
@@ -262,15 +265,16 @@ def main(argv: list[str] | None = None) -> dict:
     torch.backends.cudnn.benchmark = True
     s = _Setup(args, device)
     # The fast path's defaults on this device (perf.* = auto), then each piece flipped.
-    fast = dict(bf16=cuda, channels_last=resolve_channels_last("auto", device),
-                batched=resolve_batched("auto", device),
-                fused=resolve_fused_split_bn("auto", device))
+    auto = torch.device(args.defaults or args.device)  # whose auto defaults
+    fast = dict(bf16=auto.type == "cuda", channels_last=resolve_channels_last("auto", auto),
+                batched=resolve_batched("auto", auto),
+                fused=resolve_fused_split_bn("auto", auto))
     pieces = [("bf16", "bf16"), ("channels_last", "channels_last"),
               ("batched", "batched branches")]
     if fast["batched"]:  # fused split BN acts on the batched attack only
         pieces.append(("fused", "fused split BN"))
     flip = {k: ("no " if fast[k] else "") + label for k, label in pieces}
-    base = dict(bf16=cuda, channels_last=fast["channels_last"])
+    base = dict(bf16=fast["bf16"], channels_last=fast["channels_last"])
     rows: dict[str, Callable] = {
         "reference_dat (published procedure, fp32)": lambda: _reference_row(s),
         "fast_dat reversal (all fast paths)": lambda: _fast_row(s, update="reversal", **fast),
@@ -291,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
             lambda mode=mode: _compiled(s, _fast_row(s, update="reversal", compile_mode=mode,
                                                      **fast), mode))
     # dat.evaluate's defaults: channels_last and BN folding on for CPU
-    ev = dict(channels_last=device.type == "cpu", fold=device.type == "cpu",
+    ev = dict(channels_last=auto.type == "cpu", fold=auto.type == "cpu",
               n=args.eval_examples)
     cl_label = "no channels_last" if ev["channels_last"] else "channels_last"
     fold_label = "BN not folded" if ev["fold"] else "BN folded"

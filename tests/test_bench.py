@@ -56,3 +56,13 @@ def test_fold_bn_bench_folds_and_agrees():
                            "--reps", "1"])
     assert result["bn_folded"] > 0 and result["max_logit_gap"] < 1e-5
     assert result["pgd20_outcomes_agree"] >= 7 and result["speedup"] > 0
+
+
+def test_throughput_counts_the_gpu_configuration_on_a_cpu():
+    """--defaults cuda starts the rows from CUDA's auto defaults (bf16, batched branches),
+    so a CPU can count the GPU step's operations; fused split BN cuts them."""
+    table = throughput.main(["--rows", "fast_dat reversal", "--batch-size", "2", "--iters", "1",
+                             "--warmup", "0", "--count-ops", "--defaults", "cuda"])
+    ops = {name: row["ops_per_iter"] for name, row in table.items()}
+    assert "fast_dat reversal, no bf16" in ops and "fast_dat reversal, no batched branches" in ops
+    assert ops["fast_dat reversal, fused split BN"] < ops["fast_dat reversal (all fast paths)"]
