@@ -10,16 +10,19 @@ from .dual_bn import (
     has_dual_bn,
     set_bn_branch,
 )
+from .folding import FoldError, fold_batchnorm
 from .normalize import Normalize
 from .registry import create, list_models, register
 
 __all__ = [
     "DualBatchNorm",
+    "FoldError",
     "Normalize",
     "bn_branch",
     "convert_dual_bn",
     "create",
     "export_main_branch",
+    "fold_batchnorm",
     "fused_split",
     "has_dual_bn",
     "list_models",

@@ -89,7 +89,7 @@ class _SplitAffine(torch.autograd.Function):
         return out.view(grad.shape), None, None
 
 
-def _foldable_stats(layer: DualBatchNorm) -> bool:
+def _fusable(layer: DualBatchNorm) -> bool:
     bns = (layer.main, layer.aux)
     return all(bn.running_var is not None and bn.weight is not None for bn in bns)
 
@@ -99,13 +99,14 @@ def fused_split(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
     """Inside, eval-mode ``split`` forwards run one fused affine map per layer.
 
     The maps come from the running statistics and affine parameters as they are on entry,
-    computed for all layers at once (a few kernels per block, not per layer). Use it around
+    computed for all layers at once (9 operations for the whole model). Use it around
     an attack only: parameters and statistics must not change inside, and no gradient
     reaches the BN parameters. The outputs equal the unfused ones up to float rounding.
     Layers without running statistics or affine parameters keep the plain path.
     """
-    layers = [m for m in model.modules() if isinstance(m, DualBatchNorm) and _foldable_stats(m)]
-    if not enabled or not layers:
+    layers = ([m for m in model.modules() if isinstance(m, DualBatchNorm) and _fusable(m)]
+              if enabled else [])
+    if not layers:
         yield model
         return
     with torch.no_grad():
