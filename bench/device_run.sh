@@ -16,7 +16,7 @@ SMOKE=${SMOKE:-0}
 if [[ "$SMOKE" == 1 ]]; then
   R=/tmp/res-smoke; rm -rf "$R"; mkdir -p "$R"
   DEV=cpu DATA=dat/assets/cifar10_sample.npz
-  TP="--model resnet_tiny --batch-size 4 --iters 1 --warmup 0 --eval-examples 8 --eval-batch-size 8 --aa-examples 2"
+  TP="--model resnet_tiny --batch-size 4 --iters 1 --warmup 0 --eval-examples 8 --eval-batch-size 8 --aa-examples 2 --defaults cuda"
   GC="--model resnet_tiny --train-n 64 --epochs 1 --batch-size 32 --test-n 32 --skip-wrn"
   TR="model.name=resnet_tiny train.steps_per_epoch=2 train.val_examples=32 data.test_subset=64"
   EV="--n-examples 20 --attacks clean,pgd20,cw,aa"
