@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one GPU check script (run by the device tool from the repo root).
-# Carry: .devdata (cifar10_25k.npz) and .whl/site (pure-python packages missing there).
+# Carry: .devdata (cifar10_25k.npz) and .whl/site (pure-python packages missing there), both
+# made here by `bash bench/prepare_device.sh`.
 # Everything lands in /tmp/res and is packed into $OUT/results.tgz after each stage, so a
 # timeout still returns what finished (the device tool returns at most 8 files).
 # STAGES picks stages (default "1 2 3 4"), so the checks can be split over two calls.
