@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     y = torch.randint(0, 10, (args.examples,), device=device)
     channels_last, bf16 = device.type == "cpu", args.precision == "bf16"
     nets = {"unfolded": _FastForward(model, bf16, channels_last).eval(),
-            "folded": _FastForward(folded.to(device), bf16, channels_last).eval()}
+            "folded": _FastForward(folded, bf16, channels_last).eval()}
     attack = make_attack("pgd20", 8 / 255)
 
     def run(net) -> torch.Tensor:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
               "bn_folded": n_folded, "seconds": {k: round(v, 3) for k, v in med.items()},
               "all_seconds": {k: [round(t, 3) for t in v] for k, v in times.items()},
               "speedup": round(med["unfolded"] / med["folded"], 3),
-              "max_logit_gap": max_logit_gap(model, folded.to(device), x[:64]),
+              "max_logit_gap": max_logit_gap(model, folded, x[:64]),
               "pgd20_outcomes_agree": int((robust["folded"] == robust["unfolded"]).sum())}
     print(result)
     return result

@@ -167,7 +167,7 @@ def _pgd20_eval_row(s: _Setup, *, bf16: bool, channels_last: bool, fold: bool, n
     from dat.models.folding import fold_batchnorm
 
     model, _ = s.model(dual_bn=False)
-    model = fold_batchnorm(model)[0].to(s.device) if fold else model.eval()
+    model = fold_batchnorm(model)[0] if fold else model.eval()
     net = _FastForward(model, bf16, channels_last).eval()
     gen = torch.Generator().manual_seed(1)
     x = torch.rand(n, 3, 32, 32, generator=gen).to(s.device)

@@ -61,6 +61,7 @@ class StepGuard:
         # launches cost more than bytes; per tensor on a CPU, where the reverse holds.
         self.fused = fused
         self._saved: list[tuple[list[Tensor], Tensor, bool]] = []  # (tensors, copy, flat?)
+        self._saved_ids: set[int] = set()  # id() of every tensor in the snapshot
         self._buffers: dict[tuple, Tensor] = {}  # snapshot storage, reused between steps
         self.agree = agree  # ok on this rank -> ok on every rank (None: single process)
         self.consecutive: Tensor | None = None  # device-side counters, read when logging
@@ -70,8 +71,9 @@ class StepGuard:
     def _params(self) -> list[Tensor]:
         return unique_objects([p for m in self.modules for p in m.parameters()])
 
-    def _tensors(self) -> list[Tensor]:
-        found = [*self._params(), *(b for m in self.modules for b in m.buffers())]
+    def _tensors(self, params: list[Tensor] | None = None) -> list[Tensor]:
+        params = self._params() if params is None else params
+        found = [*params, *(b for m in self.modules for b in m.buffers())]
         for opt in self.optimizers:
             for state in opt.state.values():
                 found += [v for v in state.values() if torch.is_tensor(v)]
@@ -103,6 +105,7 @@ class StepGuard:
         if single:
             torch._foreach_copy_(copies, single)
         self._saved += [([t], c, False) for t, c in zip(single, copies, strict=True)]
+        self._saved_ids = {id(t) for t in tensors}
         used = {id(copy) for _, copy, _ in self._saved}  # drop storage of tensors now gone
         self._buffers = {k: v for k, v in self._buffers.items() if id(v) in used}
 
@@ -117,9 +120,7 @@ class StepGuard:
             ok = ok & loss.detach().float().isfinite().all().to(ok.device)
         if self.agree is not None:
             ok = self.agree(ok)
-        snapshotted = set()
         for tensors, saved, flat_group in self._saved:
-            snapshotted.update(id(t) for t in tensors)
             if saved.device != ok.device:
                 continue
             if not flat_group:
@@ -128,8 +129,8 @@ class StepGuard:
             flat = [_memory_flat(t) for t in tensors]
             kept = torch.where(ok, torch.cat(flat), saved)
             torch._foreach_copy_(flat, list(kept.split([f.numel() for f in flat])))
-        for t in self._tensors():  # state created during this step (SGD's first momentum)
-            if id(t) not in snapshotted and t.device == ok.device:
+        for t in self._tensors(params):  # state created during this step (SGD's first momentum)
+            if id(t) not in self._saved_ids and t.device == ok.device:
                 t.masked_fill_(~ok, 0)
         self._count(ok)
         return ok

@@ -130,7 +130,6 @@ def _fold(model: nn.Module, enabled: bool, x: Tensor) -> tuple[nn.Module, dict]:
                                             f"{str(err)[:100]}); evaluated unfolded"}
     if n == 0:
         return model, {"folded": 0, "note": "no convolution -> BatchNorm pair to fold"}
-    folded.to(x.device)
     gap = max_logit_gap(model, folded, x)
     if not gap <= FOLD_TOLERANCE:  # also catches NaN
         return model, {"folded": 0, "note": f"folded logits differ by {gap:.1e} (relative); "
