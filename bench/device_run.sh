@@ -23,7 +23,7 @@ if [[ "$SMOKE" == 1 ]]; then
   EV="--n-examples 20 --attacks clean,pgd20,cw,aa"
   CA="--device cpu --model resnet_tiny --batch-size 8"
   FB="--device cpu --model resnet_tiny --examples 8 --batch-size 8 --reps 1"
-  COMPILE=${COMPILE-}
+  COMPILE=${COMPILE-} COMPILE_ATTACKS=${COMPILE_ATTACKS-}
 else
   DEV=cuda DATA=.devdata/cifar10_25k.npz TP="" GC="" TR="model.name=resnet18 train.val_examples=500 data.test_subset=2000"
   EV="--n-examples 1000 --attacks clean,pgd20,cw,aa"
@@ -33,12 +33,14 @@ else
 fi
 python -c "import torch; print(torch.__version__)" | tee -a "$R/gpu.txt"
 # 1. throughput at batch 128 (every row) and 512 (DAT rows), each with a torch.compile row
-#    per mode in COMPILE (compiling takes minutes; COMPILE= skips it)
-COMPILE=${COMPILE-reduce-overhead}
+#    per mode in COMPILE (the model) and in COMPILE_ATTACKS (each training-attack step as
+#    one graph), and a row with both where the modes match (compiling takes minutes;
+#    COMPILE= COMPILE_ATTACKS= skip them)
+COMPILE=${COMPILE-reduce-overhead} COMPILE_ATTACKS=${COMPILE_ATTACKS-reduce-overhead}
 if want 1; then
-python bench/throughput.py --device $DEV --batch-size 128 --iters ${ITERS:-20} --compile "$COMPILE" $TP --json "$R/throughput_b128.json" 2>&1 | tee "$R/throughput_b128.txt"
+python bench/throughput.py --device $DEV --batch-size 128 --iters ${ITERS:-20} --compile "$COMPILE" --compile-attacks "$COMPILE_ATTACKS" $TP --json "$R/throughput_b128.json" 2>&1 | tee "$R/throughput_b128.txt"
 pack throughput128
-python bench/throughput.py --device $DEV --batch-size 512 --iters ${ITERS512:-10} --rows "${ROWS512:-reference,fast_dat,plain}" --compile "$COMPILE" $TP --json "$R/throughput_b512.json" 2>&1 | tee "$R/throughput_b512.txt"
+python bench/throughput.py --device $DEV --batch-size 512 --iters ${ITERS512:-10} --rows "${ROWS512:-reference,fast_dat,plain}" --compile "$COMPILE" --compile-attacks "$COMPILE_ATTACKS" $TP --json "$R/throughput_b512.json" 2>&1 | tee "$R/throughput_b512.txt"
 pack throughput512
 fi
 # 2. same-budget training reference vs fast, bf16 attack objective, WRN-34-10 memory

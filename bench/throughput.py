@@ -101,12 +101,14 @@ def _reference_row(s: _Setup):
 
 
 def _fast_row(s: _Setup, *, bf16: bool, channels_last: bool, batched: bool, update: str,
-              fused: bool = False, compile_mode: str = "off", guard: bool = False):
+              fused: bool = False, compile_mode: str = "off", guard: bool = False,
+              compile_attacks: str = "off"):
     model, opt = s.model(channels_last=channels_last)
     g, gopt = s.generator()
     net = compile_model(model, compile_mode)
     step = DATStep(net, g, opt, gopt, batched=batched, generator_update=update,
-                   autocast_dtype=torch.bfloat16 if bf16 else None, fused_split_bn=fused)
+                   autocast_dtype=torch.bfloat16 if bf16 else None, fused_split_bn=fused,
+                   compile_attacks=compile_attacks)
     step.model = net
     x, x_raw = s.inputs(channels_last)
     if guard:  # the trainer's non-finite-step guard around each step
@@ -122,13 +124,14 @@ def _fast_row(s: _Setup, *, bf16: bool, channels_last: bool, batched: bool, upda
     return lambda: step.run(x, s.y, x_raw)
 
 
-def _compiled(s: _Setup, fn: Callable[[], object], mode: str) -> Callable[[], object]:
+def _compiled(s: _Setup, fn: Callable[[], object], mode: str,
+              what: str = "compile") -> Callable[[], object]:
     """Run the first (compiling) call now and note how long it took."""
     start = time.perf_counter()
     fn()
     _sync(s.device)
-    s.notes.append(f"compile({mode}): first step took {time.perf_counter() - start:.1f} s")
-    if mode == "reduce-overhead":
+    s.notes.append(f"{what}({mode}): first step took {time.perf_counter() - start:.1f} s")
+    if mode == "reduce-overhead" and what == "compile":  # as the trainer does
         def step():
             torch.compiler.cudagraph_mark_step_begin()
             return fn()
@@ -137,9 +140,11 @@ def _compiled(s: _Setup, fn: Callable[[], object], mode: str) -> Callable[[], ob
     return fn
 
 
-def _baseline_row(s: _Setup, cls, *, bf16: bool, channels_last: bool, **kw):
+def _baseline_row(s: _Setup, cls, *, bf16: bool, channels_last: bool,
+                  compile_attacks: str = "off", **kw):
     model, opt = s.model(dual_bn=False, channels_last=channels_last)
-    step = cls(model, opt, steps=10, autocast_dtype=torch.bfloat16 if bf16 else None, **kw)
+    step = cls(model, opt, steps=10, autocast_dtype=torch.bfloat16 if bf16 else None,
+               compile_attacks=compile_attacks, **kw)
     x, _ = s.inputs(channels_last)
     return lambda: step.run(x, s.y)
 
@@ -220,7 +225,7 @@ def _measure(name: str, fn: Callable[[], object], is_eval: bool, args: argparse.
     ips = images / seconds
     row = {"ms_per_iter": round(seconds * 1000, 2), "img_per_s": round(ips, 1),
            "epoch_s_50k": round(50000 / ips, 1), "seconds": round(seconds, 3)}
-    if args.count_ops and not is_eval and "compile(" not in name:
+    if args.count_ops and not is_eval and "compile" not in name:
         row["ops_per_iter"] = count_ops(fn)
     return row
 
@@ -236,6 +241,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--compile", default="", help="comma list of torch.compile modes "
                         "(default, reduce-overhead, max-autotune): one fast_dat row each")
+    parser.add_argument("--compile-attacks", default="",
+                        help="comma list of modes for dat.attacks.compiled_step (default, "
+                        "reduce-overhead, max-autotune): fast_dat and pgd_at10 rows with each "
+                        "training-attack step as one compiled graph")
     parser.add_argument("--count-ops", action="store_true",
                         help="also count the ATen operations (kernels) of one training step")
     parser.add_argument("--rows", default="all", help="comma list of row-name prefixes")
@@ -294,6 +303,21 @@ def main(argv: list[str] | None = None) -> dict:
         rows[f"fast_dat reversal + compile({mode})"] = (
             lambda mode=mode: _compiled(s, _fast_row(s, update="reversal", compile_mode=mode,
                                                      **fast), mode))
+    model_modes = set(filter(None, args.compile.split(",")))
+    for mode in filter(None, args.compile_attacks.split(",")):
+        if mode in model_modes:  # both: the model's train-mode passes and the attacks
+            rows[f"fast_dat reversal + compile({mode}) + compile_attacks({mode})"] = (
+                lambda mode=mode: _compiled(s, _fast_row(
+                    s, update="reversal", compile_mode=mode, compile_attacks=mode, **fast),
+                    mode))
+        rows[f"fast_dat reversal + compile_attacks({mode})"] = (
+            lambda mode=mode: _compiled(s, _fast_row(s, update="reversal",
+                                                     compile_attacks=mode, **fast), mode,
+                              "fast_dat compile_attacks"))
+        rows[f"pgd_at10 + compile_attacks({mode})"] = (
+            lambda mode=mode: _compiled(s, _baseline_row(s, PGDATStep, compile_attacks=mode,
+                                                         **base), mode,
+                              "pgd_at10 compile_attacks"))
     # dat.evaluate's defaults: channels_last and BN folding on for CPU
     ev = dict(channels_last=auto.type == "cpu", fold=auto.type == "cpu",
               n=args.eval_examples)
@@ -344,15 +368,16 @@ def _print_table(table: dict, args: argparse.Namespace, device: torch.device) ->
         f"cpu, {torch.get_num_threads()} threads")
     print(f"\n{name}, torch {torch.__version__}, model {args.model}, batch {args.batch_size}, "
           f"eval batch {args.eval_batch_size} x {args.eval_examples} images")
-    print(f"| {'row':<44} | {'ms/iter':>9} | {'img/s':>9} | {'s/50k ep':>8} | {'x ref':>6} | "
+    w = max([44, *map(len, table)])
+    print(f"| {'row':<{w}} | {'ms/iter':>9} | {'img/s':>9} | {'s/50k ep':>8} | {'x ref':>6} | "
           f"{'ops/iter':>8} |")
-    print(f"|{'-' * 46}|{'-' * 11}|{'-' * 11}|{'-' * 10}|{'-' * 8}|{'-' * 10}|")
+    print(f"|{'-' * (w + 2)}|{'-' * 11}|{'-' * 11}|{'-' * 10}|{'-' * 8}|{'-' * 10}|")
     for row, v in table.items():
         if "error" in v:
-            print(f"| {row:<44} | failed: {v['error']} |")
+            print(f"| {row:<{w}} | failed: {v['error']} |")
             continue
         ratio = "" if v["ratio_vs_reference"] is None else f"{v['ratio_vs_reference']:.2f}"
-        print(f"| {row:<44} | {v['ms_per_iter']:>9.1f} | {v['img_per_s']:>9.1f} | "
+        print(f"| {row:<{w}} | {v['ms_per_iter']:>9.1f} | {v['img_per_s']:>9.1f} | "
               f"{v['epoch_s_50k']:>8.1f} | {ratio:>6} | {v.get('ops_per_iter', ''):>8} |")
 
 

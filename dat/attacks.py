@@ -8,13 +8,15 @@ summed over the batch, so a sample's step does not depend on what else is in the
 batch: attacking ``cat([x, x_hat])`` with split BN equals two separate attacks (bit for
 bit on CPU and in fp64 on CUDA; with TF32/bf16 convolutions rounding flips the sign of
 some small gradients, so the two differ in a fraction of pixels by multiples of alpha).
+With ``compile_mode`` set, each attack step runs as one compiled graph (:func:`compiled_step`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +25,18 @@ from torch import Tensor, nn
 from .losses import cw_margin, kl_divergence
 from .models.dual_bn import bn_branch
 
-__all__ = ["eaeg", "eval_mode", "frozen_parameters", "is_compiled", "pgd", "project", "trades_kl"]
+__all__ = [
+    "ATTACK_COMPILE_MODES",
+    "check_compile_mode",
+    "compiled_step",
+    "eaeg",
+    "eval_mode",
+    "frozen_parameters",
+    "is_compiled",
+    "pgd",
+    "project",
+    "trades_kl",
+]
 
 
 @contextlib.contextmanager
@@ -90,20 +103,89 @@ def _branch(model: nn.Module, branch: str | None):
     return bn_branch(model, branch) if branch else contextlib.nullcontext()
 
 
-def _ascend(model, x, x_adv, loss_fn, eps, alpha, steps, branch) -> Tensor:
-    # The box of the projection, once: each step is then sign, add and clamp, three
-    # kernels, with the same values as project() (min/max only select, and alpha * sign
-    # is exact).
-    low, high = (x - eps).clamp_(min=0.0), (x + eps).clamp_(max=1.0)
+def _objective(logits: Tensor, y: Tensor | None, target: Tensor | None, beta: float,
+               label_smoothing: float, loss: str) -> Tensor:
+    """The summed attack loss: CW margin, CE, or ``beta * KL(p(target) || p) [+ CE]``."""
+    if loss == "cw":
+        return cw_margin(logits, y).sum()
+    ce = None if y is None else F.cross_entropy(logits.float(), y, reduction="sum",
+                                                label_smoothing=label_smoothing)
+    if target is None:
+        return ce
+    kl = beta * kl_divergence(target, logits, reduction="sum")
+    return kl if ce is None else kl + ce
+
+
+def _ascent_step(model: nn.Module, x_adv: Tensor, low: Tensor, high: Tensor,
+                 y: Tensor | None, target: Tensor | None, beta: float, label_smoothing: float,
+                 loss: str, alpha: float) -> Tensor:
+    """One signed-gradient step, clamped to the box [low, high] (eps-ball within [0, 1])."""
+    x_adv = x_adv.detach().requires_grad_(True)
+    objective = _objective(model(x_adv), y, target, beta, label_smoothing, loss)
+    (grad,) = torch.autograd.grad(objective, x_adv)
+    # sign, add and clamp: the same values as project() (min/max only select, and
+    # alpha * sign is exact)
+    return torch.clamp(x_adv.detach().add(grad.sign(), alpha=alpha), low, high)
+
+
+def _ascend(model, x, x_adv, eps, alpha, steps, branch, *, y=None, target=None, beta=1.0,
+            label_smoothing=0.0, loss="ce", compile_mode="off") -> Tensor:
+    low, high = (x - eps).clamp_(min=0.0), (x + eps).clamp_(max=1.0)  # the box, once
+    step = _ascent_step if compile_mode == "off" else compiled_step(compile_mode)
+    frozen = frozen_parameters if compile_mode != "off" else _frozen_if_compiled
     # enable_grad: callers often attack inside torch.no_grad() (evaluation loops).
-    with eval_mode(model), _branch(model, branch), _frozen_if_compiled(model), \
-            torch.enable_grad():
+    with eval_mode(model), _branch(model, branch), frozen(model), torch.enable_grad():
+        net = model if compile_mode == "off" else getattr(model, "_orig_mod", model)
         for _ in range(steps):
-            x_adv = x_adv.detach().requires_grad_(True)
-            loss = loss_fn(model(x_adv))
-            (grad,) = torch.autograd.grad(loss, x_adv)
-            x_adv = torch.clamp(x_adv.detach().add(grad.sign(), alpha=alpha), low, high)
+            x_adv = step(net, x_adv, low, high, y, target, beta, label_smoothing, loss, alpha)
     return x_adv.detach()
+
+
+ATTACK_COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+
+
+def _can_trace_autograd() -> bool:
+    """Whether dynamo can put ``torch.autograd.grad`` inside a graph (torch >= 2.11)."""
+    import torch._dynamo
+
+    return hasattr(torch._dynamo.config, "trace_autograd_ops")
+
+
+def check_compile_mode(mode: str) -> None:
+    """Fail now, in one line, if the attacks cannot be compiled in ``mode`` here."""
+    if mode not in ATTACK_COMPILE_MODES:
+        raise ValueError(f"attack compile mode {mode!r}: use one of {ATTACK_COMPILE_MODES}")
+    if mode != "off" and not _can_trace_autograd():
+        raise ValueError(f"compiled attacks need torch >= 2.11 (this is {torch.__version__}): "
+                         "upgrade torch or set the attack compile mode to off")
+
+
+@functools.cache
+def compiled_step(mode: str) -> Callable[..., Tensor]:
+    """One attack step as a single ``torch.compile`` graph: forward, input gradient, sign,
+    add and clamp.
+
+    Dynamo traces the ``torch.autograd.grad`` call into the graph
+    (``trace_autograd_ops``), so with ``mode="reduce-overhead"`` a whole step replays as
+    one CUDA graph instead of hundreds of kernel launches. An attack of K steps calls the
+    graph K times, so the step count costs no compile time; a new input shape, dtype, BN
+    branch, loss or step size compiles a new graph. The model's parameters are frozen
+    while it runs (the graph computes no weight gradients). Needs torch >= 2.11.
+    """
+    check_compile_mode(mode)
+    if mode == "off":
+        return _ascent_step
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    step = torch.compile(_ascent_step, mode=None if mode == "default" else mode,
+                         dynamic=False, fullgraph=True)
+
+    def run(*args) -> Tensor:
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            out = step(*args)
+        # a CUDA graph's output is overwritten by its next replay: keep a copy
+        return out.clone() if mode == "reduce-overhead" else out
+
+    return run
 
 
 def _gaussian_start(x: Tensor, std: float, eps: float, noise: Tensor | None) -> Tensor:
@@ -116,10 +198,13 @@ def pgd(
     model: nn.Module, x: Tensor, y: Tensor, eps: float = 8 / 255, alpha: float = 2 / 255,
     steps: int = 10, random_start: bool = True, loss: str = "ce",
     label_smoothing: float = 0.0, branch: str | None = None, start: Tensor | None = None,
+    compile_mode: str = "off",
 ) -> Tensor:
     """Madry et al. PGD: ascend CE (or the CW margin, ``loss="cw"``) from a uniform start.
 
     ``start`` overrides the random start (an initial perturbation in [-eps, eps]).
+    ``compile_mode`` (off | default | reduce-overhead | max-autotune) runs each step as
+    one compiled graph (:func:`compiled_step`).
     """
     if loss not in ("ce", "cw"):
         raise ValueError(f"unknown PGD loss {loss!r}; use 'ce' or 'cw'")
@@ -131,26 +216,22 @@ def pgd(
     else:
         x_adv = x.clone()
 
-    def objective(logits: Tensor) -> Tensor:
-        if loss == "cw":
-            return cw_margin(logits, y).sum()
-        return F.cross_entropy(logits.float(), y, reduction="sum",
-                               label_smoothing=label_smoothing)
-
-    return _ascend(model, x, x_adv, objective, eps, alpha, steps, branch)
+    return _ascend(model, x, x_adv, eps, alpha, steps, branch, y=y,
+                   label_smoothing=label_smoothing, loss=loss, compile_mode=compile_mode)
 
 
 def trades_kl(
     model: nn.Module, x: Tensor, eps: float = 8 / 255, alpha: float = 2 / 255,
     steps: int = 10, init_std: float = 0.001, target_logits: Tensor | None = None,
-    branch: str | None = None, noise: Tensor | None = None,
+    branch: str | None = None, noise: Tensor | None = None, compile_mode: str = "off",
 ) -> Tensor:
     """TRADES inner maximisation: ascend KL(p(x) || p(x')) from a 0.001 Gaussian start.
 
     The target p(x) is computed once (eval mode) unless ``target_logits`` is given.
     """
     return eaeg(model, x, None, eps, alpha, steps, beta=1.0, init_std=init_std,
-                target_logits=target_logits, branch=branch, noise=noise)
+                target_logits=target_logits, branch=branch, noise=noise,
+                compile_mode=compile_mode)
 
 
 def eaeg(
@@ -158,7 +239,7 @@ def eaeg(
     alpha: float = 2 / 255, steps: int = 5, beta: float = 15.0,
     label_smoothing: float = 0.0, init_std: float = 0.001,
     target_logits: Tensor | None = None, branch: str | None = None,
-    noise: Tensor | None = None,
+    noise: Tensor | None = None, compile_mode: str = "off",
 ) -> Tensor:
     """DAT's efficient adversarial example generation (EAEG).
 
@@ -166,6 +247,7 @@ def eaeg(
     steps from ``x + init_std * N(0, I)``. The KL target p(x) does not change during
     the attack, so it is computed once (the published code recomputes it every step).
     With ``y=None`` the CE term is dropped (TRADES). ``noise`` injects the start draw.
+    ``compile_mode`` as in :func:`pgd`.
     """
     x = x.detach()
     if target_logits is None:
@@ -173,12 +255,6 @@ def eaeg(
             target_logits = model(x)
     target_logits = target_logits.detach()
 
-    def objective(logits: Tensor) -> Tensor:
-        loss = beta * kl_divergence(target_logits, logits, reduction="sum")
-        if y is not None:
-            loss = loss + F.cross_entropy(logits.float(), y, reduction="sum",
-                                          label_smoothing=label_smoothing)
-        return loss
-
     x_adv = _gaussian_start(x, init_std, eps, noise)
-    return _ascend(model, x, x_adv, objective, eps, alpha, steps, branch)
+    return _ascend(model, x, x_adv, eps, alpha, steps, branch, y=y, target=target_logits,
+                   beta=beta, label_smoothing=label_smoothing, compile_mode=compile_mode)

@@ -135,6 +135,7 @@ class PerfConfig:
     fused_split_bn: str = "auto"  # auto (off until timed on a GPU) | on | off: split BN as one
     # affine map in the batched attack (equal up to float rounding)
     compile: str = "off"  # off | default | reduce-overhead (CUDA graphs) | max-autotune
+    compile_attacks: str = "off"  # the same modes: each training-attack step as one graph
     log_every: int = 50  # steps between host syncs for logging
 
 
@@ -332,9 +333,17 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg.perf, key)
         setattr(cfg.perf, key, {"true": "on", "false": "off"}.get(str(value).lower(), value))
         _choice(getattr(cfg.perf, key), ("auto", "on", "off"), f"perf.{key}")
-    c = cfg.perf.compile  # also a bool before 2026-11-27
-    cfg.perf.compile = {"true": "default", "false": "off"}.get(str(c).lower(), c)
-    _choice(cfg.perf.compile, COMPILE_MODES, "perf.compile")
+    for key in ("compile", "compile_attacks"):  # compile was also a bool before 2026-11-27
+        value = getattr(cfg.perf, key)
+        setattr(cfg.perf, key, {"true": "default", "false": "off"}.get(str(value).lower(), value))
+        _choice(getattr(cfg.perf, key), COMPILE_MODES, f"perf.{key}")
+    if cfg.perf.compile_attacks != "off":
+        from .attacks import check_compile_mode
+
+        try:
+            check_compile_mode(cfg.perf.compile_attacks)
+        except ValueError as err:
+            raise ConfigError(f"perf.compile_attacks: {err}") from None
     t = cfg.train
     if t.epochs < 1:
         raise ConfigError(f"train.epochs={t.epochs} must be >= 1")

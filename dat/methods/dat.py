@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attacks import eaeg, eval_mode, is_compiled, pgd
+from ..attacks import check_compile_mode, eaeg, eval_mode, is_compiled, pgd
 from ..losses import js_divergence, trades_loss
 from ..mixing import flip_crop
 from ..models.dual_bn import bn_branch, fused_split, has_dual_bn
@@ -76,6 +76,9 @@ class DATStep(MethodStep):
             (:func:`dat.models.fused_split`; equal up to float rounding, 4 operations fewer
             per BN layer and attack step). Off by default until timed on a GPU.
         autocast_dtype: e.g. ``torch.bfloat16`` for model forwards (FFTs stay fp32).
+        compile_attacks: ``off`` | ``default`` | ``reduce-overhead`` | ``max-autotune``:
+            run each attack step as one compiled graph (:func:`dat.attacks.compiled_step`;
+            with ``reduce-overhead``, one CUDA graph). Off by default until timed on a GPU.
         keep_images: keep this many samples' images for :meth:`last_images` (0 = off).
     """
 
@@ -89,10 +92,11 @@ class DATStep(MethodStep):
         recombined_branch: bool = True, outer: str = "dat", recombined_padding: int = 3,
         generator_update: str = "alternating", awp_gamma: float = 0.0, awp_warmup: int = 0,
         batched: bool | None = None, autocast_dtype: torch.dtype | None = None,
-        keep_images: int = 0, fused_split_bn: bool = False,
+        keep_images: int = 0, fused_split_bn: bool = False, compile_attacks: str = "off",
     ) -> None:
         _check_choices(outer=outer, mix=mix, amplitude_source=amplitude_source,
                        generator_update=generator_update, attack_init=attack_init)
+        check_compile_mode(compile_attacks)
         self.model, self.optimizer = model, optimizer
         self.beta, self.omega, self.label_smoothing = beta, omega, label_smoothing
         self.eps, self.alpha, self.steps = eps, alpha, steps
@@ -101,7 +105,7 @@ class DATStep(MethodStep):
         self.second_attack, self.recombined = second_attack, recombined_branch
         self.padding, self.generator_update = recombined_padding, generator_update
         self.batched, self.autocast_dtype, self.keep_images = batched, autocast_dtype, keep_images
-        self.fused_split_bn = fused_split_bn
+        self.fused_split_bn, self.compile_attacks = fused_split_bn, compile_attacks
         self._batch_now = bool(batched)  # batched as resolved for the current step
         self.uses_generator = recombined_branch and amplitude_source == "generator"
         self.generator = generator if self.uses_generator else None
@@ -214,7 +218,8 @@ class DATStep(MethodStep):
                 target: Tensor | None = None) -> Tensor:
         """The inner maximisation of ``outer`` (losses summed per sample, so batchable)."""
         std = self.init_std if self.attack_init == "gaussian" else self.eps
-        common = dict(eps=self.eps, alpha=self.alpha, steps=self.steps, branch=branch)
+        common = dict(eps=self.eps, alpha=self.alpha, steps=self.steps, branch=branch,
+                      compile_mode=self.compile_attacks)
         with self._amp():
             if self.outer == "pgd_at":
                 return pgd(self.model, x, y, loss="ce", label_smoothing=self.label_smoothing,
@@ -234,8 +239,9 @@ class DATStep(MethodStep):
         if target_x is not None and self.outer != "pgd_at":
             target = torch.cat([target_x, self._eval_logits(xh, self.xh_branch)])
         branch = "split" if self.split_bn else "main"
-        with fused_split(self.model, enabled=self.fused_split_bn and self.split_bn
-                         and not is_compiled(self.model)):
+        fuse = (self.fused_split_bn and self.split_bn and self.compile_attacks == "off"
+                and not is_compiled(self.model))  # a compiler fuses the affine maps itself
+        with fused_split(self.model, enabled=fuse):
             adv = self._attack(torch.cat([x, xh]), torch.cat([y, y]),
                                torch.cat([d.noise_x, d.noise_xh]), branch, target)
         return adv.chunk(2)

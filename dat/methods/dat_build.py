@@ -58,4 +58,5 @@ def build_dat(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, *
         fused_split_bn=resolve_fused_split_bn(cfg.perf.fused_split_bn, device),
         autocast_dtype=resolve_precision(cfg.perf.precision, device),
         keep_images=8 if cfg.train.image_every > 0 else 0,
+        compile_attacks=cfg.perf.compile_attacks,
     )

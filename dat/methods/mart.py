@@ -52,7 +52,8 @@ class MARTStep(BaselineStep):
     def run(self, x: Tensor, y: Tensor, x_raw: Tensor | None = None) -> dict[str, Tensor]:
         start = 0.001 * torch.randn_like(x) if self.init == "gaussian" else None
         with self._autocast(x):
-            x_adv = pgd(self.model, x, y, self.eps, self.alpha, self.steps, start=start)
+            x_adv = pgd(self.model, x, y, self.eps, self.alpha, self.steps, start=start,
+                        compile_mode=self.compile_attacks)
             self.model.train()
             clean_logits = self.model(x)
             adv_logits = self.model(x_adv)

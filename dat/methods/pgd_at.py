@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attacks import eval_mode, pgd
+from ..attacks import check_compile_mode, eval_mode, pgd
 from .base import MethodStep
 
 __all__ = ["BaselineStep", "PGDATStep", "accuracy"]
@@ -33,12 +33,15 @@ class BaselineStep(MethodStep):
     ``autocast_dtype`` (None or ``torch.bfloat16``) runs model forwards and attacks under
     autocast; losses are computed in float32. With ``keep_images=n`` the first n clean and
     adversarial images of the last batch are kept for :meth:`last_images` (TB grids).
+    ``compile_attacks`` runs each attack step as one compiled graph
+    (:func:`dat.attacks.compiled_step`).
     """
 
     def __init__(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, *, eps: float = 8 / 255,
         alpha: float = 2 / 255, steps: int = 10, label_smoothing: float = 0.0,
         autocast_dtype: torch.dtype | None = None, keep_images: int = 0,
+        compile_attacks: str = "off",
     ) -> None:
         if eps > 1 or alpha > 1:
             raise ValueError(f"eps={eps:g} / alpha={alpha:g} look like 0-255 units; divide by 255")
@@ -46,6 +49,8 @@ class BaselineStep(MethodStep):
         self.eps, self.alpha, self.steps = eps, alpha, steps  # L-inf, [0, 1] pixel scale
         self.label_smoothing = label_smoothing
         self.autocast_dtype = autocast_dtype
+        check_compile_mode(compile_attacks)
+        self.compile_attacks = compile_attacks  # dat.attacks.compiled_step's mode
         self.keep_images = keep_images
         self._images: dict[str, Tensor] = {}
 
@@ -91,7 +96,8 @@ class PGDATStep(BaselineStep):
         start = 0.001 * torch.randn_like(x) if self.init == "gaussian" else None
         with self._autocast(x):
             x_adv = pgd(self.model, x, y, self.eps, self.alpha, self.steps, start=start,
-                        label_smoothing=self.label_smoothing)  # (B, C, H, W)
+                        label_smoothing=self.label_smoothing,
+                        compile_mode=self.compile_attacks)  # (B, C, H, W)
             with torch.no_grad(), eval_mode(self.model):
                 clean_logits = self.model(x)
             self.model.train()

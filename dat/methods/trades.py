@@ -28,7 +28,8 @@ class TRADESStep(BaselineStep):
 
     def run(self, x: Tensor, y: Tensor, x_raw: Tensor | None = None) -> dict[str, Tensor]:
         with self._autocast(x):
-            x_adv = trades_kl(self.model, x, self.eps, self.alpha, self.steps)  # (B, C, H, W)
+            x_adv = trades_kl(self.model, x, self.eps, self.alpha, self.steps,
+                              compile_mode=self.compile_attacks)  # (B, C, H, W)
             self.model.train()
             clean_logits = self.model(x)
             adv_logits = self.model(x_adv)
