@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import ConfigError
 from .losses import cw_margin, kl_divergence
 from .models.dual_bn import bn_branch
 
@@ -179,9 +180,17 @@ def compiled_step(mode: str) -> Callable[..., Tensor]:
     step = torch.compile(_ascent_step, mode=None if mode == "default" else mode,
                          dynamic=False, fullgraph=True)
 
-    def run(*args) -> Tensor:
-        with torch._dynamo.config.patch(trace_autograd_ops=True):
-            out = step(*args)
+    def run(model: nn.Module, *args) -> Tensor:
+        try:
+            with torch._dynamo.config.patch(trace_autograd_ops=True):
+                out = step(model, *args)
+        except torch._dynamo.exc.TorchDynamoException as err:
+            reason = next((line.strip() for line in str(err).splitlines() if line.strip()),
+                          type(err).__name__)
+            raise ConfigError(
+                f"the attack step of {type(model).__name__} does not compile as one graph "
+                f"({reason[:160]}); use perf.compile_attacks=off (compile_mode='off' in the "
+                "Python API)") from err
         # a CUDA graph's output is overwritten by its next replay: keep a copy
         return out.clone() if mode == "reduce-overhead" else out
 

@@ -176,15 +176,21 @@ def test_baseline_steps_pass_the_mode_on(aot_eager, make_tiny_model, sample_batc
     assert asked[0]["mode"] == "max-autotune" and counter.frame_count == 1
 
 
-def test_trainer_trains_with_compiled_attacks(aot_eager, tmp_path) -> None:
-    counter, asked = aot_eager
+@pytest.mark.parametrize("model_mode", ["off", "reduce-overhead"])
+def test_trainer_trains_with_compiled_attacks(model_mode, aot_eager, tmp_path) -> None:
+    """perf.compile_attacks alone, and with the model compiled too (perf.compile)."""
+    _, asked = aot_eager
     cfg = load_config(None, [*TINY, "method.name=dat", "perf.compile_attacks=reduce-overhead",
-                             f"train.out_dir={tmp_path}", "train.run_name=ca"])
+                             f"perf.compile={model_mode}", f"train.out_dir={tmp_path}",
+                             "train.run_name=ca"])
     trainer = Trainer(cfg, progress=False)
     assert trainer.method.compile_attacks == "reduce-overhead"
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     metrics = trainer.fit()
     assert metrics["steps"] == 2 and metrics["bad_steps"] == 0
-    assert asked[0]["mode"] == "reduce-overhead" and counter.frame_count >= 1
+    assert [a["mode"] for a in asked] == ["reduce-overhead"] * (1 + (model_mode != "off"))
+    after = trainer.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained
 
 
 def test_config_checks_the_attack_compile_mode(monkeypatch) -> None:
@@ -198,3 +204,23 @@ def test_config_checks_the_attack_compile_mode(monkeypatch) -> None:
     with pytest.raises(ValueError, match=r"torch >= 2\.11"):
         DATStep(*_dat_players()[:1], None, None, amplitude_source="random_image",
                 compile_attacks="default")
+
+
+class _DataDependent(torch.nn.Module):
+    """A model whose forward branches on a value: no single graph can hold it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3 * 32 * 32, 10)
+
+    def forward(self, x):
+        out = self.linear(x.flatten(1))
+        return out * 2 if out.sum().item() > 0 else out
+
+
+def test_a_model_that_does_not_compile_gets_a_one_line_error(aot_eager, sample_batch) -> None:
+    x, y = sample_batch
+    with pytest.raises(ConfigError, match="_DataDependent does not compile as one graph.*"
+                       "perf.compile_attacks=off") as err:
+        pgd(_DataDependent(), x, y, EPS, ALPHA, steps=2, compile_mode="default")
+    assert "\n" not in str(err.value)

@@ -132,6 +132,7 @@ def test_bn_branch_routes_and_restores(make_warm_model, sample_batch) -> None:
         with bn_branch(model, "aux") as routed:
             assert routed is model
             assert all(m.branch == "aux" for m in bns)
+            assert "branch='aux'" in repr(bns[0])  # printed models show the routing
             aux_out = model(x)
         assert all(m.branch == "split" for m in bns)
         with pytest.raises(RuntimeError, match="boom"), bn_branch(model, "aux"):

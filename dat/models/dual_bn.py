@@ -59,6 +59,9 @@ class DualBatchNorm(nn.Module):
         first, second = x.split(half)  # one cat in backward (two slices would zero-fill twice)
         return torch.cat([self.main(first), self.aux(second)], dim=0)
 
+    def extra_repr(self) -> str:
+        return f"branch={self.branch!r}"
+
 
 class _SplitAffine(torch.autograd.Function):
     """``x * scale + shift`` per half and channel, output in x's dtype and layout.
@@ -135,9 +138,6 @@ def fused_split(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
     finally:
         for m in layers:
             m.fused = None
-
-    def extra_repr(self) -> str:
-        return f"branch={self.branch!r}"
 
 
 def _replace_bn(module: nn.Module) -> bool:
