@@ -66,3 +66,22 @@ def test_throughput_counts_the_gpu_configuration_on_a_cpu():
     ops = {name: row["ops_per_iter"] for name, row in table.items()}
     assert "fast_dat reversal, no bf16" in ops and "fast_dat reversal, no batched branches" in ops
     assert ops["fast_dat reversal, fused split BN"] < ops["fast_dat reversal (all fast paths)"]
+
+
+def test_graph_launches_fall_with_each_compile_flag():
+    """Counted launches of the GPU configuration: compiled attack steps and the compiled
+    model each remove launches, and together they remove the most."""
+    import graph_launches
+
+    out = graph_launches.main(["--model", "resnet_tiny", "--batch-size", "2"])
+    launches = [row["launches"] for row in out.values()]  # off/off, attacks, model, both
+    assert launches[0] > launches[1] > launches[3] and launches[0] > launches[2] > launches[3]
+    assert launches[0] > 3 * launches[3]
+    assert list(out.values())[0]["graph_calls"] == 0 < list(out.values())[3]["graph_calls"]
+
+
+def test_attack_ops_counts_one_step_and_its_share():
+    import attack_ops
+
+    out = attack_ops.main(["--model", "resnet_tiny", "--batch-size", "2", "--steps", "2"])
+    assert 0 < 2 * out["attack_step"] < out["dat_step"]
