@@ -93,15 +93,16 @@ def test_fast_step_equals_reference_fp32(batch, batched):
         assert _max_diff(model, ref[0]) < 1e-5 and _max_diff(gen, ref[1]) < 1e-5
 
 
+@pytest.mark.parametrize("batched", [False, True])
 @pytest.mark.parametrize("update", ["alternating", "reversal"])
-def test_fast_step_equals_reference_over_three_steps(batch, update):
+def test_fast_step_equals_reference_over_three_steps(batch, update, batched):
     """3 chained steps agree. In float64: sign(grad) in the attacks turns 1-ulp fp32
     differences (batched vs separate weight-gradient sums) into 2/255 pixel changes, so
     a chained fp32 comparison would test rounding luck rather than the procedure."""
     x, y, x_raw = (t.double() if t.is_floating_point() else t for t in batch)
     model, gen, opt, gopt = _players(dtype=torch.float64)
     ref = _clone(model, gen, opt, gopt)
-    step = DATStep(model, gen, opt, gopt, generator_update=update)
+    step = DATStep(model, gen, opt, gopt, generator_update=update, batched=batched)
     for i in range(3):
         fast = step(x, y, x_raw, draws=_draws(i, torch.float64))
         slow = reference_dat_step(*ref, x, y, x_raw, _draws(i, torch.float64),

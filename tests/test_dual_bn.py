@@ -166,8 +166,37 @@ def test_split_equals_running_the_halves_separately(mode, make_warm_model, sampl
 
 def test_split_needs_an_even_batch(make_tiny_model) -> None:
     model = make_tiny_model(dual_bn=True)
-    with bn_branch(model, "split"), pytest.raises(ValueError, match="even batch"):
+    with bn_branch(model, "split"), pytest.raises(ValueError, match="divisible by 2"):
         model(torch.rand(3, 3, 32, 32))
+    with bn_branch(model, "split", pairs=2), pytest.raises(ValueError, match="divisible by 4"):
+        model(torch.rand(6, 3, 32, 32))
+    with pytest.raises(ValueError, match="pairs=0"):
+        set_bn_branch(model, "split", pairs=0)
+
+
+def test_split_pairs_equal_one_split_pass_per_pair(make_warm_model, sample_batch) -> None:
+    """Train mode, pairs=2: one pass over [a, a_hat, b, b_hat] gives the outputs, the
+    running statistics and the weight gradients of a split pass over [a, a_hat] followed by
+    one over [b, b_hat] (DAT's loss: clean pair, then adversarial pair)."""
+    x, _ = sample_batch  # 16 images: four chunks of 4
+    a, a_hat, b, b_hat = x.split(4)
+    one = make_warm_model(dual_bn=True).train()
+    two = copy.deepcopy(one)
+    with bn_branch(one, "split", pairs=2):
+        out = one(torch.cat([a, a_hat, b, b_hat]))
+        assert all(m.pairs == 2 for m in one.modules() if isinstance(m, DualBatchNorm))
+    assert all(m.pairs == 1 and m.branch == "main"
+               for m in one.modules() if isinstance(m, DualBatchNorm))  # restored
+    with bn_branch(two, "split"):
+        ref = torch.cat([two(torch.cat([a, a_hat])), two(torch.cat([b, b_hat]))])
+    assert torch.allclose(out, ref, atol=1e-5)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    for (name, p), q in zip(one.named_parameters(), two.parameters(), strict=True):
+        # one weight-gradient sum over 4 chunks against two sums added: float rounding
+        assert (p.grad - q.grad).abs().max() <= 1e-5 * q.grad.abs().max(), name
+    for (name, u), v in zip(one.named_buffers(), two.buffers(), strict=True):
+        assert torch.allclose(u.float(), v.float(), atol=1e-6), name
 
 
 def test_unknown_branch_and_models_without_bn_give_clear_errors() -> None:

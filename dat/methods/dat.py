@@ -70,8 +70,9 @@ class DATStep(MethodStep):
             ``trades``), recombined_padding (3): variants of METHOD.md section 5.
         generator_update: ``alternating`` (published) | ``reversal`` (one backward).
         awp_gamma, awp_warmup (epochs): adversarial weight perturbation (0 = off).
-        batched: attack and forward x and x_hat as one 2B batch with split BN (None: on
-            for CUDA inputs, where it saves launches; off on CPU, where it costs time).
+        batched: attack x and x_hat as one 2B batch with split BN, and run the loss's
+            four forwards as one 4B batch (None: on for CUDA inputs, where it saves
+            launches; off on CPU, where it costs time).
         fused_split_bn: in the batched attack, run each split BN as one fused affine map
             (:func:`dat.models.fused_split`; equal up to float rounding, 4 operations fewer
             per BN layer and attack step). Off by default until timed on a GPU.
@@ -286,9 +287,10 @@ class DATStep(MethodStep):
         clean = self.outer != "pgd_at" or xh is not None
         with self._amp():
             if xh is not None and self._batch_now and self.split_bn:
-                with bn_branch(model, "split"):
-                    fx, fxh = model(torch.cat([v.x, xh])).chunk(2) if clean else (None, None)
-                    fxa, fxha = model(torch.cat([v.x_adv, v.xh_adv])).chunk(2)
+                # one 4B pass: x, x_hat, x', x_hat' with BN main, aux, main, aux, each chunk
+                # its own batch statistics (as two split passes, one weight gradient each)
+                with bn_branch(model, "split", pairs=2):
+                    fx, fxh, fxa, fxha = model(torch.cat([v.x, xh, v.x_adv, v.xh_adv])).chunk(4)
                 return fx, fxa, fxh, fxha
             with bn_branch(model, "main"):
                 fx, fxa = model(v.x) if clean else None, model(v.x_adv)

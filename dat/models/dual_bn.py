@@ -4,7 +4,9 @@ DAT normalises clean/adversarial images with the ``main`` branch and recombined
 images with the ``aux`` branch, because their statistics differ; evaluation and
 export use ``main`` only. ``split`` routes the first half of a batch to ``main`` and
 the second half to ``aux`` so that both branches run in one forward pass (exactly
-equivalent to two passes, since BatchNorm statistics are per branch anyway).
+equivalent to two passes, since BatchNorm statistics are per branch anyway). With
+``pairs=k`` the batch is 2k equal chunks, normalised in turn by ``main``, ``aux``, ``main``
+... each with its own batch statistics: k two-branch forwards in one pass.
 
 Inside :func:`fused_split`, an eval-mode ``split`` forward is one per-channel affine map
 for both halves (one kernel forward, one backward, instead of three each), for the
@@ -43,6 +45,7 @@ class DualBatchNorm(nn.Module):
         self.main = copy.deepcopy(bn)
         self.aux = copy.deepcopy(bn)
         self.branch = "main"
+        self.pairs = 1  # split: the batch is 2 * pairs chunks, main, aux, main, ...
         self.fused: tuple[Tensor, Tensor] | None = None  # (scale, shift), set by fused_split
         self.train(bn.training)
 
@@ -51,16 +54,20 @@ class DualBatchNorm(nn.Module):
             return self.main(x)
         if self.branch == "aux":
             return self.aux(x)
-        half = x.shape[0] // 2
-        if x.shape[0] != 2 * half:
-            raise ValueError(f"split BatchNorm needs an even batch, got {x.shape[0]}")
-        if self.fused is not None and not self.training:
+        chunks = 2 * self.pairs
+        size = x.shape[0] // chunks
+        if x.shape[0] != chunks * size:
+            raise ValueError(f"split BatchNorm with {self.pairs} pair(s) needs a batch divisible "
+                             f"by {chunks}, got {x.shape[0]}")
+        if self.fused is not None and not self.training and self.pairs == 1:
             return _SplitAffine.apply(x, *self.fused)
-        first, second = x.split(half)  # one cat in backward (two slices would zero-fill twice)
-        return torch.cat([self.main(first), self.aux(second)], dim=0)
+        # split(): one cat in backward (slices would zero-fill once each)
+        return torch.cat([(self.aux if i % 2 else self.main)(part)
+                          for i, part in enumerate(x.split(size))], dim=0)
 
     def extra_repr(self) -> str:
-        return f"branch={self.branch!r}"
+        pairs = f", pairs={self.pairs}" if self.branch == "split" and self.pairs != 1 else ""
+        return f"branch={self.branch!r}{pairs}"
 
 
 class _SplitAffine(torch.autograd.Function):
@@ -175,26 +182,34 @@ def has_dual_bn(model: nn.Module) -> bool:
     return any(isinstance(m, DualBatchNorm) for m in model.modules())
 
 
-def set_bn_branch(model: nn.Module, branch: str) -> str:
-    """Route every :class:`DualBatchNorm` in ``model`` to ``branch``; return the previous one."""
+def set_bn_branch(model: nn.Module, branch: str, pairs: int = 1) -> str:
+    """Route every :class:`DualBatchNorm` in ``model`` to ``branch``; return the previous one.
+
+    ``pairs`` (for ``split``): the batch holds that many (main, aux) chunk pairs.
+    """
     if branch not in BRANCHES:
         raise ValueError(f"unknown BN branch {branch!r}; use one of {BRANCHES}")
+    if pairs < 1:
+        raise ValueError(f"pairs={pairs} must be >= 1")
     previous = "main"
     for m in model.modules():
         if isinstance(m, DualBatchNorm):
             previous = m.branch
-            m.branch = branch
+            m.branch, m.pairs = branch, pairs
     return previous
 
 
 @contextlib.contextmanager
-def bn_branch(model: nn.Module, branch: str) -> Iterator[nn.Module]:
-    """Context manager: forward passes inside use BN ``branch`` ("main", "aux" or "split")."""
-    previous = set_bn_branch(model, branch)
+def bn_branch(model: nn.Module, branch: str, pairs: int = 1) -> Iterator[nn.Module]:
+    """Context manager: forward passes inside use BN ``branch`` ("main", "aux" or "split",
+    the latter with ``pairs`` (main, aux) chunk pairs per batch)."""
+    first = next((m for m in model.modules() if isinstance(m, DualBatchNorm)), None)
+    previous_pairs = first.pairs if first is not None else 1
+    previous = set_bn_branch(model, branch, pairs)
     try:
         yield model
     finally:
-        set_bn_branch(model, previous)
+        set_bn_branch(model, previous, previous_pairs)
 
 
 def _main_only(module: nn.Module) -> None:
