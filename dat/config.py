@@ -342,8 +342,12 @@ def validate(cfg: Config) -> None:
 
         try:
             check_compile_mode(cfg.perf.compile_attacks)
-        except ValueError as err:
-            raise ConfigError(f"perf.compile_attacks: {err}") from None
+        except ValueError:
+            import torch
+
+            raise ConfigError(
+                f"perf.compile_attacks={cfg.perf.compile_attacks} needs torch >= 2.11 (this is "
+                f"{torch.__version__}); upgrade torch or use perf.compile_attacks=off") from None
     t = cfg.train
     if t.epochs < 1:
         raise ConfigError(f"train.epochs={t.epochs} must be >= 1")
