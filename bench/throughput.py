@@ -140,6 +140,13 @@ def _compiled(s: _Setup, fn: Callable[[], object], mode: str,
     return fn
 
 
+def _cudagraph_skips() -> int:
+    """Compiled graphs that inductor ran without CUDA graphs so far (reduce-overhead)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"].get("cudagraph_skips", 0))
+
+
 def _baseline_row(s: _Setup, cls, *, bf16: bool, channels_last: bool,
                   compile_attacks: str = "off", **kw):
     model, opt = s.model(dual_bn=False, channels_last=channels_last)
@@ -338,8 +345,12 @@ def main(argv: list[str] | None = None) -> dict:
     for name, build in {**rows, **eval_rows}.items():
         if wanted and not any(name.startswith(w) for w in wanted):
             continue
+        skips = _cudagraph_skips()
         try:  # one failing row (e.g. a compile mode this machine lacks) must not end the run
             table[name] = _measure(name, build(), name in eval_rows, args, device)
+            if "reduce-overhead" in name and device.type == "cuda":  # did CUDA graphs take it?
+                s.notes.append(f"{name}: {_cudagraph_skips() - skips} graph(s) ran without "
+                               "CUDA graphs (TORCH_LOGS=cudagraphs says why)")
             print(f"  measured {name}: {table[name]['img_per_s']:.1f} img/s", file=sys.stderr,
                   flush=True)
         except Exception as err:  # noqa: BLE001 - reported in the table instead
