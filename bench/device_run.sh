@@ -4,7 +4,8 @@
 # made here by `bash bench/prepare_device.sh`.
 # Everything lands in /tmp/res and is packed into $OUT/results.tgz after each stage, so a
 # timeout still returns what finished (the device tool returns at most 8 files).
-# STAGES picks stages (default "1 2 3 4"), so the checks can be split over two calls.
+# STAGES picks stages (default "1 2 3 4"), so the checks can be split over two calls;
+# BATCHES (default "128 512") picks stage 1's batch sizes.
 # SMOKE=1 runs every stage on the CPU with tiny models and sizes (a few minutes), to check
 # the script itself before it spends GPU time: SMOKE=1 OUT=/tmp/smoke bash bench/device_run.sh
 set -u
@@ -37,9 +38,12 @@ python -c "import torch; print(torch.__version__)" | tee -a "$R/gpu.txt"
 #    one graph), and a row with both where the modes match (compiling takes minutes;
 #    COMPILE= COMPILE_ATTACKS= skip them)
 COMPILE=${COMPILE-reduce-overhead} COMPILE_ATTACKS=${COMPILE_ATTACKS-reduce-overhead}
-if want 1; then
+BATCHES=" ${BATCHES:-128 512} "  # which batch sizes stage 1 runs (split them over calls)
+if want 1 && [[ "$BATCHES" == *" 128 "* ]]; then
 python bench/throughput.py --device $DEV --batch-size 128 --iters ${ITERS:-20} --compile "$COMPILE" --compile-attacks "$COMPILE_ATTACKS" $TP --json "$R/throughput_b128.json" 2>&1 | tee "$R/throughput_b128.txt"
 pack throughput128
+fi
+if want 1 && [[ "$BATCHES" == *" 512 "* ]]; then
 python bench/throughput.py --device $DEV --batch-size 512 --iters ${ITERS512:-10} --rows "${ROWS512:-reference,fast_dat,plain}" --compile "$COMPILE" --compile-attacks "$COMPILE_ATTACKS" $TP --json "$R/throughput_b512.json" 2>&1 | tee "$R/throughput_b512.txt"
 pack throughput512
 fi
