@@ -47,7 +47,7 @@ def cw_margin(logits: Tensor, y: Tensor) -> Tensor:
     """Per-sample Carlini-Wagner margin: largest wrong logit minus the true logit."""
     logits = logits.float()
     true = logits.gather(1, y[:, None]).squeeze(1)
-    wrong = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+    wrong = logits.scatter(1, y[:, None], float("-inf"))  # (no one_hot: compiles on 2.11)
     return wrong.amax(dim=1) - true
 
 

@@ -197,7 +197,7 @@ def test_config_checks_the_attack_compile_mode(monkeypatch) -> None:
     assert load_config(None, ["perf.compile_attacks=false"]).perf.compile_attacks == "off"
     with pytest.raises(ConfigError, match="perf.compile_attacks.*reduce-overhead"):
         load_config(None, ["perf.compile_attacks=fast"])
-    monkeypatch.setattr(attacks, "_can_trace_autograd", lambda: False)
+    monkeypatch.setattr(attacks, "_compiler_supported", lambda: False)
     with pytest.raises(ConfigError, match=r"torch >= 2\.11.*off") as err:
         load_config(None, ["perf.compile_attacks=default"])
     assert "\n" not in str(err.value)
