@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ConfigError
+from .config import COMPILE_MODES, ConfigError
 from .losses import cw_margin, kl_divergence
 from .models.dual_bn import bn_branch
 
@@ -158,7 +158,7 @@ def _ascend(model, x, x_adv, eps, alpha, steps, branch, *, y=None, target=None, 
     return x_adv.detach()
 
 
-ATTACK_COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+ATTACK_COMPILE_MODES = COMPILE_MODES  # off, default, reduce-overhead, max-autotune
 
 
 def _compiler_supported() -> bool:
