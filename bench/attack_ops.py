@@ -23,9 +23,30 @@ from op_count import count_ops  # noqa: E402
 
 import dat  # noqa: E402
 from dat.attacks import _ascent_step, eval_mode  # noqa: E402
+from dat.build import compile_model  # noqa: E402
 from dat.generator import AmplitudeGenerator  # noqa: E402
 from dat.methods.dat import DATStep  # noqa: E402
 from dat.models.dual_bn import bn_branch  # noqa: E402
+
+
+def cuda_config_step(model_name: str, batch_size: int, *, steps: int = 5,
+                     foreach: bool = False, compile_mode: str = "off",
+                     compile_attacks: str = "off"):
+    """(model, DATStep, x, y) in CUDA's configuration on any device: bf16 autocast,
+    channels_last, batched branches, reversal; ``foreach`` picks SGD's multi-tensor update
+    (CUDA's default; a CPU's default loops per tensor)."""
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    model = dat.models.create(model_name, 10, dual_bn=True).to(memory_format=cl)
+    gen = AmplitudeGenerator(10, (3, 32, 32))
+    sgd = dict(lr=0.1, momentum=0.9, weight_decay=5e-4, foreach=foreach)
+    step = DATStep(compile_model(model, compile_mode), gen,
+                   torch.optim.SGD(model.parameters(), **sgd),
+                   torch.optim.SGD(gen.parameters(), **sgd), batched=True, steps=steps,
+                   generator_update="reversal", autocast_dtype=torch.bfloat16,
+                   compile_attacks=compile_attacks)
+    x = torch.rand(batch_size, 3, 32, 32).contiguous(memory_format=cl)
+    return model, step, x, torch.randint(0, 10, (batch_size,))
 
 
 def main(argv: list[str] | None = None) -> dict[str, int]:
@@ -34,16 +55,7 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--steps", type=int, default=5, help="attack steps (DAT: 5)")
     args = p.parse_args(argv)
-    torch.manual_seed(0)
-    cl, b = torch.channels_last, args.batch_size
-    model = dat.models.create(args.model, 10, dual_bn=True).to(memory_format=cl)
-    gen = AmplitudeGenerator(10, (3, 32, 32))
-    sgd = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
-    step = DATStep(model, gen, torch.optim.SGD(model.parameters(), **sgd),
-                   torch.optim.SGD(gen.parameters(), **sgd), batched=True, steps=args.steps,
-                   generator_update="reversal", autocast_dtype=torch.bfloat16)
-    x = torch.rand(b, 3, 32, 32).contiguous(memory_format=cl)
-    y = torch.randint(0, 10, (b,))
+    model, step, x, y = cuda_config_step(args.model, args.batch_size, steps=args.steps)
     xx, yy = torch.cat([x, x]), torch.cat([y, y])  # the batched attack's 2B images
     low, high = (xx - 8 / 255).clamp(min=0), (xx + 8 / 255).clamp(max=1)
     with torch.no_grad():
@@ -60,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     attack_step(), dat_step()  # warm-up: lazy state (momentum buffers)
     out = {"attack_step": count_ops(attack_step), "dat_step": count_ops(dat_step)}
     share = args.steps * out["attack_step"] / out["dat_step"]
-    print(f"{args.model}, bf16, channels_last, batched 2x{b}: one eager attack step "
+    print(f"{args.model}, bf16, channels_last, batched 2x{args.batch_size}: one eager attack step "
           f"{out['attack_step']} operations; one fast DAT step (reversal) {out['dat_step']}; "
           f"its {args.steps} attack steps are {share:.0%} of them")
     return out

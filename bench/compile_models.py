@@ -11,13 +11,19 @@ it compiled as one graph per step and whether the images are bit-identical.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-import dat
-from dat.attacks import compiled_step, eaeg
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from op_count import compile_backend  # noqa: E402
+
+import dat  # noqa: E402
+from dat.attacks import compiled_step, eaeg  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, str]:
@@ -28,15 +34,9 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     args = p.parse_args(argv)
     names = dat.models.list_models() if args.models == "all" else args.models.split(",")
     names += [n for n in args.extra.split(",") if n]
-    real_compile = torch.compile
     counter = CompileCounterWithBackend("aot_eager")
-
-    def aot_eager_compile(fn, mode=None, dynamic=None, fullgraph=False, **kw):
-        return real_compile(fn, backend=counter, dynamic=dynamic, fullgraph=fullgraph)
-
-    torch.compile = aot_eager_compile
     out = {}
-    try:
+    with compile_backend(counter):
         for name in names:
             torch._dynamo.reset()
             compiled_step.cache_clear()
@@ -59,8 +59,6 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
                          f"{'bit-identical' if torch.equal(compiled, eager) else 'DIFFER'}, "
                          f"{time.perf_counter() - start:.1f} s")
             print(f"{name}: {out[name]}", flush=True)
-    finally:
-        torch.compile = real_compile
     return out
 
 

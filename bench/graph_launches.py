@@ -27,13 +27,10 @@ from torch.utils._python_dispatch import TorchDispatchMode, _pop_mode_temporaril
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from op_count import _NO_KERNEL  # noqa: E402
+from attack_ops import cuda_config_step  # noqa: E402
+from op_count import _NO_KERNEL, compile_backend  # noqa: E402
 
-import dat  # noqa: E402
 from dat.attacks import compiled_step  # noqa: E402
-from dat.build import compile_model  # noqa: E402
-from dat.generator import AmplitudeGenerator  # noqa: E402
-from dat.methods.dat import DATStep  # noqa: E402
 
 
 class _Launches(TorchDispatchMode):
@@ -94,36 +91,22 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, int]]:
     p.add_argument("--top", type=int, default=0,
                    help="also list the N most frequent operations left outside the graphs")
     args = p.parse_args(argv)
-    real_compile = torch.compile
-
-    def counting_compile(fn, mode=None, dynamic=None, fullgraph=False, **kw):
-        compiled = real_compile(fn, backend=_BACKEND, dynamic=dynamic, fullgraph=fullgraph)
+    def outside(compiled):
         if isinstance(compiled, torch.nn.Module):  # an OptimizedModule: wrap its forward
             compiled.forward = _outside_the_counter(compiled.forward)
             return compiled
         return _outside_the_counter(compiled)
 
-    torch.compile = counting_compile  # what dat asks for, through the counting backend
-    cl, b = torch.channels_last, args.batch_size
     out = {}
-    try:
+    with compile_backend(_BACKEND, wrap=outside):  # what dat compiles, counted
         for model_mode, attack_mode in (("off", "off"), ("off", "reduce-overhead"),
                                         ("reduce-overhead", "off"),
                                         ("reduce-overhead", "reduce-overhead")):
             torch._dynamo.reset()
             compiled_step.cache_clear()
-            torch.manual_seed(0)
-            model = dat.models.create(args.model, 10, dual_bn=True).to(memory_format=cl)
-            gen = AmplitudeGenerator(10, (3, 32, 32))
-            # foreach: the multi-tensor update CUDA picks by default (a CPU loops per tensor)
-            sgd = dict(lr=0.1, momentum=0.9, weight_decay=5e-4, foreach=True)
-            net = compile_model(model, model_mode)
-            step = DATStep(net, gen, torch.optim.SGD(model.parameters(), **sgd),
-                           torch.optim.SGD(gen.parameters(), **sgd), batched=True,
-                           generator_update="reversal", autocast_dtype=torch.bfloat16,
-                           compile_attacks=attack_mode)
-            x = torch.rand(b, 3, 32, 32).contiguous(memory_format=cl)
-            y = torch.randint(0, 10, (b,))
+            _, step, x, y = cuda_config_step(args.model, args.batch_size, foreach=True,
+                                             compile_mode=model_mode,
+                                             compile_attacks=attack_mode)
             for _ in range(2):  # compiles, then runs once compiled
                 step.run(x, y)
             counter = _Launches()
@@ -140,8 +123,6 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, int]]:
                   f"operations + {counter.graphs} graph calls)", flush=True)
             if args.top:
                 print("   ", ", ".join(f"{k} {v}" for k, v in counter.names.most_common(args.top)))
-    finally:
-        torch.compile = real_compile
     return out
 
 

@@ -7,8 +7,10 @@ checkouts of dat.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 _NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided",
@@ -29,3 +31,20 @@ def count_ops(fn: Callable[[], object]) -> int:
     with _Count():
         fn()
     return _Count.n
+
+
+@contextlib.contextmanager
+def compile_backend(backend, wrap: Callable | None = None) -> Iterator[None]:
+    """Inside, every ``torch.compile`` (dat's included) uses ``backend`` and ignores ``mode``;
+    ``wrap`` may wrap what it returns. Restored on exit."""
+    real_compile = torch.compile
+
+    def forced(fn, mode=None, dynamic=None, fullgraph=False, **kw):
+        compiled = real_compile(fn, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
+        return wrap(compiled) if wrap else compiled
+
+    torch.compile = forced
+    try:
+        yield
+    finally:
+        torch.compile = real_compile
