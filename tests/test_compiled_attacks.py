@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_dat_step import _players  # the DAT players (model, generator, optimisers)
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import dat.attacks as attacks
@@ -131,18 +132,6 @@ def test_reduce_overhead_returns_a_copy(aot_eager, make_warm_model, sample_batch
     assert [a["mode"] for a in asked] == ["reduce-overhead", None]
 
 
-def _dat_players(seed=0):
-    import dat
-    from dat.generator import AmplitudeGenerator
-
-    torch.manual_seed(seed)
-    model = dat.models.create("resnet_tiny", dual_bn=True)
-    gen = AmplitudeGenerator(10, (3, 32, 32))
-    sgd = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
-    return (model, gen, torch.optim.SGD(model.parameters(), **sgd),
-            torch.optim.SGD(gen.parameters(), **sgd))
-
-
 @pytest.mark.parametrize("batched", [True, False])
 def test_dat_step_with_compiled_attacks_equals_eager(batched, aot_eager, sample_batch) -> None:
     """Two full DAT steps (batched split-BN attack, or two attacks on two branches) give
@@ -151,7 +140,7 @@ def test_dat_step_with_compiled_attacks_equals_eager(batched, aot_eager, sample_
     x, y = sample_batch
     runs = {}
     for mode in ("off", "default"):
-        model, gen, opt, gopt = _dat_players()
+        model, gen, opt, gopt = _players()
         step = DATStep(model, gen, opt, gopt, batched=batched, fused_split_bn=True,
                        steps=2, compile_attacks=mode)
         losses = [step.run(x, y, draws=DATDraws.sample(
@@ -202,7 +191,7 @@ def test_config_checks_the_attack_compile_mode(monkeypatch) -> None:
         load_config(None, ["perf.compile_attacks=default"])
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match=r"torch >= 2\.11"):
-        DATStep(*_dat_players()[:1], None, None, amplitude_source="random_image",
+        DATStep(*_players()[:1], None, None, amplitude_source="random_image",
                 compile_attacks="default")
 
 
