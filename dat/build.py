@@ -185,8 +185,9 @@ def learning_rate(o: OptimConfig, epoch: int, step: int, steps_per_epoch: int,
 
     ``lr_scaling=linear`` multiplies ``optim.lr`` by global_batch / reference_batch_size.
     Warm-up is linear over ``warmup_epochs``. ``piecewise`` multiplies by ``gamma`` once
-    for every milestone reached, with 1-based epoch numbers as in the TRADES/DAT code
-    (milestone 100: epochs 100, 101, ... use lr x 0.1); ``cosine`` anneals per step to 0.
+    for every milestone reached: milestone ``m`` decays after ``m`` whole epochs (0-based
+    ``epoch >= m``, as the published DAT code and ``MultiStepLR`` count, so milestone 100
+    trains epochs 0..99 at the initial lr); ``cosine`` anneals per step to 0.
     """
     lr = o.lr * (global_batch / o.reference_batch_size if o.lr_scaling == "linear" else 1.0)
     done = epoch * steps_per_epoch + step  # steps taken before this one
@@ -194,7 +195,7 @@ def learning_rate(o: OptimConfig, epoch: int, step: int, steps_per_epoch: int,
     if done < warmup:
         return lr * (done + 1) / warmup
     if o.schedule == "piecewise":
-        return lr * o.gamma ** sum(epoch + 1 >= m for m in o.milestones)
+        return lr * o.gamma ** sum(epoch >= m for m in o.milestones)
     if o.schedule == "cosine":
         t = (done - warmup) / max(total_epochs * steps_per_epoch - warmup, 1)
         return lr * 0.5 * (1.0 + math.cos(math.pi * t))

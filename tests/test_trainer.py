@@ -126,8 +126,9 @@ def _lr(o: OptimConfig, epoch: int, step: int = 0, batch: int = 128) -> float:
 
 
 def test_learning_rate_schedules() -> None:
-    piecewise = OptimConfig()  # paper: 0.1, x0.1 at epochs 100 and 110 (1-based)
-    assert [_lr(piecewise, e) for e in (0, 98, 99, 108, 109, 149)] == pytest.approx(
+    # published DAT code: 0-based epochs, lr 0.1 while epoch < 100, x0.1 from 100 and 110
+    piecewise = OptimConfig()
+    assert [_lr(piecewise, e, 9) for e in (0, 99, 100, 109, 110, 149)] == pytest.approx(
         [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
     cosine = OptimConfig(schedule="cosine")
     assert _lr(cosine, 0) == pytest.approx(0.1)
