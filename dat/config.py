@@ -149,9 +149,10 @@ class TrainConfig:
     resume: str = ""  # checkpoint path, or "auto" (run_name's last.pt)
     steps_per_epoch: int = 0  # cap steps per epoch (0 = full epoch); quick runs
     val_every: int = 1  # epochs between validation PGD runs (0 = never)
-    val_pgd_steps: int = 10  # PGD steps for checkpoint selection
+    val_pgd_steps: int = 20  # PGD steps for checkpoint selection (the published code: 20)
     val_examples: int = 1000  # validation images used for selection
-    test_attacks: list[str] = field(default_factory=lambda: ["clean", "pgd20"])
+    # final test of best.pt; AA and a margin attack next to PGD (METHOD.md section 7)
+    test_attacks: list[str] = field(default_factory=lambda: ["clean", "pgd20", "cw", "aa"])
     image_every: int = 500  # steps between TensorBoard image grids (0 = never)
     weight_averaging: str = "none"  # none | ema | swa
     ema_decay: float = 0.999

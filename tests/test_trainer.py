@@ -62,7 +62,9 @@ def test_a_tiny_run_writes_every_artefact(tiny_run) -> None:
     assert load_config(str(run / "config.yaml")) == trainer.cfg
     saved = json.loads((run / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
-    assert set(saved["test"]) >= {"clean", "pgd20"} and saved["test_examples"] == 40
+    # the default test report: AutoAttack and the CW margin attack next to PGD
+    assert set(saved["test"]) == {"clean", "pgd20", "cw", "aa", "worst_case"}
+    assert saved["test_examples"] == 40
     assert all(0 <= v <= 100 for v in saved["test"].values())
     assert (saved["best_epoch"], saved["steps"], saved["bad_steps"]) == (1, 4, 0)
     assert saved["images_per_second"] > 0 and saved["wall_seconds"] > 0
