@@ -11,12 +11,26 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["decompose", "recombine", "mix_amplitude", "half_width"]
+__all__ = ["decompose", "recombine", "mix_amplitude", "half_width", "spectrum_norm"]
 
 
 def half_width(width: int) -> int:
     """Width of the non-redundant half spectrum of a real signal of ``width``."""
     return width // 2 + 1
+
+
+def spectrum_norm(amplitude: Tensor, width: int) -> Tensor:
+    """Per-example L2 norm (B,) of the full spectrum whose half (B, ..., W//2+1) is given.
+
+    The half spectrum holds the columns 1..(W-1)//2 once for two conjugate columns of the
+    full one, so they count twice (column 0, and column W/2 when W is even, once): for an
+    image's amplitude this is ``fft2(x).abs()``'s norm.
+    """
+    weight = amplitude.new_full((amplitude.shape[-1],), 2.0)
+    weight[0] = 1.0
+    if width % 2 == 0:
+        weight[-1] = 1.0
+    return (amplitude.square() * weight).flatten(1).sum(dim=1).sqrt()
 
 
 def decompose(x: Tensor) -> tuple[Tensor, Tensor]:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dat.spectral import decompose, half_width, mix_amplitude, recombine
+from dat.spectral import decompose, half_width, mix_amplitude, recombine, spectrum_norm
 
 SIZES = [(32, 32), (31, 33), (7, 5), (8, 1)]
 
@@ -144,3 +144,12 @@ def test_energy_is_preserved_parseval() -> None:
     full = torch.fft.fft2(x).abs()  # full spectrum, for Parseval
     assert math.isclose(float((full**2).sum()) / (6 * 7), float((x**2).sum()), rel_tol=1e-5)
     assert torch.allclose(amp, full[..., : half_width(7)], atol=1e-5)
+
+
+@pytest.mark.parametrize("width", [7, 8])
+def test_spectrum_norm_of_a_half_spectrum_is_the_full_spectrum_norm(width) -> None:
+    x = torch.rand(2, 3, 6, width)
+    amp, _ = decompose(x)
+    full = torch.fft.fft2(x).abs().flatten(1).norm(dim=1)  # (B,)
+    assert torch.allclose(spectrum_norm(amp, width), full, rtol=1e-5)
+    assert not torch.allclose(amp.flatten(1).norm(dim=1), full, rtol=0.05)  # the half alone

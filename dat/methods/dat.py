@@ -23,7 +23,7 @@ from ..attacks import check_compile_mode, eaeg, eval_mode, is_compiled, pgd
 from ..losses import js_divergence, trades_loss
 from ..mixing import flip_crop
 from ..models.dual_bn import bn_branch, fused_split, has_dual_bn
-from ..spectral import decompose, mix_amplitude
+from ..spectral import decompose, mix_amplitude, spectrum_norm
 from .awp import AWP
 from .base import MethodStep
 from .dat_parts import DATDraws, _GradReverse, generator_health
@@ -272,7 +272,8 @@ class DATStep(MethodStep):
             xh = self._mix(x, amp, lam)
             xh_adv = self._mix(x_adv, amp.detach(), lam)
         self._keep(x, xh, x_adv, xh_adv, amp_x, amp, lam)
-        return _Views(x, x_adv, xh, xh_adv.detach()), self._mix_stats(amp_x, amp, lam)
+        stats = self._mix_stats(amp_x, amp, lam, x_raw.shape[-1])
+        return _Views(x, x_adv, xh, xh_adv.detach()), stats
 
     def _mix(self, x: Tensor, amp: Tensor, lam: Tensor) -> Tensor:
         if self.source == "brightness":
@@ -359,9 +360,10 @@ class DATStep(MethodStep):
         return parts
 
     # ----- logging helpers --------------------------------------------------------------
-    def _mix_stats(self, amp_x: Tensor, amp: Tensor, lam: Tensor) -> dict[str, Tensor]:
-        with torch.no_grad():
-            ratio = amp.flatten(1).norm(dim=1) / amp_x.flatten(1).norm(dim=1).clamp_min(1e-12)
+    def _mix_stats(self, amp_x: Tensor, amp: Tensor, lam: Tensor,
+                   width: int) -> dict[str, Tensor]:
+        with torch.no_grad():  # energy ratio ||A_G|| / ||A(x)|| over the full spectrum
+            ratio = spectrum_norm(amp, width) / spectrum_norm(amp_x, width).clamp_min(1e-12)
             stats = {"lam_mean": lam.mean(), "energy_ratio": ratio.mean(),
                      "amp_mean": amp.mean(), "amp_std": amp.std()}
             if self.source == "generator":
