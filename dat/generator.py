@@ -45,7 +45,8 @@ def mean_amplitude(images: Tensor, batch_size: int = 1000) -> Tensor:
 
 
 def _mlp(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequential:
-    """Linear -> LeakyReLU(0.2), with BatchNorm1d after the 2nd and later hidden layers."""
+    """Linear -> LeakyReLU(0.2), with BatchNorm1d after the 2nd and later hidden layers,
+    initialised as the published code does."""
     layers: list[nn.Module] = []
     dims = [in_dim, *hidden]
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
@@ -54,6 +55,10 @@ def _mlp(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequential:
             layers.append(nn.BatchNorm1d(b))  # normal eps (the published 0.8 is a slip)
         layers.append(nn.LeakyReLU(0.2))
     layers.append(nn.Linear(dims[-1], out_dim))
+    for layer in layers:  # the published initialisation: Xavier-normal weights, zero biases
+        if isinstance(layer, nn.Linear):
+            nn.init.xavier_normal_(layer.weight)
+            nn.init.zeros_(layer.bias)
     return nn.Sequential(*layers)
 
 

@@ -46,6 +46,13 @@ def test_generator_architecture_follows_the_published_mlp():
     assert all(m.eps == 1e-5 for m in norms)  # normal eps, not the published 0.8
     acts = [m for m in gen.net if isinstance(m, nn.LeakyReLU)]
     assert len(acts) == 4 and all(m.negative_slope == 0.2 for m in acts)
+    # the published initialisation: Xavier-normal weights (std sqrt(2 / (fan_in + fan_out)))
+    # and zero biases; PyTorch's default would give uniform weights and non-zero biases
+    for m in linears:
+        assert torch.count_nonzero(m.bias) == 0
+        xavier = (2 / (m.in_features + m.out_features)) ** 0.5
+        assert m.weight.std().item() == pytest.approx(xavier, rel=0.1)
+        assert m.weight.abs().max().item() > 3 * xavier  # normal tails, not U(-a, a)
 
 
 def test_mean_amplitude_batches_and_dtypes(sample_images):
