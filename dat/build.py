@@ -29,6 +29,7 @@ __all__ = [
     "learning_rate",
     "prepare_run_dir",
     "resolve_batched",
+    "cpu_channels_last_crashes",
     "resolve_channels_last",
     "resolve_device",
     "resolve_fused_split_bn",
@@ -71,10 +72,29 @@ def compile_model(model: nn.Module, mode: str, backend: str = "inductor") -> nn.
     return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
 
 
-def resolve_channels_last(setting: str, device: torch.device) -> bool:
+def cpu_channels_last_crashes(model: nn.Module | None) -> bool:
+    """Whether ``model`` has a strided 1x1 convolution with fewer than 16 input channels:
+    torch 2.14's CPU backward for its weights crashes the process (segfault) in
+    channels_last on odd batch sizes with more than one thread (a oneDNN bug; resnet_tiny's
+    shortcuts are such convolutions)."""
+    return model is not None and any(
+        isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1
+        and m.in_channels < 16 for m in model.modules())
+
+
+def resolve_channels_last(setting: str, device: torch.device,
+                          model: nn.Module | None = None) -> bool:
     """``auto`` -> channels_last on CUDA and on CPU, where oneDNN's NHWC convolutions
-    cut a CPU DAT step by about 20% (BENCHMARKS.md)."""
-    return setting == "on" or (setting == "auto" and device.type in ("cuda", "cpu"))
+    cut a CPU DAT step by about 20% (BENCHMARKS.md), unless ``model`` is one that
+    channels_last crashes on a CPU (:func:`cpu_channels_last_crashes`); ``on`` for such
+    a model on a CPU is refused."""
+    crashes = device.type == "cpu" and cpu_channels_last_crashes(model)
+    if setting == "on" and crashes:
+        raise ConfigError("perf.channels_last=on crashes torch's CPU backward for this model "
+                          "(a strided 1x1 convolution with < 16 input channels, odd batch "
+                          "sizes); use perf.channels_last=auto or off")
+    return setting == "on" or (setting == "auto" and device.type in ("cuda", "cpu")
+                               and not crashes)
 
 
 def resolve_batched(setting: str, device: torch.device) -> bool:
@@ -147,7 +167,7 @@ def build_model(cfg: Config, num_classes: int, image_shape: tuple[int, int, int]
     except ValueError as err:
         raise ConfigError(f"model.name={cfg.model.name!r}: {err}") from None
     model = model.to(device)
-    if resolve_channels_last(cfg.perf.channels_last, device):
+    if resolve_channels_last(cfg.perf.channels_last, device, model):
         model = model.to(memory_format=torch.channels_last)
     _check_fits(model, cfg.model.name, image_shape, num_classes, device)
     return model

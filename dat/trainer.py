@@ -89,6 +89,8 @@ class Trainer(CheckpointedRun):
         check_labels(self.splits)
         self.model = build_model(cfg, self.splits.num_classes, self.splits.image_shape,
                                  self.device)
+        self.channels_last = resolve_channels_last(cfg.perf.channels_last, self.device,
+                                                   self.model)
         net = compile_model(self.model, cfg.perf.compile)
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
@@ -193,7 +195,7 @@ class Trainer(CheckpointedRun):
 
     def _train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         x, x_raw, y = batch
-        if resolve_channels_last(self.cfg.perf.channels_last, self.device):
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
             x_raw = x_raw.contiguous(memory_format=torch.channels_last)
         if self.cfg.perf.compile == "reduce-overhead":

@@ -132,14 +132,40 @@ def test_bounds_catch_a_broken_projection(sample_batch) -> None:
     assert nan.nonfinite == len(x) and C.check_bounds({"nan": nan}).status == "fail"
 
 
-@pytest.mark.parametrize("results, status", [
-    ({"aa": 40.0, "pgd100": 45.0, "cw": 44.0}, "pass"),
-    ({"aa": 44.2, "pgd100": 45.0, "cw": 44.0}, "pass"),
-    ({"aa": 44.5, "pgd100": 45.0, "cw": 44.0}, "fail"),
-    ({"aa": 44.5}, "skip"),
+@pytest.mark.parametrize("results, n, status", [
+    ({"aa": 40.0, "pgd100": 45.0, "cw": 44.0}, 10000, "pass"),
+    ({"aa": 44.2, "pgd100": 45.0, "cw": 44.0}, 10000, "pass"),
+    ({"aa": 44.5, "pgd100": 45.0, "cw": 44.0}, 10000, "fail"),
+    ({"aa": 13.0, "cw": 12.0}, 100, "pass"),  # one example of 100: noise, not a broken AA
+    ({"aa": 15.0, "cw": 12.0}, 100, "fail"),  # three examples
+    ({"aa": 44.5}, 10000, "skip"),
 ])
-def test_aa_must_not_exceed_pgd_or_cw(results, status) -> None:
-    assert C.check_aa_gap(results).status == status
+def test_aa_must_not_exceed_pgd_or_cw(results, n, status) -> None:
+    assert C.check_aa_gap(results, n).status == status
+
+
+@pytest.mark.parametrize("clean, n, status", [
+    (10.5, 200, "warn"), (14.0, 1000, "pass"), (30.0, 40, "pass"), (20.0, 40, "warn")])
+def test_clean_accuracy_near_chance_warns(clean, n, status) -> None:
+    """Chance is 10% for 10 classes; the margin is 3 standard errors of n examples."""
+    assert C.check_above_chance(clean, 10, n).status == status
+
+
+def test_a_model_expecting_normalised_inputs_is_flagged(small) -> None:
+    """The same weights behind a mean/std normalisation they were not trained with: clean
+    accuracy falls towards chance and the report says why that may be."""
+    model = _model(small)
+    shifted = nn.Sequential(dat.models.normalize.Normalize((0.5,) * 3, (0.05,) * 3), model)
+    report = _run(shifted.eval(), small[1])
+    assert _status(report, "above_chance") == "warn", report["checks"]["above_chance"]
+    assert "normalised inputs" in report["checks"]["above_chance"]["message"]
+    assert _status(_run(model, small[1]), "above_chance") == "pass"
+
+
+def test_bf16_probability_outputs_fail_too(small) -> None:
+    report = evaluate(_model(small, "probabilities"), small[1], attacks=ATTACKS,
+                      precision="bf16", progress=False)
+    assert _status(report, "logits") == "fail"
 
 
 @pytest.mark.parametrize("pgd20, cw, status", [(50.0, 49.0, "pass"), (50.0, 46.5, "warn")])
@@ -148,8 +174,8 @@ def test_pgd_far_above_cw_warns(pgd20, cw, status) -> None:
 
 
 def test_eps_zero_large_eps_and_monotone_checks() -> None:
-    assert C.check_eps_zero(50.0, 50.0).status == "pass"
-    assert C.check_eps_zero(50.0, 49.0).status == "fail"
+    assert C.check_eps_zero(50.0, 50.0, 100).status == "pass"
+    assert C.check_eps_zero(50.0, 49.0, 100).status == "fail"
     assert C.check_large_eps(10.0, 10).status == "pass"
     assert C.check_large_eps(30.0, 10).status == "fail"
     eps = [0, 2 / 255, 8 / 255]

@@ -17,7 +17,9 @@ from dat.data import augment_batch, stratified_split
 from dat.evaluation import EvaluationError, evaluate, make_attack
 from dat.evaluation.cli import evaluate_main
 from dat.evaluation.report import format_markdown
+from dat.evaluation.runner import collect_examples
 from dat.evaluation.suite import attack_points
+from dat.models.folding import fold_batchnorm
 
 EPS = 0.05  # L-inf radius of the margin test, [0, 1] scale
 
@@ -216,9 +218,16 @@ def test_channels_last_forward_matches_and_leaves_the_model_alone(trained, sampl
 def test_channels_last_is_on_by_default_on_cpu_and_switchable(trained, sample_splits, tmp_path):
     x, y = sample_splits.test.tensors()
     kwargs = dict(attacks=["clean", "pgd20"], progress=False, checks=False)
-    on = evaluate(trained, (x[:60], y[:60]), **kwargs)
+    on = evaluate(trained, (x[:60], y[:60]), channels_last=True, **kwargs)
     off = evaluate(trained, (x[:60], y[:60]), channels_last=False, **kwargs)
     assert on["channels_last"] is True and off["channels_last"] is False
+    # auto: on for a CPU, except for models whose channels_last backward crashes torch's
+    # CPU kernels (resnet_tiny's 8-channel strided shortcuts; dat.build)
+    auto = evaluate(trained, (x[:8], y[:8]), attacks=["clean"], progress=False, checks=False)
+    small = dat.models.create("resnet_small", num_classes=10).eval()
+    auto_small = evaluate(small, (x[:8], y[:8]), attacks=["clean"], progress=False,
+                          checks=False)
+    assert auto["channels_last"] is False and auto_small["channels_last"] is True
     assert on["results"]["clean"] == off["results"]["clean"]
     # same attack, same seed; only convolution rounding differs: at most one image in 60
     assert abs(on["results"]["pgd20"] - off["results"]["pgd20"]) <= 100 / 60 + 1e-9
@@ -266,12 +275,65 @@ class _PreHooked(nn.Module):
         return self.net(x)
 
 
-def test_a_fold_that_changes_the_logits_is_not_used(trained, sample_splits):
+def test_a_model_with_hooks_is_not_folded(trained, sample_splits):
     x, y = sample_splits.test.tensors()
     model = _PreHooked(trained).eval()
     kwargs = dict(attacks=["clean", "pgd20"], progress=False, checks=False)
     report = evaluate(model, (x[:40], y[:40]), fold_bn=True, **kwargs)
-    assert report["fold_bn"]["folded"] == 0 and "differ" in report["fold_bn"]["note"]
+    assert report["fold_bn"]["folded"] == 0 and "hooks" in report["fold_bn"]["note"]
     with torch.no_grad():
         clean = 100.0 * float((model(x[:40]).argmax(1) == y[:40]).float().mean())
     assert report["results"]["clean"] == pytest.approx(clean)
+    assert not model._forward_hooks and len(model._forward_pre_hooks) == 1  # left as given
+
+
+def test_a_fold_that_changes_the_logits_is_not_used(trained, sample_splits, monkeypatch):
+    """A folded copy 0.1% off (far above rounding, well inside the old 1e-2 tolerance)
+    is refused and the model is attacked as given."""
+    import dat.evaluation.runner as runner
+
+    def slightly_wrong(model):
+        folded, n = fold_batchnorm(model)
+        with torch.no_grad():
+            next(folded.parameters()).mul_(1.001)
+        return folded, n
+
+    monkeypatch.setattr(runner, "fold_batchnorm", slightly_wrong)
+    x, y = sample_splits.test.tensors()
+    report = evaluate(trained, (x[:40], y[:40]), fold_bn=True, attacks=["clean"],
+                      progress=False, checks=False)
+    assert report["fold_bn"]["folded"] == 0 and "differ" in report["fold_bn"]["note"]
+
+
+def test_labels_beyond_the_models_classes_fail_up_front(trained, sample_splits):
+    x, y = sample_splits.test.tensors()
+    idx = stratified_split(y, 40, 0)[1]  # every class (the test split is sorted by class)
+    with pytest.raises(EvaluationError, match="labels reach 9 but the model outputs 5"):
+        evaluate(nn.Sequential(trained, nn.Linear(10, 5)).eval(), (x[idx], y[idx]),
+                 attacks=["clean", "aa"], progress=False)
+
+
+def test_n_examples_of_a_class_sorted_tuple_is_stratified(sample_splits):
+    x, y = sample_splits.test.tensors()
+    order = y.argsort(stable=True)  # sorted by class: the first 20 are all class 0
+    xs, ys = collect_examples((x[order], y[order]), 20)
+    assert ys.bincount(minlength=10).tolist() == [2] * 10
+    assert torch.equal(xs, x[order][stratified_split(y[order], 20, 0)[1]])
+
+
+class _Detached(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.detach())  # no input gradient at all
+
+
+def test_a_forward_without_input_gradient_gets_a_verdict_not_a_traceback(trained, sample_splits):
+    x, y = sample_splits.test.tensors()
+    model = _Detached(trained).eval()
+    with pytest.raises(EvaluationError, match="fgsm: the model's output has no gradient"):
+        evaluate(model, (x[:40], y[:40]), attacks=["clean", "fgsm"], progress=False)
+    report = evaluate(model, (x[:40], y[:40]), attacks=["clean"], progress=False)
+    assert report["checks"]["zero_gradients"]["status"] == "fail"

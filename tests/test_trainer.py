@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,10 +18,11 @@ from torch import nn
 from dat.averaging import WeightAverager
 from dat.build import learning_rate
 from dat.checkpoint import load_checkpoint
-from dat.config import OptimConfig, load_config
+from dat.config import ConfigError, OptimConfig, load_config
 from dat.models import create
 from dat.trainer import Trainer
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "data.name=cifar10-sample", "model.name=resnet_tiny", "data.batch_size=16",
     "data.eval_batch_size=64", "data.test_subset=40", "train.epochs=1",
@@ -215,6 +220,32 @@ def test_perf_compile_compiles_the_trained_model(tmp_path, monkeypatch) -> None:
     assert not any("_orig_mod" in k for k in saved["model"])
 
 
+def test_channels_last_stays_off_where_torch_cpu_backward_crashes() -> None:
+    """resnet_tiny's strided 1x1 shortcuts (8 input channels) segfault torch 2.14's CPU
+    weight backward in channels_last on odd batches: auto leaves them NCHW, on refuses."""
+    from dat.build import cpu_channels_last_crashes, resolve_channels_last
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    tiny, small = create("resnet_tiny"), create("resnet_small")
+    assert cpu_channels_last_crashes(tiny) and not cpu_channels_last_crashes(small)
+    assert not resolve_channels_last("auto", cpu, tiny)
+    assert resolve_channels_last("auto", cpu, small) and resolve_channels_last("auto", cuda, tiny)
+    with pytest.raises(ConfigError, match="perf.channels_last=auto or off"):
+        resolve_channels_last("on", cpu, tiny)
+
+
+def test_an_odd_batch_on_resnet_tiny_trains_with_two_threads(tmp_path) -> None:
+    """The run that used to die in a segfault (batch 3, 2 threads, channels_last)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "model.name=resnet_tiny", "method.name=pgd_at",
+         "data.batch_size=3", "train.epochs=1", "train.steps_per_epoch=2",
+         "train.val_examples=10", "data.test_subset=10", "train.test_attacks=[clean]",
+         "method.attack.steps=1", "train.image_every=0", f"train.out_dir={tmp_path}"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_perf_auto_picks_the_measured_cpu_fast_path(tmp_path) -> None:
     """auto on a CPU: channels_last on, branches as two B batches, fp32 (BENCHMARKS.md)."""
     from dat.build import resolve_batched, resolve_channels_last
@@ -223,7 +254,8 @@ def test_perf_auto_picks_the_measured_cpu_fast_path(tmp_path) -> None:
     assert resolve_channels_last("auto", cpu) and resolve_channels_last("auto", cuda)
     assert not resolve_batched("auto", cpu) and resolve_batched("auto", cuda)
     assert resolve_batched("on", cpu) and not resolve_channels_last("off", cuda)
-    cfg = load_config(None, [*TINY, "method.name=dat", f"train.out_dir={tmp_path}"])
+    cfg = load_config(None, [*TINY, "method.name=dat", f"train.out_dir={tmp_path}",
+                             "model.name=resnet_small"])
     trainer = Trainer(cfg, progress=False)
     conv = next(m for m in trainer.model.modules() if isinstance(m, nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -36,7 +36,7 @@ SWEEP_STEPS = 20  # the sweep runs PGD-20
 LARGE_EPS = 0.5  # radius at which any working attack reaches chance level
 MODEL_CHECK_EXAMPLES = 256  # inputs for the determinism / logits / gradient checks
 FOLD_CHECK_EXAMPLES = 64  # inputs on which the BN-folded model must match the original
-FOLD_TOLERANCE = 1e-2  # relative logit gap: rounding (TF32 too) stays far below, a wrong fold not
+FOLD_TOLERANCE = 1e-4  # relative logit gap, fp32 without TF32: rounding gives ~1e-6
 
 
 def _as_xy(batch) -> tuple[Tensor, Tensor]:
@@ -50,9 +50,20 @@ def _as_xy(batch) -> tuple[Tensor, Tensor]:
 
 
 def collect_examples(data, n_examples: int | None = None) -> tuple[Tensor, Tensor]:
-    """``(x, y)`` on the CPU from a tuple of tensors or an iterable of batches, validated."""
+    """``(x, y)`` on the CPU from a tuple of tensors or an iterable of batches, validated.
+
+    ``n_examples`` of a tuple ``(x, y)`` are a class-stratified subset in the original
+    order (test sets are often sorted by class: the first N could be one class); of a
+    loader, the first N it yields (shuffle it, or pass a tuple).
+    """
     if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
         xs, ys = [data[0]], [data[1]]
+        if n_examples and n_examples < len(data[0]) and torch.is_tensor(data[1]) \
+                and data[1].dim() == 1 and not data[1].is_floating_point():
+            from ..data import stratified_split
+
+            _, chosen = stratified_split(data[1].cpu(), n_examples, seed=0)
+            xs, ys = [data[0][chosen.to(data[0].device)]], [data[1].cpu()[chosen]]
     else:
         xs, ys, total = [], [], 0
         for batch in data:
@@ -78,6 +89,8 @@ def _validate_examples(x: Tensor, y: Tensor) -> None:
     if len(x) != len(y) or y.dim() != 1 or y.is_floating_point():
         raise EvaluationError(f"labels must be integer (N,) matching the images; got "
                               f"{y.dtype} {tuple(y.shape)} for {len(x)} images")
+    if int(y.min()) < 0:
+        raise EvaluationError(f"labels must be class indices >= 0 (found {int(y.min())})")
     if float(x.min()) < 0 or float(x.max()) > 1:
         raise EvaluationError(
             f"images must lie in [0, 1] (found [{float(x.min()):.3f}, {float(x.max()):.3f}]); "
@@ -115,12 +128,34 @@ class _FastForward(nn.Module):
             return self.model(x).float()
 
 
-def _fold(model: nn.Module, enabled: bool, x: Tensor) -> tuple[nn.Module, dict]:
-    """The model the attacks run: a BN-folded copy when enabled, possible and verified."""
+def _has_hooks(model: nn.Module) -> bool:
+    """Whether a module carries forward hooks, which a folded copy would not run."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@contextlib.contextmanager
+def _exact_matmuls() -> Iterator[None]:
+    """TF32 off inside (its 1e-3 rounding would hide a fold that is slightly wrong)."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def _fold(model: nn.Module, enabled: bool, x: Tensor, hooked: bool) -> tuple[nn.Module, dict]:
+    """The model the attacks run: a BN-folded copy when enabled, possible and verified.
+
+    ``hooked``: the model carries forward hooks (checked before the evaluation adds its own).
+    """
     if not enabled:
         return model, {"folded": 0}
     if is_compiled(model):
         return model, {"folded": 0, "note": "a compiled model is evaluated as given"}
+    if hooked:
+        return model, {"folded": 0, "note": "the model has forward hooks, which a folded copy "
+                                            "would not run; evaluated unfolded"}
     try:
         folded, n = fold_batchnorm(model)
     except FoldError as err:
@@ -130,7 +165,8 @@ def _fold(model: nn.Module, enabled: bool, x: Tensor) -> tuple[nn.Module, dict]:
                                             f"{str(err)[:100]}); evaluated unfolded"}
     if n == 0:
         return model, {"folded": 0, "note": "no convolution -> BatchNorm pair to fold"}
-    gap = max_logit_gap(model, folded, x)
+    with _exact_matmuls():
+        gap = max_logit_gap(model, folded, x)
     if not gap <= FOLD_TOLERANCE:  # also catches NaN
         return model, {"folded": 0, "note": f"folded logits differ by {gap:.1e} (relative); "
                                             "evaluated unfolded"}
@@ -160,6 +196,21 @@ def _pct(mask: Tensor) -> float:
     return 100.0 * float(mask.sum()) / len(mask)
 
 
+@contextlib.contextmanager
+def _gradient_attack(name: str):
+    """Turn autograd's error for a model whose output has no input gradient into one line."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not C.no_input_gradient(err):
+            raise
+        raise EvaluationError(
+            f"{name}: the model's output has no gradient with respect to its input (a detach, "
+            "argmax or integer step in its forward), so gradient attacks cannot run and "
+            "robust accuracy would be meaningless; make the forward differentiable, or "
+            "evaluate with --attacks clean") from None
+
+
 class _Run:
     """State of one evaluation: the model, the data and what has been measured so far."""
 
@@ -171,6 +222,11 @@ class _Run:
         with torch.no_grad():
             logits = [net(xb.to(device)).cpu() for xb in x.split(batch_size)]  # (B, K) each
         self.num_classes = int(logits[0].shape[1])
+        if int(y.max()) >= self.num_classes:
+            raise EvaluationError(
+                f"labels reach {int(y.max())} but the model outputs {self.num_classes} "
+                f"classes; evaluate it on data with labels 0..{self.num_classes - 1} (or "
+                "build the model with as many classes as the dataset has)")
         self.clean = torch.cat(logits).argmax(dim=1) == y  # (N,) bool
 
     def attack(self, name: str, eps: float, alpha: float | None = None,
@@ -180,16 +236,18 @@ class _Run:
         spec = make_attack(name, eps, alpha)
         self.bounds[label] = BoundsStats(eps)
         start = time.perf_counter()
-        mask = attack_points(spec, self.net, self.x[:n], self.y[:n], self.clean[:n],
-                             self.batch_size, self.device, self.seed, self.progress,
-                             self.bounds[label])
+        with _gradient_attack(label):
+            mask = attack_points(spec, self.net, self.x[:n], self.y[:n], self.clean[:n],
+                                 self.batch_size, self.device, self.seed, self.progress,
+                                 self.bounds[label])
         self.info[label] = {**spec.info(), "seconds": round(time.perf_counter() - start, 3)}
         return mask
 
     def autoattack(self, eps: float):
         start = time.perf_counter()
-        res = run_autoattack(self.net, self.x, self.y, eps, self.batch_size, self.device,
-                             self.seed, self.progress)
+        with _gradient_attack("aa"):
+            res = run_autoattack(self.net, self.x, self.y, eps, self.batch_size, self.device,
+                                 self.seed, self.progress)
         self.bounds["aa"] = res.bounds
         self.info["aa"] = {**autoattack_info(eps, self.seed), "breakdown": res.breakdown,
                            "seconds": round(time.perf_counter() - start, 3)}
@@ -226,24 +284,36 @@ def _run_sweep(run: _Run, radii: Sequence[float]) -> dict:
             "eps": list(radii), "accuracy": acc}
 
 
+def _attack_checks(run: _Run, sweep: dict | None, check_examples: int) -> list[C.Check]:
+    """PGD at eps = 0 reproduces clean accuracy; PGD at eps = 0.5 reaches chance."""
+    if sweep is not None and 0 in sweep["eps"]:
+        zero = C.check_eps_zero(_pct(run.clean), sweep["accuracy"][sweep["eps"].index(0)],
+                                len(run.clean))
+    else:
+        at_zero = run.attack(f"pgd{SWEEP_STEPS}", 0.0, label="check@eps=0", subset=check_examples)
+        zero = C.check_eps_zero(_pct(run.clean[:len(at_zero)]), _pct(at_zero), len(at_zero))
+    big = run.attack(f"pgd{SWEEP_STEPS}", LARGE_EPS, sweep_alpha(LARGE_EPS, SWEEP_STEPS),
+                     label="check@eps=0.5", subset=check_examples)
+    return [zero, C.check_large_eps(_pct(big), run.num_classes)]
+
+
 def _sanity_checks(run: _Run, results: dict, sweep: dict | None, aa_messages,
                    check_examples: int) -> list[C.Check]:
     xs = run.x[:MODEL_CHECK_EXAMPLES].to(run.device)
     ys = run.y[:MODEL_CHECK_EXAMPLES].to(run.device)
-    found = [C.check_deterministic(run.net, xs), C.check_logits(run.net, xs),
+    found = [C.check_above_chance(_pct(run.clean), run.num_classes, len(run.clean)),
+             C.check_deterministic(run.net, xs), C.check_logits(run.net, xs),
              C.check_zero_gradients(run.net, xs, ys)]
-    if sweep is not None and 0 in sweep["eps"]:
-        found.append(C.check_eps_zero(_pct(run.clean), sweep["accuracy"][sweep["eps"].index(0)]))
+    if found[-1].message == C.NO_INPUT_GRADIENT:
+        blind = "the model has no input gradient (zero_gradients): no attack can run"
+        found += [C.Check("eps_zero", "skip", blind), C.Check("large_eps", "skip", blind)]
     else:
-        at_zero = run.attack(f"pgd{SWEEP_STEPS}", 0.0, label="check@eps=0", subset=check_examples)
-        found.append(C.check_eps_zero(_pct(run.clean[:len(at_zero)]), _pct(at_zero)))
+        found += _attack_checks(run, sweep, check_examples)
     if sweep is not None:
         found.append(C.check_monotone(sweep["eps"], sweep["accuracy"], len(run.y)))
     else:
         found.append(C.Check("sweep_monotone", "skip", "no eps sweep was run (sweep=True)"))
-    big = run.attack(f"pgd{SWEEP_STEPS}", LARGE_EPS, sweep_alpha(LARGE_EPS, SWEEP_STEPS),
-                     label="check@eps=0.5", subset=check_examples)
-    found += [C.check_large_eps(_pct(big), run.num_classes), C.check_aa_gap(results),
+    found += [C.check_aa_gap(results, len(run.y)),
               C.check_pgd_cw_gap(results), C.check_autoattack_warnings(aa_messages)]
     return found
 
@@ -285,14 +355,19 @@ def evaluate(
     _validate_args(attacks, eps, batch_size, precision, n_examples)
     x, y = collect_examples(data, n_examples)
     device = _device(model)
-    channels_last = device.type == "cpu" if channels_last is None else bool(channels_last)
+    if channels_last is None:  # on for CPU, except where torch's CPU backward crashes
+        from ..build import cpu_channels_last_crashes
+
+        channels_last = device.type == "cpu" and not cpu_channels_last_crashes(model)
+    channels_last = bool(channels_last)
     fold_bn = device.type == "cpu" if fold_bn is None else bool(fold_bn)
     radii = list(DEFAULT_SWEEP) if sweep is True else (list(sweep) if sweep else None)
     given_training, before, monitor = model.training, C.buffers_snapshot(model), C.ModeMonitor()
+    hooked = _has_hooks(model)  # before the monitor adds its own
     branch = bn_branch(model, "main") if has_dual_bn(model) else contextlib.nullcontext()
     start = time.perf_counter()
     with eval_mode(model), branch, monitor.watch(model):
-        target, fold = _fold(model, fold_bn, x[:FOLD_CHECK_EXAMPLES].to(device))
+        target, fold = _fold(model, fold_bn, x[:FOLD_CHECK_EXAMPLES].to(device), hooked)
         with monitor.watch(target) if target is not model else contextlib.nullcontext():
             # built inside eval_mode: a wrapper left in train mode would make torchattacks
             # "restore" train mode on the whole model after its first attack
