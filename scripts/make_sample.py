@@ -42,6 +42,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     source = Path(args.source)
+    if not (source / "train").is_dir():
+        raise SystemExit(f"error: --source {source} holds no train/<class>/ folders; point it "
+                         "at a CIFAR-10 ImageFolder tree (train/ and test/ of JPEGs)")
     rng = np.random.default_rng(args.seed)
     classes = sorted(p.name for p in (source / "train").iterdir() if p.is_dir())
     arrays = {}
