@@ -106,6 +106,9 @@ def load_dataset(cfg: DataConfig) -> DatasetSplits:
     if 0 < cfg.train_subset < len(train):
         _, chosen = stratified_split(train.labels, cfg.train_subset, cfg.split_seed)
         train = train.subset(chosen)
+    if len(train) < 2:  # BatchNorm needs two images per batch
+        raise DataError(f"only {len(train)} training image(s) left after holding out "
+                        f"data.val_size={cfg.val_size} (and data.train_subset); lower them")
     if 0 < cfg.test_subset < len(test):
         # stratified, not the first N: test sets are often stored sorted by label
         _, chosen = stratified_split(test.labels, cfg.test_subset, cfg.split_seed)

@@ -71,6 +71,11 @@ def test_train_subset_is_stratified_and_keeps_the_validation_split(sample_splits
     assert _keys(small.train.images) <= _keys(sample_splits.train.images)
 
 
+def test_a_split_that_leaves_one_training_image_is_refused() -> None:
+    with pytest.raises(DataError, match="only 1 training image"):
+        load_dataset(DataConfig(name="cifar10-sample", val_size=4999))
+
+
 def test_stratified_split_rejects_a_split_that_leaves_nothing() -> None:
     with pytest.raises(DataError, match="val_size"):
         stratified_split(torch.zeros(10, dtype=torch.int64), 10, seed=0)
