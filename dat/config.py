@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -178,9 +179,11 @@ _FRACTION = re.compile(r"^\s*(-?\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")
 
 
 def _fractions_to_floats(value: Any) -> Any:
-    """Turn strings like ``"8/255"`` into floats, recursively."""
+    """Turn strings like ``"8/255"`` into floats, recursively; ``"8/0"`` is a ConfigError."""
     if isinstance(value, str):
         m = _FRACTION.match(value)
+        if m and float(m.group(2)) == 0:
+            raise ConfigError(f"{value.strip()} divides by zero; write e.g. 8/255")
         return float(m.group(1)) / float(m.group(2)) if m else value
     if isinstance(value, dict):
         return {k: _fractions_to_floats(v) for k, v in value.items()}
@@ -206,7 +209,35 @@ def _parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=2)")
     key, raw = item.split("=", 1)
     value = OmegaConf.from_dotlist([f"v={raw}"]).v if raw != "" else ""
-    return key.strip(), _fractions_to_floats(value)
+    try:
+        return key.strip(), _fractions_to_floats(value)
+    except ConfigError as err:
+        raise ConfigError(f"override {item!r}: {err}") from None
+
+
+def _load_yaml(file: Path) -> dict:
+    """The YAML mapping in ``file`` (empty file: ``{}``); one-line ConfigError otherwise."""
+    try:
+        loaded = OmegaConf.to_container(OmegaConf.load(file))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{file} is not valid YAML ({problem}{where}); fix the syntax "
+                          "there") from None
+    except (OmegaConfBaseException, UnicodeDecodeError, OSError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"cannot read {file} as a YAML config ({first}); it must be UTF-8 "
+                          "text mapping sections to values, e.g. 'train: {epochs: 2}'") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{file} holds a {type(loaded).__name__} at the top level; a config "
+                          "file must be a mapping of sections, e.g. 'train: {epochs: 2}'")
+    try:
+        return _fractions_to_floats(loaded)
+    except ConfigError as err:
+        raise ConfigError(f"in {file}: {err}") from None
 
 
 def _merge(base: Any, update: Any, where: str) -> Any:
@@ -224,8 +255,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     cfg = OmegaConf.structured(Config)
     if path:
         file = find_preset(path)
-        loaded = OmegaConf.to_container(OmegaConf.load(file))
-        cfg = _merge(cfg, _fractions_to_floats(loaded or {}), f"in {file}")
+        cfg = _merge(cfg, _load_yaml(file), f"in {file}")
     for item in overrides or []:
         key, value = _parse_override(item)
         update = OmegaConf.create({})

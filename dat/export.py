@@ -13,6 +13,7 @@ imported (torchattacks installs a clashing module of that name).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -21,9 +22,10 @@ from torch import Tensor, nn
 
 from .models import create, export_main_branch, has_dual_bn
 
-__all__ = ["FORMATS", "export_model", "export_state_dict", "load_exported", "main"]
+__all__ = ["FORMATS", "check_suffix", "export_model", "export_state_dict", "load_exported", "main"]
 
 FORMATS = ("robustbench", "safetensors")
+_SUFFIXES = {"robustbench": (".pt", ".pth"), "safetensors": (".safetensors",)}
 
 
 def export_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -32,20 +34,41 @@ def export_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().cpu().clone().contiguous() for k, v in plain.state_dict().items()}
 
 
-def export_model(model: nn.Module, path: str | Path, format: str = "safetensors",
-                 metadata: dict[str, str] | None = None) -> Path:
-    """Write ``model``'s plain state dict to ``path`` in ``format``; return the path."""
+def check_suffix(path: str | Path, format: str) -> None:
+    """Refuse an output name whose extension does not match ``format`` (one-line ValueError)."""
+    path = Path(path)
     if format not in FORMATS:
         raise ValueError(f"format={format!r}; use one of {', '.join(FORMATS)}")
+    if path.suffix not in _SUFFIXES[format]:
+        other = [f for f in FORMATS if path.suffix in _SUFFIXES[f]]
+        fix = f" or pass --format {other[0]}" if other else ""
+        raise ValueError(f"--out {path} does not fit --format {format}: name it "
+                         f"{path.with_suffix(_SUFFIXES[format][0]).name}{fix}")
+
+
+def export_model(model: nn.Module, path: str | Path, format: str = "safetensors",
+                 metadata: dict[str, str] | None = None) -> Path:
+    """Write ``model``'s plain state dict to ``path`` in ``format``; return the path.
+
+    The file is written under a temporary name and renamed, so a failed write leaves
+    nothing at ``path``; its mode follows the umask (0644 under 022), like other run files.
+    """
+    check_suffix(path, format)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = export_state_dict(model)
-    if format == "safetensors":
-        from safetensors.torch import save_file
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        with open(tmp, "wb") as f:  # open() respects the umask; safetensors' save_file: 0600
+            if format == "safetensors":
+                from safetensors.torch import save
 
-        save_file(state, str(path), metadata={k: str(v) for k, v in (metadata or {}).items()})
-    else:
-        torch.save(state, path)
+                f.write(save(state, metadata={k: str(v) for k, v in (metadata or {}).items()}))
+            else:
+                torch.save(state, f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -82,23 +105,30 @@ def main(argv: list[str] | None = None) -> int:
     from .evaluation.loading import load_checkpoint
 
     args = _parse(argv)
+    out = Path(args.out)
+    staged = out.with_name(f".{out.stem}.export{out.suffix}")  # renamed to --out once verified
     try:
+        check_suffix(out, args.format)  # before the (slow) checkpoint load
         loaded = load_checkpoint(args.checkpoint)
         meta = {"model": loaded.config.model.name, "num_classes": loaded.num_classes,
                 "input": "RGB in [0, 1], normalisation inside the model",
                 "bn_branch": "main" if loaded.dual_bn else "single"}
-        out = export_model(loaded.model, args.out, args.format, metadata=meta)
+        export_model(loaded.model, staged, args.format, metadata=meta)
+        diff = None if args.no_verify else _verify(loaded, staged)
+        if diff is not None and diff > 1e-5:
+            print(f"error: exported logits differ from the checkpoint's (max {diff:.2e}); "
+                  f"nothing written to {out}", file=sys.stderr)
+            return 1
+        os.replace(staged, out)
         print(f"exported {meta['model']} ({loaded.num_classes} classes, {meta['bn_branch']} BN) "
               f"-> {out} [{args.format}]")
-        if not args.no_verify:
-            diff = _verify(loaded, out)
+        if diff is not None:
             print(f"verified: reloaded with strict=True, max |logit diff| = {diff:.2e}")
-            if diff > 1e-5:
-                print("error: exported logits differ from the checkpoint's", file=sys.stderr)
-                return 1
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        staged.unlink(missing_ok=True)
     return 0
 
 

@@ -7,7 +7,11 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import re
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -21,18 +25,52 @@ PAPER_ATTACKS = "clean,fgsm,pgd20,pgd100,cw,aa"  # the paper's evaluation (Secti
 
 
 def parse_eps(text: str) -> float:
-    """``"8/255"`` or ``"0.0314"`` -> float; a bare number > 1 is read as x/255 units."""
+    """``"8/255"`` or ``"0.0314"`` -> float on the [0, 1] scale.
+
+    A bare integer other than 0 is refused (``1`` almost always means 1/255), as is any
+    bare number > 1; decimals up to ``1.0`` are read on the [0, 1] scale.
+    """
     text = text.strip()
     try:
         if "/" in text:
             num, den = text.split("/", 1)
-            return float(num) / float(den)
-        value = float(text)
+            if float(den) == 0:
+                raise argparse.ArgumentTypeError(f"eps {text} divides by zero; write e.g. 8/255")
+            value = float(num) / float(den)
+        else:
+            value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"cannot read eps {text!r}; write e.g. 8/255") from None
-    if value > 1:
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"eps {text} must be a finite number >= 0; "
+                                         "write e.g. 8/255")
+    if "/" not in text and value > 1:
         raise argparse.ArgumentTypeError(f"eps {text} is in 0-255 units; write {text}/255")
+    if "/" not in text and value == 1 and "." not in text and "e" not in text.lower():
+        raise argparse.ArgumentTypeError(
+            f"eps {text} is ambiguous; write 1/255 (or 255/255 if the whole [0, 1] range "
+            "is really meant)")
     return value
+
+
+def _at_least_one(hint: str = ""):
+    """argparse type: an int >= 1; ``hint`` is added to the error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be >= 1, got {value}{hint}")
+        return value
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def _radii(text: str) -> list[float]:
@@ -45,7 +83,7 @@ def _radii(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0])
+    p = _Parser(prog="evaluate.py", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a dat checkpoint (dict with 'model' and 'config')")
     src.add_argument("--model", help="module:function or file.py:function returning an "
@@ -53,8 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="with --model: a .safetensors or torch state dict file")
     p.add_argument("--attacks", default=PAPER_ATTACKS,
                    help=f"comma list of clean,fgsm,pgd20,pgd100,pgd<N>,cw,aa ({PAPER_ATTACKS})")
-    p.add_argument("--eps", type=parse_eps, default=8 / 255, help="L-inf radius (8/255)")
-    p.add_argument("--n-examples", type=int,
+    p.add_argument("--eps", type=parse_eps, default=8 / 255,
+                   help="L-inf radius: a fraction such as 8/255 or a decimal on the [0, 1] "
+                        "scale such as 0.0314 (default 8/255); bare integers other than 0 are "
+                        "refused as ambiguous (write 1/255, or 255/255 for the whole range)")
+    p.add_argument("--n-examples", type=_at_least_one("; leave it out to use the whole split"),
                    help="N examples, stratified by class as data.test_subset (default: all)")
     p.add_argument("--data", help="dataset name (default: the checkpoint's, else cifar10)")
     p.add_argument("--data-root", help="dataset folder (default: the checkpoint's)")
@@ -67,14 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attack a copy with eval-mode BatchNorm folded into the convolutions "
                         "(auto: on for CPU)")
     p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda:N")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when available) | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sweep", nargs="?", const="0,1,2,4,8,16", type=_radii,
                    help="PGD-20 eps sweep, radii in 1/255 units (default 0,1,2,4,8,16)")
     p.add_argument("--diagnostics", nargs="?", const="pgd20", metavar="ATTACK",
                    help="amplitude/phase table for ATTACK (default pgd20)")
     p.add_argument("--heatmap", action="store_true", help="Fourier heat map (Yin et al. 2019)")
-    p.add_argument("--heatmap-examples", type=int, default=256)
+    p.add_argument("--heatmap-examples", type=_at_least_one(), default=256,
+                   help="images for the heat map (256)")
     p.add_argument("--heatmap-norm", type=float, default=4.0, help="L2 norm per channel")
     p.add_argument("--no-checks", action="store_true", help="skip the integrity checks")
     p.add_argument("--strict", action="store_true", help="exit 1 when a check fails")
@@ -84,27 +127,55 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; an unknown name or absent CUDA -> ValueError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ValueError(f"--device {name!r}; use auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} but CUDA is not available; use --device cpu (or auto)")
     return torch.device(name)
 
 
+def _out_dir(args: argparse.Namespace) -> Path:
+    """--out, or ``eval_<name>`` next to the checkpoint / in the working folder."""
+    if args.out:
+        return Path(args.out)
+    if args.checkpoint:
+        return Path(args.checkpoint).parent / f"eval_{Path(args.checkpoint).stem}"
+    return Path(f"eval_{args.model.rpartition(':')[2]}")
+
+
+def _check_writable(out: Path) -> bool:
+    """Create ``out`` and probe-write a file there, so a bad --out fails before any attack;
+    True when ``out`` was created here."""
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_probe", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise ValueError(f"--out {out}: cannot write a report there ({reason}); pass a "
+                         "writable folder with --out") from None
+    return created
+
+
 def _load(args: argparse.Namespace, device: torch.device):
-    """(model, DataConfig, default out dir) for --checkpoint or --model."""
+    """(model, DataConfig) for --checkpoint or --model."""
     if args.checkpoint:
         loaded = load_checkpoint(args.checkpoint, device=device)
         data = loaded.config.data
         model = loaded.model
-        out = Path(args.checkpoint).parent / f"eval_{Path(args.checkpoint).stem}"
     else:
         if args.data is None:
             args.data = "cifar10"
         model = load_entry_point(args.model, args.weights, device=device)
         data = DataConfig()
-        out = Path(f"eval_{args.model.rpartition(':')[2]}")
     data.name = args.data or data.name
     data.root = args.data_root or data.root
-    return model, data, Path(args.out) if args.out else out
+    return model, data
 
 
 def _examples(data_cfg: DataConfig, split: str, n: int | None):
@@ -121,15 +192,13 @@ def _examples(data_cfg: DataConfig, split: str, n: int | None):
     return images.tensors()
 
 
-def _run(args: argparse.Namespace) -> int:
+def _evaluate(args: argparse.Namespace, device: torch.device, out: Path) -> dict:
+    """Load the model and examples, run the attacks, write the report to ``out``."""
     from .runner import evaluate
 
-    if args.weights and not args.model:
-        raise ValueError("--weights goes with --model; a --checkpoint holds its own weights")
-    device = _device(args.device)
-    model, data_cfg, out = _load(args, device)
+    model, data_cfg = _load(args, device)
     x, y = _examples(data_cfg, args.split, args.n_examples)
-    report = evaluate(
+    return evaluate(
         model, (x, y), attacks=[a.strip() for a in args.attacks.split(",") if a.strip()],
         eps=args.eps, batch_size=args.batch_size, precision=args.precision,
         checks=not args.no_checks, progress=not args.no_progress, seed=args.seed, out_dir=out,
@@ -138,6 +207,23 @@ def _run(args: argparse.Namespace) -> int:
         tensorboard=args.tensorboard,
         channels_last=None if args.channels_last == "auto" else args.channels_last == "on",
         fold_bn=None if args.fold_bn == "auto" else args.fold_bn == "on")
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.weights and not args.model:
+        raise ValueError("--weights goes with --model; a --checkpoint holds its own weights")
+    device = _device(args.device)
+    out = _out_dir(args)
+    created = _check_writable(out)
+    try:
+        report = _evaluate(args, device, out)
+    except BaseException:
+        if created:  # leave no empty report folder behind
+            try:
+                out.rmdir()
+            except OSError:
+                pass
+        raise
     from .report import format_markdown
 
     print(format_markdown(report))
@@ -147,9 +233,16 @@ def _run(args: argparse.Namespace) -> int:
 
 def evaluate_main(argv: list[str] | None = None) -> int:
     """Console entry point: parse ``argv``, evaluate, print the report; returns exit status."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help, or a bad argument already reported in one line
+        return stop.code if isinstance(stop.code, int) else 2
     try:
         return _run(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted; nothing was saved (the report is written only at the end); "
+              "rerun evaluate.py to evaluate again", file=sys.stderr)
+        return 130
     except (ValueError, OSError) as err:  # bad input: one line naming the fix, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2

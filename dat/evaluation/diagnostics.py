@@ -98,6 +98,9 @@ def fourier_heatmap(
     Cosines at (u, v) and (-u, -v) are the same image, so only the half plane
     v in [0, W//2] is evaluated and mirrored.
     """
+    if len(x) == 0:
+        raise ValueError("the Fourier heat map needs at least one example; "
+                         "pass heatmap_examples >= 1 (--heatmap-examples)")
     x, y = x.cpu(), y.cpu()
     n, c, height, width = x.shape
     gen = torch.Generator().manual_seed(seed)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ __all__ = ["CheckpointError", "LoadedCheckpoint", "load_checkpoint", "load_entry
            "load_state_file"]
 
 _PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
+_STATE_KEYS = ("model_state_dict", "state_dict", "model", "net", "ema")  # common layouts
 _KNOWN_CLASSES = {"cifar10": 10, "cifar10-sample": 10, "cifar100": 100}
 
 
@@ -44,11 +47,21 @@ def _torch_load(path: Path) -> object:
         raise CheckpointError(f"{path} does not exist; pass the path of a .pt/.safetensors file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle refusing a class, truncated file, not a torch file
+    except pickle.UnpicklingError:
+        pass  # a refused class (code could run) or a corrupt pickle: worded as the trainer does
+    except Exception as err:  # truncated zip, not a torch file
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
             f"cannot load {path} with torch.load(weights_only=True): {first[:200]}; save a "
             "plain dict of tensors (model.state_dict()) instead of a pickled object") from None
+    from ..checkpoint import CheckpointError as TrainingCheckpointError
+    from ..checkpoint import load_checkpoint as load_training_checkpoint
+
+    try:
+        load_training_checkpoint(path)
+    except TrainingCheckpointError as err:
+        raise CheckpointError(str(err)) from None
+    raise CheckpointError(f"cannot load {path} with torch.load(weights_only=True)")
 
 
 def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -58,22 +71,41 @@ def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return state
 
 
+def _is_state_dict(value: object) -> bool:
+    return isinstance(value, dict) and bool(value) and all(torch.is_tensor(v)
+                                                           for v in value.values())
+
+
 def load_state_file(path: str | Path) -> dict[str, Tensor]:
-    """A state dict from a safetensors file (no pickle) or a torch file (weights_only)."""
+    """A state dict from a safetensors file (no pickle) or a torch file (weights_only).
+
+    A torch file may hold the state dict itself or a dict with it under one of
+    ``_STATE_KEYS`` (the first that holds name -> tensor entries is used).
+    """
     path = Path(path)
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise CheckpointError(f"{path} does not exist")
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as err:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({err}); "
+                                  "re-export it or pass a torch state dict file") from None
     state = _torch_load(path)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    elif isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise CheckpointError(f"{path} holds no state dict (name -> tensor)")
+    if isinstance(state, dict) and not _is_state_dict(state):
+        found = [k for k in _STATE_KEYS if _is_state_dict(state.get(k))]
+        if found:
+            state = state[found[0]]
+    if not _is_state_dict(state):
+        keys = list(state)[:10] if isinstance(state, dict) else None
+        what = f"top-level keys {keys}" if keys is not None else f"a {type(state).__name__}"
+        raise CheckpointError(
+            f"{path} holds no state dict (name -> tensor) and none under "
+            f"{', '.join(map(repr, _STATE_KEYS))}: found {what}; save model.state_dict() "
+            "on its own or under 'state_dict'")
     return _strip_prefixes(state)
 
 
@@ -142,10 +174,27 @@ def _import(spec: str):
     return getattr(module, func_name)
 
 
+def _check_no_arguments(func, spec: str) -> None:
+    """Refuse an entry point that cannot be called without arguments (before calling it)."""
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature: just call it
+        return
+    needed = [p.name for p in params if p.default is p.empty
+              and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if needed:
+        raise CheckpointError(
+            f"--model {spec}: the function must take no arguments, but it needs "
+            f"{', '.join(needed)}; put a zero-argument wrapper in a file, e.g. net.py with "
+            f"'def net(): return {spec.rpartition(':')[2]}(...)', and pass --model net.py:net")
+
+
 def load_entry_point(spec: str, weights: str | Path | None = None,
                      device: torch.device | str = "cpu") -> nn.Module:
     """``module:function`` returning an ``nn.Module`` on [0, 1] images, plus optional weights."""
-    model = _import(spec)()
+    func = _import(spec)
+    _check_no_arguments(func, spec)
+    model = func()
     if not isinstance(model, nn.Module):
         raise CheckpointError(f"{spec} returned {type(model).__name__}, not a torch nn.Module")
     if weights is not None:

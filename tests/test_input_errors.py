@@ -1,0 +1,219 @@
+"""Bad input gets one line naming the fix and exit status 2 (130 for Ctrl-C), never a
+traceback or a silently wrong value: eps, YAML files, devices, entry points, weights files,
+--out, example counts, export names, unsafe pickles; exported files get the usual mode."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import dat
+import dat.evaluation.runner
+import dat.export
+from dat.config import Config, ConfigError, config_to_dict, load_config
+from dat.evaluation.cli import evaluate_main, parse_eps
+from dat.evaluation.diagnostics import fourier_heatmap
+from dat.evaluation.loading import CheckpointError, load_entry_point, load_state_file
+from dat.export import export_model
+
+
+def _one_line_error(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err and "\x1b" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def _checkpoint(model, path: Path) -> Path:
+    cfg = Config()
+    cfg.model.name, cfg.data.name = "resnet_tiny", "cifar10-sample"
+    torch.save({"model": model.state_dict(), "config": config_to_dict(cfg)}, path)
+    return path
+
+
+@pytest.fixture
+def ckpt(make_tiny_model, tmp_path) -> Path:
+    return _checkpoint(make_tiny_model().eval(), tmp_path / "best.pt")
+
+
+def _quick(ckpt: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return ["--checkpoint", str(ckpt), "--attacks", "clean", "--n-examples", "8",
+            "--no-progress", "--no-checks", "--out", str(tmp_path / "eval"), *extra]
+
+
+@pytest.fixture
+def no_attacks(monkeypatch):
+    """Fail the test if evaluation starts: the error must come up front."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("evaluation ran despite bad input")
+    monkeypatch.setattr(dat.evaluation.runner, "evaluate", refuse)
+
+
+# 1. eps = x/0
+def test_eps_divided_by_zero_in_a_train_override_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"method.attack.eps=8/0.*divides by zero.*8/255"):
+        load_config("quickstart", ["method.attack.eps=8/0"])
+
+
+def test_eps_divided_by_zero_in_a_yaml_file_is_a_config_error(tmp_path) -> None:
+    (tmp_path / "zero.yaml").write_text("method:\n  attack:\n    eps: 8/0\n")
+    with pytest.raises(ConfigError, match="zero.yaml.*divides by zero"):
+        load_config(str(tmp_path / "zero.yaml"))
+
+
+def test_eps_divided_by_zero_on_the_evaluate_cli(ckpt, tmp_path, capsys, no_attacks) -> None:
+    assert evaluate_main(_quick(ckpt, tmp_path, "--eps", "8/0")) == 2
+    _one_line_error(capsys, "--eps", "divides by zero", "8/255")
+
+
+# 2. a bare 1 means 1/255, not the whole range
+def test_bare_eps_1_is_refused_and_decimals_are_kept(ckpt, tmp_path, capsys, no_attacks) -> None:
+    assert evaluate_main(_quick(ckpt, tmp_path, "--eps", "1")) == 2
+    _one_line_error(capsys, "1/255", "255/255")
+    assert parse_eps("1.0") == 1.0 and parse_eps("0.0314") == 0.0314
+    assert parse_eps("8/255") == 8 / 255 and parse_eps("0") == 0.0
+    for bad in ("8", "nan", "inf", "-0.1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_eps(bad)
+
+
+# 3. YAML files
+@pytest.mark.parametrize("text, match", [
+    ("train: [1, 2\nmethod: :\n", r"bad.yaml is not valid YAML \(.* at line 2"),
+    ("- 1\n- 2\n", r"bad.yaml holds a list at the top level; .*mapping"),
+])
+def test_a_broken_or_list_yaml_file_is_one_config_error(tmp_path, text, match) -> None:
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=match) as info:
+        load_config(str(tmp_path / "bad.yaml"))
+    assert "\n" not in str(info.value)
+
+
+# 4. devices
+@pytest.mark.parametrize("device, needle", [("cuda", "CUDA is not available; use --device cpu"),
+                                            ("gpu", "use auto, cpu, cuda or cuda:N")])
+def test_an_unusable_device_is_one_line(ckpt, tmp_path, capsys, monkeypatch, no_attacks, device,
+                                        needle) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert evaluate_main(_quick(ckpt, tmp_path, "--device", device)) == 2
+    _one_line_error(capsys, needle)
+
+
+# 5. Ctrl-C
+def test_ctrl_c_prints_interrupted_and_exits_130(ckpt, tmp_path, capsys, monkeypatch) -> None:
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(dat.evaluation.runner, "evaluate", interrupt)
+    assert evaluate_main(_quick(ckpt, tmp_path)) == 130
+    _one_line_error(capsys, "interrupted", "nothing was saved")
+    assert not (tmp_path / "eval").exists()  # the empty report folder is removed again
+
+
+# 6. entry points that need arguments
+def test_an_entry_point_needing_arguments_is_refused(tmp_path, capsys, no_attacks) -> None:
+    assert evaluate_main(["--model", "dat.models:create", "--out", str(tmp_path / "e")]) == 2
+    _one_line_error(capsys, "dat.models:create", "must take no arguments", "name",
+                    "--model net.py:net")
+    with pytest.raises(CheckpointError, match="must take no arguments"):
+        load_entry_point("dat.models:create")
+
+
+# 7. weights under common keys
+def test_weights_under_common_keys_load(make_tiny_model, tmp_path) -> None:
+    state = make_tiny_model().state_dict()
+    for key in ("model_state_dict", "state_dict", "model", "net", "ema"):
+        torch.save({key: state, "optimizer": {"lr": 0.1}, "epoch": 3}, tmp_path / "w.pt")
+        loaded = load_state_file(tmp_path / "w.pt")
+        assert loaded.keys() == state.keys()
+
+
+def test_weights_without_a_state_dict_list_the_keys_found(tmp_path, capsys, no_attacks) -> None:
+    torch.save({"optimizer": {"lr": 0.1}, "epoch": 3}, tmp_path / "w.pt")
+    (tmp_path / "net.py").write_text(
+        "import dat\n\n\ndef build():\n    return dat.models.create('resnet_tiny', 10)\n")
+    assert evaluate_main(["--model", f"{tmp_path / 'net.py'}:build", "--weights",
+                          str(tmp_path / "w.pt"), "--out", str(tmp_path / "e")]) == 2
+    _one_line_error(capsys, "holds no state dict", "['optimizer', 'epoch']", "model_state_dict")
+
+
+# 8. unwritable --out
+def test_an_unwritable_out_fails_before_any_attack(ckpt, tmp_path, capsys, no_attacks) -> None:
+    (tmp_path / "file").write_text("x")
+    args = _quick(ckpt, tmp_path)
+    args[args.index("--out") + 1] = str(tmp_path / "file" / "x")
+    assert evaluate_main(args) == 2
+    _one_line_error(capsys, "--out", "cannot write")
+
+
+# 9. / 10. example counts
+@pytest.mark.parametrize("extra, needle", [
+    (["--n-examples", "0"], "--n-examples"), (["--n-examples", "-5"], "--n-examples"),
+    (["--heatmap", "--heatmap-examples", "0"], "--heatmap-examples"),
+])
+def test_example_counts_below_one_are_refused(ckpt, tmp_path, capsys, no_attacks, extra,
+                                              needle) -> None:
+    assert evaluate_main(_quick(ckpt, tmp_path, *extra)) == 2
+    _one_line_error(capsys, needle, ">= 1")
+
+
+def test_fourier_heatmap_of_no_examples_names_the_fix(make_tiny_model) -> None:
+    x, y = torch.rand(0, 3, 32, 32), torch.zeros(0, dtype=torch.long)
+    with pytest.raises(ValueError, match="heatmap_examples >= 1"):
+        fourier_heatmap(make_tiny_model().eval(), x, y, progress=False)
+
+
+# 11. export names and leftovers
+@pytest.mark.parametrize("fmt, name, needle", [
+    ("robustbench", "z.safetensors", "name it z.pt or pass --format safetensors"),
+    ("safetensors", "x.pt", "name it x.safetensors or pass --format robustbench"),
+])
+def test_export_refuses_a_mismatched_extension(ckpt, tmp_path, capsys, fmt, name,
+                                               needle) -> None:
+    out = tmp_path / name
+    assert dat.export.main(["--checkpoint", str(ckpt), "--format", fmt, "--out", str(out)]) == 2
+    _one_line_error(capsys, needle)
+    assert list(tmp_path.iterdir()) == [ckpt]
+
+
+def test_a_failed_export_leaves_no_file(ckpt, tmp_path, capsys, monkeypatch) -> None:
+    out = tmp_path / "model.safetensors"
+    monkeypatch.setattr(dat.export, "_verify", lambda loaded, path: 1.0)
+    assert dat.export.main(["--checkpoint", str(ckpt), "--out", str(out)]) == 1
+    _one_line_error(capsys, "differ", "nothing written")
+    assert list(tmp_path.iterdir()) == [ckpt]
+
+
+# 12. unsafe pickles
+class _Evil:
+    pass
+
+
+@pytest.mark.parametrize("flag", ["--checkpoint", "--weights"])
+def test_an_unsafe_pickle_is_refused_in_one_clean_line(tmp_path, capsys, no_attacks,
+                                                       flag) -> None:
+    torch.save({"model": _Evil(), "config": {}}, tmp_path / "evil.pt")
+    argv = [flag, str(tmp_path / "evil.pt"), "--out", str(tmp_path / "e")]
+    if flag == "--weights":
+        (tmp_path / "net.py").write_text(
+            "import dat\n\n\ndef build():\n    return dat.models.create('resnet_tiny', 10)\n")
+        argv += ["--model", f"{tmp_path / 'net.py'}:build"]
+    assert evaluate_main(argv) == 2
+    err = _one_line_error(capsys, "refusing to load it")
+    assert "This file can still be loaded" not in err
+
+
+# 13. file modes
+@pytest.mark.parametrize("fmt, name", [("safetensors", "m.safetensors"), ("robustbench", "m.pt")])
+def test_exported_files_follow_the_umask(make_tiny_model, tmp_path, fmt, name) -> None:
+    old = os.umask(0o022)
+    try:
+        path = export_model(make_tiny_model(), tmp_path / name, fmt)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary file left
