@@ -1,6 +1,6 @@
 """Train: ``python train.py [--config PRESET_OR_YAML] [--resume PATH|auto] [key=value ...]``.
 
-With no arguments it runs ``configs/quickstart.yaml`` (a short DAT run on the bundled
+With no arguments it runs ``dat/configs/quickstart.yaml`` (a short DAT run on the bundled
 CIFAR-10 sample, a few minutes on a laptop CPU). All logic lives in :mod:`dat.cli`.
 
 Several GPUs or machines: ``torchrun --standalone --nproc_per_node=8 train.py --config

@@ -1,7 +1,7 @@
 """Typed run configuration: dataclasses with commented defaults, YAML presets, overrides.
 
 The defaults are the paper's full DAT setting (ResNet-18, CIFAR-10, official amplitude
-scale). Presets in ``configs/`` change only what differs. Values like ``8/255`` are
+scale). Presets in ``dat/configs/`` change only what differs. Values like ``8/255`` are
 accepted wherever a float is expected, in YAML and on the command line.
 """
 
@@ -35,7 +35,7 @@ __all__ = [
     "validate",
 ]
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped in the wheel
 METHODS = ("pgd_at", "trades", "mart", "dat")
 DATASETS = ("cifar10", "cifar100", "imagefolder", "cifar10-sample")
 
@@ -193,7 +193,7 @@ def _fractions_to_floats(value: Any) -> Any:
 
 
 def find_preset(name_or_path: str) -> Path:
-    """Resolve a YAML path, or a preset name in ``configs/`` (with or without ``.yaml``)."""
+    """Resolve a YAML path, or a preset name in ``dat/configs/`` (with or without ``.yaml``)."""
     path = Path(name_or_path)
     if path.is_file():
         return path

@@ -112,7 +112,7 @@ def test_presets_load_by_name_or_path(tmp_path: Path, monkeypatch) -> None:
 
 def test_every_shipped_preset_loads() -> None:
     presets = sorted(config_module.CONFIG_DIR.glob("*.yaml"))
-    for path in presets:  # the presets in configs/ (none yet is fine; each must validate)
+    for path in presets:  # the presets in dat/configs/ (none yet is fine; each must validate)
         assert isinstance(load_config(path.stem), Config), path
         assert load_config(str(path)) == load_config(path.stem)
 

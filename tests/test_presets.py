@@ -12,7 +12,7 @@ import dat
 from dat.config import Config, config_to_dict, load_config
 from dat.methods import DATStep, build_dat
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parent.parent / "dat" / "configs"
 ALL = sorted(CONFIGS.glob("*.yaml"))
 DAT_PRESETS = [p for p in ALL if p.name.startswith(("dat_", "aag_"))]
 
