@@ -353,6 +353,8 @@ def evaluate(
     """
     attacks = list(attacks)
     _validate_args(attacks, eps, batch_size, precision, n_examples)
+    if heatmap and heatmap_examples < 1:
+        raise EvaluationError(f"heatmap_examples={heatmap_examples} must be >= 1")
     x, y = collect_examples(data, n_examples)
     device = _device(model)
     if channels_last is None:  # on for CPU, except where torch's CPU backward crashes
