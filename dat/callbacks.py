@@ -7,7 +7,8 @@ Built in: :class:`ValidationCallback` (clean + PGD accuracy on held-out images, 
 ``trainer.add_callback(fn)`` or name it in the config as ``train.callbacks:
 ["module:function"]``. Events: ``train_start``, ``step_start``, ``step_end`` (payload:
 stats as device tensors, do not sync), ``log`` (payload: means as floats), ``epoch_end``
-(payload: epoch), ``train_end`` (payload: metrics).
+(payload: the 0-based epoch index; ``payload.number`` is the 1-based epoch of
+``metrics.json``), ``train_end`` (payload: metrics).
 
 Under torchrun every callback runs on every rank (so it may use collectives); check
 ``trainer.dist.is_main`` before writing files. ``train_end``'s payload is ``{}`` on

@@ -24,6 +24,7 @@ from torch import nn
 
 __all__ = [
     "FORMAT",
+    "RESUME_MAY_CHANGE",
     "CheckpointError",
     "capture_rng",
     "check_compatible",
@@ -153,15 +154,108 @@ def find_run_checkpoint(out_dir: Path | str, run_name: str) -> Path:
     return runs[-1].with_name("last.pt")
 
 
-def check_compatible(state: dict, model_name: str, num_classes: int) -> None:
-    """Refuse a checkpoint saved for another architecture or class count."""
-    saved = state.get("config", {}).get("model", {}).get("name")
+# Config keys (or whole sections) a resume may change; every other key must equal the
+# checkpoint's. The rule and its reasons are in check_compatible's docstring.
+RESUME_MAY_CHANGE: tuple[str, ...] = (
+    "train.epochs", "train.out_dir", "train.run_name", "train.resume", "train.device",
+    "train.val_every", "train.test_attacks", "train.image_every", "train.max_bad_steps",
+    "train.keep_checkpoints", "train.callbacks", "train.checkpoint_every",
+    "data.root", "data.test_subset", "data.batch_size", "data.eval_batch_size", "data.loader",
+    "data.num_workers", "perf",
+    "optim.lr", "optim.schedule", "optim.milestones", "optim.gamma", "optim.warmup_epochs",
+    "optim.lr_scaling", "optim.reference_batch_size",
+)
+_AVERAGING = ("train.weight_averaging", "train.ema_decay", "train.swa_start",
+              "train.ema_warmup")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        flat.update(_flatten(value, f"{name}.") if isinstance(value, dict) else {name: value})
+    return flat
+
+
+def _may_change(key: str) -> bool:
+    return any(key == k or key.startswith(f"{k}.") for k in RESUME_MAY_CHANGE)
+
+
+def _group(key: str) -> str:
+    if key.startswith(("method.", "optim.")) or key in _AVERAGING:
+        return "method, optimiser or weight averaging"
+    if key.startswith("train."):
+        return "training or validation settings"
+    return key.split(".")[0]
+
+
+def _normalised(config: dict) -> dict:
+    """A stored config with today's defaults filled in and values normalised."""
+    from .config import ConfigError, config_from_dict, config_to_dict
+
+    try:
+        return config_to_dict(config_from_dict(config))
+    except ConfigError:  # a config this version cannot validate: compare it as stored
+        return config
+
+
+def check_compatible(state: dict, model_name: str, num_classes: int | None,
+                     config: dict | None = None) -> None:
+    """Refuse to resume ``state`` as a different experiment; one-line :class:`CheckpointError`.
+
+    Always: the same ``model.name`` and (when ``num_classes`` is given) class count. With
+    ``config`` (the new run's :func:`dat.config.config_to_dict`), every key must equal the
+    checkpoint's except those in :data:`RESUME_MAY_CHANGE`:
+
+    - may change: ``train.epochs`` (to extend a run; never below the epochs already
+      completed, which would train nothing and contradict the metrics), where the run
+      lives, where its data lives (``data.root``: data copied to a node's local disk) and
+      which device it uses, bookkeeping (``val_every``, checkpoints, images,
+      callbacks, ``max_bad_steps``), the final test (``test_attacks``,
+      ``data.test_subset``), speed settings (``perf.*``, loader, workers, eval batch),
+      ``data.batch_size`` (as with another number of ranks, the run continues at the
+      nearest whole step) and the learning-rate schedule (``optim.lr``, ``schedule``,
+      ``milestones``, ``gamma``, warm-up, scaling: lowering ``optim.lr`` is the advice
+      after non-finite steps);
+    - must match: the data (``data.name``, ``val_size``, ``split_seed``,
+      ``train_subset``, augmentation), the model (``model.*``), the method and its
+      objective (``method.*``), what the optimiser state keeps (``optim.momentum``,
+      ``weight_decay``, ``nesterov``), weight averaging, ``train.seed`` (data order,
+      validation draws), ``train.steps_per_epoch`` and validation (``val_examples``,
+      ``val_pgd_steps``): changing them would mix two experiments in one history.
+
+    New keys default to "must match". To change a fixed key, start a new run.
+    """
+    saved_config = state.get("config", {})
+    saved = saved_config.get("model", {}).get("name")
     saved_classes = state.get("num_classes")
-    if saved != model_name or saved_classes != num_classes:
+    if saved != model_name or (num_classes is not None and saved_classes != num_classes):
+        builds = model_name if num_classes is None else f"{model_name} with {num_classes}"
         raise CheckpointError(
             f"checkpoint was saved for model {saved} with {saved_classes} classes, but this "
-            f"run builds {model_name} with {num_classes}; use the same model.name and dataset "
-            "or start a new run (no --resume)"
+            f"run builds {builds}; use the same model.name and dataset (resume without that "
+            "override) or start a new run with another train.run_name"
+        )
+    if config is None:
+        return
+    old, new = _flatten(_normalised(saved_config)), _flatten(config)
+    changed = [k for k in {**old, **new} if not _may_change(k) and old.get(k) != new.get(k)]
+    if changed:
+        key = changed[0]
+        more = f"; also {', '.join(changed[1:])}" if len(changed) > 1 else ""
+        raise CheckpointError(
+            f"checkpoint does not match this run's {_group(key)} ({key}: trained with "
+            f"{old.get(key)}, this run sets {new.get(key)}{more}); a resumed run must stay the "
+            "same experiment: resume without that override, or start a new run with another "
+            "train.run_name"
+        )
+    done, epochs = state.get("trainer", {}).get("epoch", 0), new.get("train.epochs")
+    if isinstance(epochs, int) and epochs < done:
+        raise CheckpointError(
+            f"checkpoint has already completed {done} epochs, but this run sets "
+            f"train.epochs={epochs}; a resume cannot shorten a run: resume with "
+            f"train.epochs={done} (re-runs the final test only) or more, or start a new run "
+            "with another train.run_name"
         )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -24,7 +25,8 @@ def _train_parser() -> argparse.ArgumentParser:
         prog="train.py", description="Adversarial training (DAT, PGD-AT, TRADES, MART).",
         epilog="example: python train.py --config quickstart method.name=trades train.epochs=2")
     parser.add_argument("--config", default=None,
-                        help=f"preset name in configs/ or a YAML path (default: {DEFAULT_PRESET})")
+                        help=f"preset name in dat/configs/ or a YAML path "
+                             f"(default: {DEFAULT_PRESET})")
     parser.add_argument("--resume", default=None, metavar="PATH|auto",
                         help="continue a run from its checkpoint ('auto': the run's last.pt)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -54,9 +56,29 @@ def _resume_config(args: argparse.Namespace):
 
 
 def _summary(metrics: dict) -> str:
+    """One line: test accuracies, then training throughput (labelled: not test speed)."""
     tests = ", ".join(f"{k} {v:.2f}%" for k, v in metrics.get("test", {}).items())
     return (f"test ({metrics.get('test_examples', 0)} images, {metrics['evaluated']}): {tests}; "
-            f"{metrics['images_per_second']:.0f} images/s")
+            f"training {metrics['images_per_second']:.1f} images/s")
+
+
+def _interrupted(cfg, argv: list[str] | None) -> str:
+    """The Ctrl-C line: the command that resumes, or, with no checkpoint yet, starts over."""
+    from .checkpoint import older_copies
+
+    if cfg is None or not cfg.train.run_name:  # stopped before the run had a directory
+        return f"interrupted before training started; start over: {_command(argv)}"
+    last = Path(cfg.train.out_dir) / cfg.train.run_name / "checkpoints" / "last.pt"
+    if cfg.train.resume not in ("", "auto"):
+        last = Path(cfg.train.resume)  # _resume_config resolved it
+    if any(p.is_file() for p in (last, *older_copies(last, max(cfg.train.keep_checkpoints, 1)))):
+        return f"interrupted; continue from the last checkpoint: python train.py --resume {last}"
+    return ("interrupted before the first checkpoint (end of epoch 1, or every "
+            f"train.checkpoint_every steps), nothing to resume; start over: {_command(argv)}")
+
+
+def _command(argv: list[str] | None) -> str:
+    return shlex.join(["python", "train.py", *(sys.argv[1:] if argv is None else argv)])
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -77,9 +99,7 @@ def train_main(argv: list[str] | None = None) -> int:
         metrics = Trainer(cfg, progress=not args.no_progress).fit()
         cleanup_distributed()
     except KeyboardInterrupt:
-        where = Path(cfg.train.out_dir) / cfg.train.run_name if cfg and cfg.train.run_name else None
-        hint = f": python train.py --resume {where}/checkpoints/last.pt" if where else ""
-        print(f"\ninterrupted; continue from the last checkpoint{hint}", file=sys.stderr)
+        print(f"\n{_interrupted(cfg, argv)}", file=sys.stderr)
         return 130
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"error{_rank_tag()}: {err}", file=sys.stderr)

@@ -63,14 +63,23 @@ class CheckpointedRun:
         distributed.barrier()
         return path
 
-    def resume(self, path: Path) -> None:
-        """Restore model, optimiser, method, averaging, counters and RNG from ``path``.
+    def load_resumable(self, path: Path) -> tuple[dict, Path]:
+        """Load ``path`` (or its newest good older copy) and refuse a checkpoint of another
+        experiment (:func:`dat.checkpoint.check_compatible`); needs only ``cfg``, so the
+        trainer calls it before loading data."""
+        state, used = ckpt.load_for_resume(path, keep=self.cfg.train.keep_checkpoints,
+                                           warn=self._say_error)
+        ckpt.check_compatible(state, self.cfg.model.name, None, config_to_dict(self.cfg))
+        return state, used
+
+    def resume(self, path: Path, loaded: tuple[dict, Path] | None = None) -> None:
+        """Restore model, optimiser, method, averaging, counters and RNG from ``path``
+        (``loaded``: what :meth:`load_resumable` returned for it).
 
         A checkpoint written with another number of ranks (or batch size) continues at
         the same point of the epoch when that maps to whole steps, else at its start.
         """
-        state, used = ckpt.load_for_resume(path, keep=self.cfg.train.keep_checkpoints,
-                                           warn=self._say_error)
+        state, used = loaded if loaded is not None else self.load_resumable(path)
         ckpt.check_compatible(state, self.cfg.model.name, self.splits.num_classes)
         ckpt.load_model_state(self.model, state["model"], str(used))
         try:
@@ -95,6 +104,10 @@ class CheckpointedRun:
         if self.dist.is_main:
             print(f"resumed from {used} at epoch {self.state.epoch}, "
                   f"step {self.state.step_in_epoch} of the epoch")
+            if self.state.epoch >= self.cfg.train.epochs:
+                print(f"note: the run already completed all {self.state.epoch} epochs; "
+                      "nothing to train, re-running the final test (to train longer, "
+                      f"resume with train.epochs={self.state.epoch + 1} or more)")
 
     def _restore_rng(self, state: dict[str, Any]) -> None:
         """Each rank's own RNG state when the number of ranks is unchanged; otherwise rank

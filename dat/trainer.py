@@ -14,11 +14,14 @@ final test evaluation happen on rank 0 only (the other ranks return ``{}`` at th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -60,11 +63,21 @@ from .guard import (
 from .models import export_main_branch, has_dual_bn
 from .run_state import CheckpointedRun, TrainState
 
-__all__ = ["TrainState", "Trainer", "TrainingError", "train"]
+__all__ = ["EpochIndex", "TrainState", "Trainer", "TrainingError", "train"]
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps); the message says why."""
+
+
+class EpochIndex(int):
+    """The ``epoch_end`` payload: the 0-based epoch index (the documented contract, kept
+    for existing callbacks), with ``number``, the 1-based epoch as printed and as in
+    ``metrics.json`` (``epochs``, ``best_epoch``, ``val_history``)."""
+
+    @property
+    def number(self) -> int:
+        return int(self) + 1
 
 
 class Trainer(CheckpointedRun):
@@ -84,6 +97,8 @@ class Trainer(CheckpointedRun):
         self._warned: set[str] = set()  # generator warnings already shown
         self.global_batch = cfg.data.batch_size * self.dist.world_size
         check_test_attacks(cfg.train.test_attacks)
+        resume = self._resume_path()  # checked before the data loads: a refusal costs nothing
+        loaded = self.load_resumable(resume) if resume is not None else None
         seed_everything(cfg.train.seed)  # the same on every rank: identical initial weights
         self.splits = splits if splits is not None else load_dataset(cfg.data)
         check_labels(self.splits)
@@ -115,13 +130,12 @@ class Trainer(CheckpointedRun):
                                           TensorBoardCallback()]
         for cb in [*map(load_callback, t.callbacks), *callbacks]:
             self.add_callback(cb)
-        resume = self._resume_path()
         # after every check that could fail; rank 0 creates it, the others learn its name
         self.run_dir, cfg.train.run_name = distributed.run_on_main(
             lambda: (prepare_run_dir(cfg, resume), cfg.train.run_name))
         self._synced_at = -1  # global step of the last BN-statistics sync
         if resume is not None:
-            self.resume(resume)
+            self.resume(resume, loaded)
 
     # -- public helpers -------------------------------------------------------------
     def add_callback(self, callback: Callback | Callable[[Any, str, Any], None]) -> None:
@@ -165,19 +179,57 @@ class Trainer(CheckpointedRun):
         self._bar = tqdm(total=total, initial=first, disable=not self.progress,
                          dynamic_ncols=True, desc=self.run_dir.name)
         self._reset_log()
+        try:
+            with self._deferred_interrupt():
+                self._train_epochs()
+        finally:  # also on Ctrl-C or an error: no bar redrawn below the message
+            self._bar.close()
+        self.state.wall_seconds += time.perf_counter() - t0
+        return self._finish()
+
+    def _train_epochs(self) -> None:
         for epoch in range(self.state.epoch, self.cfg.train.epochs):
             self.method.on_epoch_start(epoch)
             for batch in self._batches(epoch):
+                self._in_step = True  # Ctrl-C from here waits for the step's end
                 self._set_lr(epoch, self.state.step_in_epoch)
                 self._emit("on_step_start")
                 stats = self._train_step(batch)
                 self._emit("on_step_end", stats)
                 if self.state.global_step % self.cfg.perf.log_every == 0:
                     self._log()
+                self._in_step = False
+                if self._interrupted:
+                    self._stop_interrupted()
             self._end_epoch(epoch)
-        self._bar.close()
-        self.state.wall_seconds += time.perf_counter() - t0
-        return self._finish()
+
+    @contextlib.contextmanager
+    def _deferred_interrupt(self) -> Iterator[None]:
+        """A Ctrl-C during a step finishes it and saves ``last.pt`` (an exact resume point,
+        like ``train.checkpoint_every``'s); a second one, or one outside a step, stops at
+        once. Main thread of a single process only: under torchrun ranks would disagree."""
+        self._in_step = self._interrupted = False
+        if (self.dist.enabled or threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+            yield  # torchrun, a thread, or someone else's handler (or SIG_IGN): theirs
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if not self._in_step or self._interrupted:
+                raise KeyboardInterrupt
+            self._interrupted = True
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _stop_interrupted(self) -> None:
+        every = self.cfg.train.checkpoint_every
+        if not (every and self.state.global_step % every == 0):  # not just saved
+            self.save_last()
+        raise KeyboardInterrupt
 
     def _batches(self, epoch: int) -> Iterator[Batch]:
         """This epoch's batches; after a resume, consumed ones are regenerated and skipped
@@ -277,7 +329,7 @@ class Trainer(CheckpointedRun):
         self.sync_buffers()  # before SWA reads them and validation uses them
         if self.averager is not None:
             self.averager.update_epoch(self.model, epoch)
-        self._emit("on_epoch_end", epoch)
+        self._emit("on_epoch_end", EpochIndex(epoch))
         self._reset_log()
 
     def _emit(self, event: str, *args: Any) -> None:

@@ -1,0 +1,206 @@
+"""Resume safety: a resume continues the same experiment or refuses in one line; Ctrl-C
+leaves a resumable run (or says how to start over); summary and callback numbering."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dat.checkpoint import load_checkpoint
+from dat.cli import _summary, train_main
+from dat.config import load_config
+from dat.trainer import Trainer
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = [
+    "data.name=cifar10-sample", "model.name=resnet_tiny", "data.batch_size=16",
+    "data.eval_batch_size=64", "data.test_subset=20", "train.epochs=2",
+    "train.steps_per_epoch=2", "train.val_examples=20", "train.val_pgd_steps=2",
+    "train.test_attacks=[clean]", "train.image_every=0", "perf.log_every=1",
+    "method.attack.steps=1",
+]
+
+SIGINT_CALLBACK = '''
+import os, signal
+
+def ctrl_c(trainer, event, payload):
+    """Ctrl-C in the middle of step 1, as a user at the keyboard would."""
+    if event == "step_end" and trainer.state.global_step == 1:
+        os.kill(os.getpid(), signal.SIGINT)
+'''
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, list]:
+    """A finished 2-epoch DAT run ``demo`` and the ``epoch_end`` payloads it emitted."""
+    out = tmp_path_factory.mktemp("runs")
+    payloads: list = []
+    cfg = load_config(None, [*TINY, "method.name=dat", f"train.out_dir={out}",
+                             "train.run_name=demo"])
+    trainer = Trainer(cfg, progress=False, callbacks=(
+        lambda tr, event, payload: payloads.append(payload) if event == "epoch_end" else None,))
+    trainer.fit()
+    return out, payloads
+
+
+def _copy(finished: tuple[Path, list], tmp_path: Path) -> Path:
+    shutil.copytree(finished[0] / "demo", tmp_path / "demo")
+    return tmp_path
+
+
+def _error(capsys, argv: list[str]) -> str:
+    code = train_main(["--no-progress", *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def _resume(out: Path, *overrides: str) -> list[str]:
+    return ["--resume", "auto", f"train.out_dir={out}", "train.run_name=demo", *overrides]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["data.name=cifar10", "data.root=/nowhere/cifar10-jpg", "train.epochs=3"],
+     "does not match this run's data (data.name: trained with cifar10-sample, this run sets "
+     "cifar10)"),
+    (["data.split_seed=1"], "data.split_seed: trained with 0, this run sets 1"),
+    (["method.beta=3"], "method, optimiser or weight averaging (method.beta"),
+    (["method.attack.eps=4/255"], "(method.attack.eps"),
+    (["train.val_examples=10"], "training or validation settings (train.val_examples"),
+    (["optim.momentum=0.5"], "(optim.momentum"),
+])
+def test_resume_refuses_another_experiment(capsys, finished, overrides, expected) -> None:
+    out = finished[0]
+    before = (out / "demo" / "metrics.json").read_text()
+    err = _error(capsys, _resume(out, *overrides))
+    assert expected in err
+    assert "resume without that override, or start a new run with another train.run_name" in err
+    assert (out / "demo" / "metrics.json").read_text() == before  # nothing rewritten
+    assert "cifar10-sample" in (out / "demo" / "config.yaml").read_text()
+
+
+def test_resume_dat_as_trades_reports_the_method_change(capsys, finished) -> None:
+    err = _error(capsys, _resume(finished[0], "method.name=trades"))
+    assert "method.name: trained with dat, this run sets trades" in err
+    assert "architecture" not in err
+
+
+def test_resume_may_extend_epochs_and_change_speed_settings(capsys, finished, tmp_path) -> None:
+    out = _copy(finished, tmp_path)
+    assert train_main(["--no-progress", *_resume(out, "train.epochs=3", "perf.log_every=2",
+                                                 "data.eval_batch_size=32")]) == 0
+    metrics = json.loads((out / "demo" / "metrics.json").read_text())
+    assert metrics["epochs"] == 3 and load_config(str(out / "demo/config.yaml")).train.epochs == 3
+    assert [h["epoch"] for h in metrics["val_history"]] == [1, 2, 3]
+
+
+def test_resume_with_fewer_epochs_is_refused(capsys, finished) -> None:
+    out = finished[0]
+    err = _error(capsys, _resume(out, "train.epochs=1"))
+    assert "already completed 2 epochs, but this run sets train.epochs=1" in err
+    assert "resume with train.epochs=2" in err
+    assert load_config(str(out / "demo" / "config.yaml")).train.epochs == 2  # not rewritten
+
+
+def test_resume_of_a_finished_run_says_nothing_is_left_to_train(
+        capsys, finished, tmp_path) -> None:
+    out = _copy(finished, tmp_path)
+    assert train_main(["--no-progress", *_resume(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "already completed all 2 epochs; nothing to train, re-running the final test" in printed
+    assert json.loads((out / "demo" / "metrics.json").read_text())["epochs"] == 2
+
+
+def _tiny_cfg(out: Path, *extra: str):
+    return load_config(None, [*TINY, "method.name=trades", f"train.out_dir={out}", *extra])
+
+
+def _state_equal(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_state_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_state_equal(x, y) for x, y in zip(a, b, strict=True))
+    return torch.equal(a, b) if torch.is_tensor(a) else a == b
+
+
+def test_ctrl_c_mid_step_saves_an_exact_resume_point(tmp_path) -> None:
+    Trainer(_tiny_cfg(tmp_path, "train.run_name=straight"), progress=False).fit()
+
+    def ctrl_c(tr, event, payload) -> None:
+        if event == "step_end" and tr.state.global_step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    trainer = Trainer(_tiny_cfg(tmp_path, "train.run_name=cut"), progress=False,
+                      callbacks=(ctrl_c,))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    mid = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
+    assert (mid["trainer"]["global_step"], mid["trainer"]["step_in_epoch"]) == (1, 1)
+    Trainer(_tiny_cfg(tmp_path, "train.run_name=cut", "train.resume=auto"),
+            progress=False).fit()
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
+    for key in ("model", "optimizer", "method"):
+        assert _state_equal(a[key], b[key]), key
+    assert a["trainer"]["history"] == b["trainer"]["history"]
+
+
+def test_ctrl_c_before_any_checkpoint_prints_a_start_over_command(
+        capsys, monkeypatch, tmp_path) -> None:
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    argv = ["--no-progress", *TINY, "method.name=pgd_at", "train.epochs=1",
+            f"train.out_dir={tmp_path}", "train.run_name=early"]
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "fit", interrupted)
+        assert train_main(argv) == 130
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--resume" not in err and "nothing to resume" in err
+    command = shlex.split(err.split("start over: ", 1)[1])
+    assert command[:2] == ["python", "train.py"]
+    assert train_main(command[2:]) == 0  # the printed command works
+
+
+def test_ctrl_c_closes_the_bar_and_prints_a_working_resume_command(tmp_path) -> None:
+    (tmp_path / "sigint_cb.py").write_text(SIGINT_CALLBACK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    args = [*TINY, "method.name=pgd_at", "train.out_dir=runs", "train.run_name=bar",
+            "train.callbacks=[sigint_cb:ctrl_c]"]
+    cut = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert cut.returncode == 130, cut.stderr[-2000:]
+    pieces = [p.strip() for p in cut.stderr.replace("\r", "\n").split("\n") if p.strip()]
+    assert pieces[-1].startswith("interrupted; continue from the last checkpoint: ")
+    command = shlex.split(pieces[-1].split(": ", 1)[1])
+    resumed = subprocess.run([sys.executable, str(REPO / "train.py"), "--no-progress",
+                              *command[2:], "train.callbacks=[]"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "at epoch 0, step 1 of the epoch" in resumed.stdout
+
+
+def test_summary_labels_the_throughput_as_training() -> None:
+    line = _summary({"test": {"clean": 28.4, "pgd20": 18.2}, "test_examples": 500,
+                     "evaluated": "best.pt (epoch 4)", "images_per_second": 93.24})
+    assert line == ("test (500 images, best.pt (epoch 4)): clean 28.40%, pgd20 18.20%; "
+                    "training 93.2 images/s")
+
+
+def test_epoch_end_payload_has_the_1_based_epoch_number(finished) -> None:
+    out, payloads = finished
+    assert payloads == [0, 1]  # the documented 0-based index, unchanged for old callbacks
+    history = json.loads((out / "demo" / "metrics.json").read_text())["val_history"]
+    assert [p.number for p in payloads] == [h["epoch"] for h in history] == [1, 2]
