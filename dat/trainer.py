@@ -374,20 +374,17 @@ class Trainer(CheckpointedRun):
         return model, f"best.pt (epoch {self.state.best_epoch})"
 
     def _finish(self) -> dict[str, Any]:
-        from safetensors.torch import save_file
-
         from .evaluation import evaluate
+        from .export import export_model
 
         if not self.dist.is_main:  # rank 0 exports and tests; nothing here waits for it
             self._emit("on_train_end", {})
             return {}
         model, which = self._best_model()
         plain = export_main_branch(model) if has_dual_bn(model) else model
-        tensors = {k: v.detach().cpu().clone().contiguous()
-                   for k, v in plain.state_dict().items()}
-        save_file(tensors, str(self.run_dir / "model.safetensors"),
-                  metadata={"model": self.cfg.model.name,
-                            "num_classes": str(self.splits.num_classes)})
+        export_model(plain, self.run_dir / "model.safetensors",  # file mode as the umask says
+                     metadata={"model": self.cfg.model.name,
+                               "num_classes": str(self.splits.num_classes)})
         x, y = self.splits.test.tensors()
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             report = evaluate(plain.eval(), (x, y), attacks=list(self.cfg.train.test_attacks),

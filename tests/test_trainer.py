@@ -64,6 +64,10 @@ def test_a_tiny_run_writes_every_artefact(tiny_run) -> None:
                  "checkpoints/best.pt"):
         assert (run / name).is_file(), name
     assert list((run / "tb").glob("events.out.tfevents.*"))
+    umask = os.umask(0)
+    os.umask(umask)
+    # readable like the other run files (safetensors' save_file would write 0600)
+    assert (run / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
     assert load_config(str(run / "config.yaml")) == trainer.cfg
     saved = json.loads((run / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
