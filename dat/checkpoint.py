@@ -94,6 +94,16 @@ def save_checkpoint(state: dict[str, Any], path: Path | str, keep: int = 0) -> P
     return path
 
 
+def unsafe_pickle(err: pickle.UnpicklingError) -> bool:
+    """Whether ``weights_only`` refused a class or function (code could run), not bad bytes."""
+    return "unsupported global" in str(err).lower()
+
+
+def unsafe_pickle_message(path: Path | str) -> str:
+    return (f"{path} holds objects other than tensors and primitives (a pickle that could run "
+            "code); refusing to load it. Only load checkpoints you trust")
+
+
 def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint safely (``weights_only=True``); one-line :class:`CheckpointError`."""
     path = Path(path)
@@ -102,11 +112,8 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        if "unsupported global" in str(err).lower():  # a class or function: code could run
-            raise CheckpointError(
-                f"{path} holds objects other than tensors and primitives (a pickle that "
-                "could run code); refusing to load it. Only load checkpoints you trust"
-            ) from None
+        if unsafe_pickle(err):
+            raise CheckpointError(unsafe_pickle_message(path)) from None
         raise CheckpointError(f"{path} is corrupt or truncated (unreadable pickle data); "
                               "use an older copy (e.g. last.1.pt) or start a new run") from None
     except Exception as err:  # truncated zip, empty file, wrong format: all mean "corrupt"

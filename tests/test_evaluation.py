@@ -337,3 +337,23 @@ def test_a_forward_without_input_gradient_gets_a_verdict_not_a_traceback(trained
         evaluate(model, (x[:40], y[:40]), attacks=["clean", "fgsm"], progress=False)
     report = evaluate(model, (x[:40], y[:40]), attacks=["clean"], progress=False)
     assert report["checks"]["zero_gradients"]["status"] == "fail"
+
+
+@pytest.mark.parametrize("setup, read", [
+    ("", "torch.backends.cudnn.allow_tf32"),
+    ("torch.backends.cuda.matmul.fp32_precision = 'tf32'",  # legacy reads now raise
+     "torch.backends.cuda.matmul.fp32_precision"),
+])
+def test_the_fold_check_turns_tf32_off_and_back_through_the_users_api(setup, read):
+    """Reading torch's legacy TF32 flags after the per-operation API was set raises: the
+    fold check must use whichever API the user set, and restore it."""
+    import subprocess
+    import sys
+
+    code = (f"import torch\n{setup}\nfrom dat.evaluation.runner import _exact_matmuls\n"
+            f"before = {read}\nwith _exact_matmuls(torch.device('cuda')):\n"
+            f"    inside = {read}\nprint(before, inside, {read})")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-500:]
+    before, inside, after = out.stdout.split()
+    assert inside in ("False", "ieee") and after == before != inside

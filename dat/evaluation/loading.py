@@ -45,23 +45,19 @@ class LoadedCheckpoint:
 def _torch_load(path: Path) -> object:
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; pass the path of a .pt/.safetensors file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass  # a refused class (code could run) or a corrupt pickle: worded as the trainer does
-    except Exception as err:  # truncated zip, not a torch file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"cannot load {path} with torch.load(weights_only=True): {first[:200]}; save a "
-            "plain dict of tensors (model.state_dict()) instead of a pickled object") from None
-    from ..checkpoint import CheckpointError as TrainingCheckpointError
-    from ..checkpoint import load_checkpoint as load_training_checkpoint
+    from ..checkpoint import unsafe_pickle, unsafe_pickle_message
 
     try:
-        load_training_checkpoint(path)
-    except TrainingCheckpointError as err:
-        raise CheckpointError(str(err)) from None
-    raise CheckpointError(f"cannot load {path} with torch.load(weights_only=True)")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if unsafe_pickle(err):  # worded as the trainer does
+            raise CheckpointError(unsafe_pickle_message(path)) from None
+        first = "unreadable pickle data"
+    except Exception as err:  # truncated zip, not a torch file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    raise CheckpointError(
+        f"cannot load {path} with torch.load(weights_only=True): {first[:200]}; save a plain "
+        "dict of tensors (model.state_dict()) instead of a pickled object, or check the file")
 
 
 def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:

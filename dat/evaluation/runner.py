@@ -134,14 +134,29 @@ def _has_hooks(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def _exact_matmuls() -> Iterator[None]:
-    """TF32 off inside (its 1e-3 rounding would hide a fold that is slightly wrong)."""
-    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+def _exact_matmuls(device: torch.device) -> Iterator[None]:
+    """TF32 off inside, on CUDA (its 1e-3 rounding would hide a slightly wrong fold), through
+    whichever of torch's two TF32 APIs the user set (reading one after the other raises)."""
+    if device.type != "cuda":
+        yield
+        return
+    try:  # the legacy flags
+        flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+
+        def restore() -> None:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    except RuntimeError:  # the user set the per-operation fp32_precision API
+        matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+        flags = matmul.fp32_precision, conv.fp32_precision
+        matmul.fp32_precision = conv.fp32_precision = "ieee"
+
+        def restore() -> None:
+            matmul.fp32_precision, conv.fp32_precision = flags
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+        restore()
 
 
 def _fold(model: nn.Module, enabled: bool, x: Tensor, hooked: bool) -> tuple[nn.Module, dict]:
@@ -165,7 +180,7 @@ def _fold(model: nn.Module, enabled: bool, x: Tensor, hooked: bool) -> tuple[nn.
                                             f"{str(err)[:100]}); evaluated unfolded"}
     if n == 0:
         return model, {"folded": 0, "note": "no convolution -> BatchNorm pair to fold"}
-    with _exact_matmuls():
+    with _exact_matmuls(x.device):
         gap = max_logit_gap(model, folded, x)
     if not gap <= FOLD_TOLERANCE:  # also catches NaN
         return model, {"folded": 0, "note": f"folded logits differ by {gap:.1e} (relative); "
