@@ -56,14 +56,9 @@ def collect_examples(data, n_examples: int | None = None) -> tuple[Tensor, Tenso
     order (test sets are often sorted by class: the first N could be one class); of a
     loader, the first N it yields (shuffle it, or pass a tuple).
     """
-    if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
-        xs, ys = [data[0]], [data[1]]
-        if n_examples and n_examples < len(data[0]) and torch.is_tensor(data[1]) \
-                and data[1].dim() == 1 and not data[1].is_floating_point():
-            from ..data import stratified_split
-
-            _, chosen = stratified_split(data[1].cpu(), n_examples, seed=0)
-            xs, ys = [data[0][chosen.to(data[0].device)]], [data[1].cpu()[chosen]]
+    in_memory = isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0])
+    if in_memory:
+        xs, ys = [data[0]], [torch.as_tensor(data[1])]
     else:
         xs, ys, total = [], [], 0
         for batch in data:
@@ -76,10 +71,24 @@ def collect_examples(data, n_examples: int | None = None) -> tuple[Tensor, Tenso
     if not xs or sum(len(t) for t in xs) == 0:
         raise EvaluationError("data holds no examples; pass a non-empty loader or (x, y)")
     x, y = torch.cat([t.detach().cpu() for t in xs]), torch.cat([t.cpu() for t in ys])
-    if n_examples:
-        x, y = x[:n_examples], y[:n_examples]
     _validate_examples(x, y)
+    if n_examples and n_examples < len(x):
+        keep = _stratified(y, n_examples) if in_memory else slice(0, n_examples)
+        x, y = x[keep], y[keep]
     return x.float().contiguous(), y.long()
+
+
+def _stratified(y: Tensor, n: int) -> Tensor:
+    """Sorted indices of ``n`` examples balanced across classes (topped up in order when
+    some class has too few)."""
+    from ..data import stratified_split
+
+    chosen = stratified_split(y, n, seed=0)[1]
+    if len(chosen) < n:
+        rest = torch.ones(len(y), dtype=torch.bool)
+        rest[chosen] = False
+        chosen = torch.cat([chosen, rest.nonzero().flatten()[: n - len(chosen)]]).sort().values
+    return chosen
 
 
 def _validate_examples(x: Tensor, y: Tensor) -> None:
