@@ -202,8 +202,18 @@ def _normalised(config: dict) -> dict:
 
     try:
         return config_to_dict(config_from_dict(config))
-    except ConfigError:  # a config this version cannot validate: compare it as stored
-        return config
+    except ConfigError:  # one this version cannot validate: as stored, new keys at default
+        from .config import Config
+
+        return _deep_merge(config_to_dict(Config()), config)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _deep_merge(out[key], value) if both else value
+    return out
 
 
 def check_compatible(state: dict, model_name: str, num_classes: int | None,
@@ -256,12 +266,14 @@ def check_compatible(state: dict, model_name: str, num_classes: int | None,
             "same experiment: resume without that override, or start a new run with another "
             "train.run_name"
         )
-    done, epochs = state.get("trainer", {}).get("epoch", 0), new.get("train.epochs")
-    if isinstance(epochs, int) and epochs < done:
+    trainer = state.get("trainer", {})
+    done, epochs = trainer.get("epoch", 0), new.get("train.epochs")
+    started = done + (trainer.get("step_in_epoch", 0) > 0)  # a mid-epoch save: one more
+    if isinstance(epochs, int) and epochs < started:
         raise CheckpointError(
-            f"checkpoint has already completed {done} epochs, but this run sets "
-            f"train.epochs={epochs}; a resume cannot shorten a run: resume with "
-            f"train.epochs={done} (re-runs the final test only) or more, or start a new run "
+            f"checkpoint has already {'started' if started > done else 'completed'} "
+            f"{started} epochs, but this run sets train.epochs={epochs}; a resume cannot "
+            f"shorten a run: resume with train.epochs={started} or more, or start a new run "
             "with another train.run_name"
         )
 

@@ -171,7 +171,7 @@ class Trainer(CheckpointedRun):
     # -- the loop -------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train for ``train.epochs`` epochs (from where a resume left off); metrics."""
-        t0, first = time.perf_counter(), self.state.global_step
+        self._fit_t0, first = time.perf_counter(), self.state.global_step
         if self.dist.is_main:
             (self.run_dir / "config.yaml").write_text(config_to_yaml(self.cfg))
         self._emit("on_train_start")
@@ -184,7 +184,7 @@ class Trainer(CheckpointedRun):
                 self._train_epochs()
         finally:  # also on Ctrl-C or an error: no bar redrawn below the message
             self._bar.close()
-        self.state.wall_seconds += time.perf_counter() - t0
+        self.state.wall_seconds += time.perf_counter() - self._fit_t0
         return self._finish()
 
     def _train_epochs(self) -> None:
@@ -226,9 +226,10 @@ class Trainer(CheckpointedRun):
             signal.signal(signal.SIGINT, previous)
 
     def _stop_interrupted(self) -> None:
-        every = self.cfg.train.checkpoint_every
-        if not (every and self.state.global_step % every == 0):  # not just saved
-            self.save_last()
+        if self._sum_keys:  # the timing and stats since the last log go into the checkpoint
+            self._log()
+        self.state.wall_seconds += time.perf_counter() - self._fit_t0  # fit() ends here
+        self.save_last()  # again if train.checkpoint_every just saved: now with the time
         raise KeyboardInterrupt
 
     def _batches(self, epoch: int) -> Iterator[Batch]:

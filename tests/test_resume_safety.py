@@ -147,6 +147,8 @@ def test_ctrl_c_mid_step_saves_an_exact_resume_point(tmp_path) -> None:
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
     mid = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
     assert (mid["trainer"]["global_step"], mid["trainer"]["step_in_epoch"]) == (1, 1)
+    # the interrupted session's time is kept, so images/s after the resume stays honest
+    assert mid["trainer"]["wall_seconds"] > 0 and mid["trainer"]["step_seconds"] > 0
     Trainer(_tiny_cfg(tmp_path, "train.run_name=cut", "train.resume=auto"),
             progress=False).fit()
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
@@ -204,3 +206,28 @@ def test_epoch_end_payload_has_the_1_based_epoch_number(finished) -> None:
     assert payloads == [0, 1]  # the documented 0-based index, unchanged for old callbacks
     history = json.loads((out / "demo" / "metrics.json").read_text())["val_history"]
     assert [p.number for p in payloads] == [h["epoch"] for h in history] == [1, 2]
+
+
+def test_a_mid_epoch_checkpoint_cannot_be_cut_to_its_completed_epochs() -> None:
+    """Epoch 1 done and 3 steps into epoch 2: train.epochs=1 would drop those steps."""
+    from dat.checkpoint import CheckpointError, check_compatible
+    from dat.config import config_to_dict
+
+    cfg = config_to_dict(load_config(None, ["train.epochs=1"]))
+    state = {"config": config_to_dict(load_config(None, ["train.epochs=3"])),
+             "trainer": {"epoch": 1, "step_in_epoch": 3}}
+    with pytest.raises(CheckpointError, match="already started 2 epochs"):
+        check_compatible(state, cfg["model"]["name"], None, cfg)
+
+
+def test_a_stored_config_this_version_cannot_validate_compares_new_keys_at_default() -> None:
+    """An old checkpoint lacking today's keys (and holding a value no longer valid in a key
+    that may change) is compared with the defaults filled in, not refused for every new key."""
+    from dat.checkpoint import check_compatible
+    from dat.config import config_to_dict
+
+    cfg = config_to_dict(load_config(None, []))
+    old = config_to_dict(load_config(None, []))
+    del old["method"]["generator_update"], old["train"]["ema_warmup"]  # added later
+    old["perf"]["precision"] = "fp16"  # no longer valid: the stored config does not validate
+    check_compatible({"config": old, "trainer": {"epoch": 0}}, cfg["model"]["name"], None, cfg)
