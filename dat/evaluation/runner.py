@@ -369,7 +369,9 @@ def evaluate(
     ``heatmap``: the Fourier heat map. Returns the report; ``report["results"][name]`` is
     accuracy in percent. Dual-BN models are evaluated on their main branch, in eval mode.
     ``channels_last``: feed the model channels_last images (None: on for CPU, where it is
-    measured faster; off elsewhere). Attacks always run on NCHW tensors.
+    measured faster, except for models whose channels_last CPU backward crashes torch,
+    :func:`dat.build.cpu_channels_last_crashes`; off elsewhere). Attacks always run on NCHW
+    tensors.
     ``fold_bn``: attack a copy with each eval-mode BN folded into the convolution before
     it (:func:`dat.models.folding.fold_batchnorm`; None: on for CPU, where it is measured
     faster). The copy must match the model's logits on the first examples, else the model
