@@ -16,7 +16,7 @@ import random
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -79,19 +79,32 @@ def _keep_previous(path: Path, keep: int) -> None:
         os.replace(link, copies[0])
 
 
-def save_checkpoint(state: dict[str, Any], path: Path | str, keep: int = 0) -> Path:
-    """Atomically write ``state`` to ``path``; keep ``keep`` previous versions."""
+def atomic_write(path: Path | str, write: Callable[[BinaryIO], None],
+                 before_replace: Callable[[], None] | None = None) -> Path:
+    """Write ``path`` through ``write(file)`` under a temporary name, fsync, then rename:
+    a crash or an error leaves the old file (or none), never half of one. The mode follows
+    the umask, like any file ``open`` creates."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    _keep_previous(path, keep)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
     return path
+
+
+def save_checkpoint(state: dict[str, Any], path: Path | str, keep: int = 0) -> Path:
+    """Atomically write ``state`` to ``path``; keep ``keep`` previous versions."""
+    return atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f),
+                        before_replace=lambda: _keep_previous(Path(path), keep))
 
 
 def unsafe_pickle(err: pickle.UnpicklingError) -> bool:

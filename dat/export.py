@@ -53,23 +53,20 @@ def export_model(model: nn.Module, path: str | Path, format: str = "safetensors"
     The file is written under a temporary name and renamed, so a failed write leaves
     nothing at ``path``; its mode follows the umask (0644 under 022), like other run files.
     """
-    check_suffix(path, format)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = export_state_dict(model)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    try:
-        with open(tmp, "wb") as f:  # open() respects the umask; safetensors' save_file: 0600
-            if format == "safetensors":
-                from safetensors.torch import save
+    from .checkpoint import atomic_write
 
-                f.write(save(state, metadata={k: str(v) for k, v in (metadata or {}).items()}))
-            else:
-                torch.save(state, f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    check_suffix(path, format)
+    state = export_state_dict(model)
+
+    def write(f) -> None:  # through open(), so the umask applies (save_file writes 0600)
+        if format == "safetensors":
+            from safetensors.torch import save
+
+            f.write(save(state, metadata={k: str(v) for k, v in (metadata or {}).items()}))
+        else:
+            torch.save(state, f)
+
+    return atomic_write(path, write)
 
 
 def load_exported(path: str | Path, name: str, num_classes: int) -> nn.Module:
