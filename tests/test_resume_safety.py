@@ -231,3 +231,18 @@ def test_a_stored_config_this_version_cannot_validate_compares_new_keys_at_defau
     del old["method"]["generator_update"], old["train"]["ema_warmup"]  # added later
     old["perf"]["precision"] = "fp16"  # no longer valid: the stored config does not validate
     check_compatible({"config": old, "trainer": {"epoch": 0}}, cfg["model"]["name"], None, cfg)
+
+
+def test_a_second_ctrl_c_in_a_step_stops_at_once_without_saving(tmp_path) -> None:
+    def ctrl_c_twice(tr, event, payload) -> None:
+        if event == "step_start" and tr.state.global_step == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # deferred to the end of the step
+            os.kill(os.getpid(), signal.SIGINT)  # the user insists: stop now
+
+    trainer = Trainer(_tiny_cfg(tmp_path, "train.run_name=twice"), progress=False,
+                      callbacks=(ctrl_c_twice,))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert trainer.state.global_step == 1  # the second step never finished
+    assert not (tmp_path / "twice" / "checkpoints" / "last.pt").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
