@@ -168,9 +168,12 @@ def test_bf16_probability_outputs_fail_too(small) -> None:
     assert _status(report, "logits") == "fail"
 
 
-@pytest.mark.parametrize("pgd20, cw, status", [(50.0, 49.0, "pass"), (50.0, 46.5, "warn")])
-def test_pgd_far_above_cw_warns(pgd20, cw, status) -> None:
-    assert C.check_pgd_cw_gap({"pgd20": pgd20, "cw": cw}).status == status
+@pytest.mark.parametrize("pgd20, cw, n, status", [
+    (50.0, 49.0, 1000, "pass"), (50.0, 46.5, 1000, "warn"),
+    (12.5, 0.0, 16, "pass"),  # two examples of 16: noise
+    (37.5, 0.0, 16, "warn")])
+def test_pgd_far_above_cw_warns(pgd20, cw, n, status) -> None:
+    assert C.check_pgd_cw_gap({"pgd20": pgd20, "cw": cw}, n).status == status
 
 
 def test_eps_zero_large_eps_and_monotone_checks() -> None:

@@ -338,7 +338,7 @@ def _sanity_checks(run: _Run, results: dict, sweep: dict | None, aa_messages,
     else:
         found.append(C.Check("sweep_monotone", "skip", "no eps sweep was run (sweep=True)"))
     found += [C.check_aa_gap(results, len(run.y)),
-              C.check_pgd_cw_gap(results), C.check_autoattack_warnings(aa_messages)]
+              C.check_pgd_cw_gap(results, len(run.y)), C.check_autoattack_warnings(aa_messages)]
     return found
 
 
