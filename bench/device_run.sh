@@ -4,7 +4,8 @@
 # made here by `bash bench/prepare_device.sh`.
 # Everything lands in /tmp/res and is packed into $OUT/results.tgz after each stage, so a
 # timeout still returns what finished (the device tool returns at most 8 files).
-# STAGES picks stages (default "1 2 3 4"), so the checks can be split over two calls;
+# STAGES picks stages (default "1 2 3 4"; 5 runs only when named), so the checks can be
+# split over calls;
 # BATCHES (default "128 512") picks stage 1's batch sizes.
 # SMOKE=1 runs every stage on the CPU with tiny models and sizes (a few minutes), to check
 # the script itself before it spends GPU time: SMOKE=1 OUT=/tmp/smoke bash bench/device_run.sh
@@ -24,12 +25,16 @@ if [[ "$SMOKE" == 1 ]]; then
   EV="--n-examples 20 --attacks clean,pgd20,cw,aa"
   CA="--device cpu --model resnet_tiny --batch-size 8"
   FB="--device cpu --model resnet_tiny --examples 8 --batch-size 8 --reps 1"
+  RB="model.name=resnet_tiny train.steps_per_epoch=2 train.val_examples=32 data.test_subset=64 data.batch_size=32"
+  AAN=16
   COMPILE=${COMPILE-} COMPILE_ATTACKS=${COMPILE_ATTACKS-}
 else
   DEV=cuda DATA=.devdata/cifar10_25k.npz TP="" GC="" TR="model.name=resnet18 train.val_examples=500 data.test_subset=2000"
   EV="--n-examples 1000 --attacks clean,pgd20,cw,aa"
   CA="--device cuda --model resnet18 --batch-size 128"
   FB="--device cuda --model resnet18 --examples 5000 --batch-size 500 --reps 3"
+  RB="model.name=resnet18 train.val_examples=500 data.test_subset=1000 data.batch_size=512"
+  AAN=1000
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$R/gpu.txt"
 fi
 python -c "import torch; print(torch.__version__)" | tee -a "$R/gpu.txt"
@@ -76,4 +81,21 @@ for prec in fp32 bf16; do
 python bench/fold_bn.py $FB --precision $prec 2>&1 | tee -a "$R/fold_bn.txt"
 done
 pack fold_bn
+fi
+# 5. (only when named) the AutoAttack target on a robust model: PGD-AT ResNet-18 for
+#    AA_EPOCHS epochs on the carried 25k images (batch 512, cosine lr 0.2), then
+#    evaluate.py with AutoAttack (standard, fp32) on 1,000 test images, timed in its report
+if want 5; then
+[[ -d /tmp/c10 ]] || python bench/unpack_npz.py $DATA /tmp/c10 >/dev/null
+rm -rf /tmp/runs/robust
+python train.py --config pgd_at_cifar10_resnet18 data.name=imagefolder data.root=/tmp/c10 \
+  train.epochs=${AA_EPOCHS:-8} optim.schedule=cosine optim.lr=0.2 train.val_pgd_steps=10 \
+  "train.test_attacks=[clean,pgd20]" train.image_every=0 train.out_dir=/tmp/runs \
+  train.run_name=robust $RB 2>&1 | tr '\r' '\n' | grep -v '%|' | tee "$R/train_robust.txt"
+cp /tmp/runs/robust/metrics.json "$R/train_robust_metrics.json" 2>/dev/null
+pack train_robust
+python evaluate.py --checkpoint /tmp/runs/robust/checkpoints/best.pt \
+  --attacks clean,pgd20,cw,aa --n-examples $AAN --out "$R/eval_robust" --no-progress 2>&1 \
+  | tee "$R/eval_robust.txt"
+pack eval_robust
 fi
