@@ -29,6 +29,7 @@ from .models.dual_bn import bn_branch
 __all__ = [
     "ATTACK_COMPILE_MODES",
     "check_compile_mode",
+    "check_radius",
     "compiled_step",
     "eaeg",
     "eval_mode",
@@ -215,6 +216,19 @@ def compiled_step(mode: str) -> Callable[..., Tensor]:
     return run
 
 
+def check_radius(eps: float, alpha: float, steps: int) -> None:
+    """One-line ValueError for a radius or step that cannot be meant (tensors, 0-255 units)."""
+    for name, value in (("eps", eps), ("alpha", alpha)):
+        if torch.is_tensor(value) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number, got {type(value).__name__} (labels go "
+                             "to pgd/eaeg as y; trades_kl takes none: trades_kl(model, x))")
+        if not 0 <= value <= 1:
+            raise ValueError(f"{name}={value:g} is outside [0, 1]; images are in [0, 1], so "
+                             f"write {value:g}/255" if value > 1 else f"{name}={value:g} < 0")
+    if int(steps) != steps or steps < 0:
+        raise ValueError(f"steps={steps} must be an integer >= 0")
+
+
 def _gaussian_start(x: Tensor, std: float, eps: float, noise: Tensor | None) -> Tensor:
     noise = torch.randn_like(x) if noise is None else noise
     # Projected too: 0.001 * N(0, I) can leave a small eps-ball (eps = 0 or 1/255).
@@ -235,6 +249,7 @@ def pgd(
     """
     if loss not in ("ce", "cw"):
         raise ValueError(f"unknown PGD loss {loss!r}; use 'ce' or 'cw'")
+    check_radius(eps, alpha, steps)
     x = x.detach()
     if start is not None:
         x_adv = project(x + start, x, eps)
@@ -276,6 +291,7 @@ def eaeg(
     With ``y=None`` the CE term is dropped (TRADES). ``noise`` injects the start draw.
     ``compile_mode`` as in :func:`pgd`.
     """
+    check_radius(eps, alpha, steps)
     x = x.detach()
     if target_logits is None:
         with torch.no_grad(), eval_mode(model), _branch(model, branch):

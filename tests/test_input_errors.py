@@ -217,3 +217,57 @@ def test_exported_files_follow_the_umask(make_tiny_model, tmp_path, fmt, name) -
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary file left
+
+
+# ----- the Python API: attacks, DATStep, models ---------------------------------------
+
+def _dat_step(**kw):
+    from dat.generator import AmplitudeGenerator
+    from dat.methods.dat import DATStep
+
+    model = dat.models.create("resnet_tiny", dual_bn=True)
+    gen = AmplitudeGenerator(10, (3, 32, 32))
+    return DATStep(model, gen, torch.optim.SGD(model.parameters(), lr=0.1), **kw)
+
+
+def test_labels_passed_to_trades_kl_as_eps_are_refused() -> None:
+    """trades_kl(model, x) takes no labels: a batch of 32 labels used to broadcast into a
+    per-column eps of up to 9 (perturbations of 41/255)."""
+    from dat.attacks import pgd, trades_kl
+
+    model = dat.models.create("resnet_tiny").eval()
+    x, y = torch.rand(32, 3, 32, 32), torch.randint(1, 10, (32,))
+    with pytest.raises(ValueError, match="eps must be a number"):
+        trades_kl(model, x, y, steps=1)
+    with pytest.raises(ValueError, match="write 8/255"):
+        pgd(model, x, y, eps=8, steps=1)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(eps=8), "write 8/255"), (dict(mu=2.0), "mu=2.0 must be in"),
+])
+def test_dat_step_refuses_settings_that_cannot_be_meant(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        _dat_step(**kwargs)
+
+
+@pytest.mark.parametrize("batch, match", [
+    (lambda x, y: ((x * 255).to(torch.uint8), y), "x.float\\(\\) / 255"),  # NaN weights before
+    (lambda x, y: (x, y.float()), "integer labels"),
+    (lambda x, y: (x[:1], y[:1]), "at least 2 images"),
+])
+def test_dat_step_refuses_a_batch_it_cannot_train_on(batch, match) -> None:
+    step = _dat_step(steps=1)
+    x, y = batch(torch.rand(4, 3, 32, 32), torch.arange(4))
+    before = [p.clone() for p in step.model.parameters()]
+    with pytest.raises(ValueError, match=match):
+        step(x, y)
+    assert all(torch.equal(a, b) for a, b in zip(before, step.model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("name", ["resnet_tiny", "wrn28_10", "timm/resnet10t"])
+def test_grayscale_models_need_their_own_mean_and_std(name) -> None:
+    with pytest.raises(ValueError, match="pass mean= and std= with 1 value"):
+        dat.models.create(name, in_chans=1)
+    model = dat.models.create(name, in_chans=1, mean=(0.5,), std=(0.25,)).eval()
+    assert model(torch.rand(2, 1, 32, 32)).shape == (2, 10)

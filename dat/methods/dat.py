@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attacks import check_compile_mode, eaeg, eval_mode, is_compiled, pgd
+from ..attacks import check_compile_mode, check_radius, eaeg, eval_mode, is_compiled, pgd
 from ..losses import js_divergence, trades_loss
 from ..mixing import flip_crop
 from ..models.dual_bn import bn_branch, fused_split, has_dual_bn
@@ -98,6 +98,9 @@ class DATStep(MethodStep):
         _check_choices(outer=outer, mix=mix, amplitude_source=amplitude_source,
                        generator_update=generator_update, attack_init=attack_init)
         check_compile_mode(compile_attacks)
+        check_radius(eps, alpha, steps)
+        if not 0 <= mu <= 1:
+            raise ValueError(f"mu={mu} must be in [0, 1] (lam ~ U(0, mu))")
         self.model, self.optimizer = model, optimizer
         self.beta, self.omega, self.label_smoothing = beta, omega, label_smoothing
         self.eps, self.alpha, self.steps = eps, alpha, steps
@@ -149,9 +152,16 @@ class DATStep(MethodStep):
         """
         raw_is_x = x_raw is None
         x_raw = x if x_raw is None else x_raw
-        if x.shape != x_raw.shape or x.dim() != 4 or len(y) != len(x):
+        if x.shape != x_raw.shape or x.dim() != 4 or y.dim() != 1 or len(y) != len(x):
             raise ValueError(f"DATStep expects x, x_raw (B, C, H, W) and y (B,); got "
                              f"{tuple(x.shape)}, {tuple(x_raw.shape)}, {tuple(y.shape)}")
+        if not (x.is_floating_point() and x_raw.is_floating_point()) or y.is_floating_point():
+            raise ValueError(f"DATStep expects float images in [0, 1] and integer labels; got "
+                             f"{x.dtype} / {y.dtype}: convert uint8 images with x.float() / 255 "
+                             "and labels with y.long()")
+        if self.uses_generator and len(x) < 2:
+            raise ValueError("DATStep with the AAG needs batches of at least 2 images (the "
+                             "generator's BatchNorm1d); drop or merge a last batch of 1")
         draws = self.sample_draws(x) if draws is None else draws
         self._batch_now = x.device.type == "cuda" if self.batched is None else self.batched
         was_training = self.model.training

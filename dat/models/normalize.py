@@ -20,8 +20,14 @@ CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 class Normalize(nn.Module):
     """``(x - mean) / std`` per channel; buffers are not saved in the state dict."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, mean: Sequence[float], std: Sequence[float],
+                 channels: int | None = None) -> None:
         super().__init__()
+        if channels is not None and not len(mean) == len(std) == channels:
+            raise ValueError(
+                f"in_chans={channels} but mean/std have {len(mean)}/{len(std)} values (the "
+                f"CIFAR-10 defaults have 3); pass mean= and std= with {channels} value(s) for "
+                "your images")
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 

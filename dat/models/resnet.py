@@ -70,7 +70,7 @@ class _StagedResNet(nn.Module):
         std: Sequence[float] = CIFAR10_STD,
     ) -> None:
         super().__init__()
-        self.normalize = Normalize(mean, std)
+        self.normalize = Normalize(mean, std, channels=in_chans)
         self.conv1 = nn.Conv2d(in_chans, width, 3, 1, 1, bias=False)
         self.in_planes = width
         self.layer1 = self._stage(width, blocks[0], 1)

@@ -36,6 +36,7 @@ def create_timm(
 
     if not timm.is_model(name):
         raise ValueError(f"unknown timm model {name!r}; see timm.list_models() for names")
+    Normalize(mean, std, channels=in_chans)  # fail before building the network
     net = timm.create_model(
         name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs
     )

@@ -47,7 +47,7 @@ class WideResNet(nn.Module):
             raise ValueError(f"WideResNet depth must be 6n+4 (e.g. 28, 34), got {depth}")
         n = (depth - 4) // 6
         widths = [16, 16 * widen, 32 * widen, 64 * widen]
-        self.normalize = Normalize(mean, std)
+        self.normalize = Normalize(mean, std, channels=in_chans)
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
         self.block1 = self._stage(widths[0], widths[1], n, 1)
         self.block2 = self._stage(widths[1], widths[2], n, 2)
