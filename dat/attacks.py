@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import numbers
 import sys
 from collections.abc import Callable, Iterator
 
@@ -219,7 +220,7 @@ def compiled_step(mode: str) -> Callable[..., Tensor]:
 def check_radius(eps: float, alpha: float, steps: int) -> None:
     """One-line ValueError for a radius or step that cannot be meant (tensors, 0-255 units)."""
     for name, value in (("eps", eps), ("alpha", alpha)):
-        if torch.is_tensor(value) or not isinstance(value, (int, float)):
+        if torch.is_tensor(value) or not isinstance(value, numbers.Real):  # numpy floats too
             raise ValueError(f"{name} must be a number, got {type(value).__name__} (labels go "
                              "to pgd/eaeg as y; trades_kl takes none: trades_kl(model, x))")
         if not 0 <= value <= 1:
