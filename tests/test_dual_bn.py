@@ -295,3 +295,14 @@ def test_fused_split_handles_batchnorm1d_mixed_eps_and_layers_without_affine():
             fused = model(x)
     assert fused_flags == [True, False]  # affine=False keeps the plain path
     assert torch.allclose(fused, plain, atol=1e-6)
+
+
+def test_an_aux_branch_on_a_single_bn_model_is_refused() -> None:
+    """It used to run the only BN set silently, so an 'aux' attack was a main one."""
+    plain = create("resnet_tiny")
+    for branch in ("aux", "split"):
+        with pytest.raises(ValueError, match="convert_dual_bn"):
+            with bn_branch(plain, branch):
+                pass
+    with bn_branch(plain, "main"):  # main is every model's only branch
+        pass

@@ -191,11 +191,15 @@ def set_bn_branch(model: nn.Module, branch: str, pairs: int = 1) -> str:
         raise ValueError(f"unknown BN branch {branch!r}; use one of {BRANCHES}")
     if pairs < 1:
         raise ValueError(f"pairs={pairs} must be >= 1")
-    previous = "main"
+    previous, found = "main", False
     for m in model.modules():
         if isinstance(m, DualBatchNorm):
-            previous = m.branch
+            previous, found = m.branch, True
             m.branch, m.pairs = branch, pairs
+    if not found and branch != "main":  # it would silently run the only BN set
+        raise ValueError(f"BN branch {branch!r} needs two BN sets, and this "
+                         f"{type(model).__name__} has one; convert it with "
+                         "dat.models.convert_dual_bn(model)")
     return previous
 
 
