@@ -172,7 +172,8 @@ def convert_dual_bn(model: nn.Module) -> nn.Module:
     if not _replace_bn(model):
         raise ValueError(
             f"{type(model).__name__} has no BatchNorm layer, so it cannot get two BN branches; "
-            "use a model with BatchNorm, or train without split BN (method.split_bn=false)"
+            "use a model with BatchNorm, or train without split BN (method.split_bn=false; "
+            "in Python, DATStep(..., split_bn=False) on the unconverted model)"
         )
     return model
 
