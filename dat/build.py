@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import ensure_writable
 from .config import Config, ConfigError, OptimConfig
 from .data import DataError, DatasetSplits
 from .methods import needs_dual_bn
@@ -188,10 +189,7 @@ def prepare_run_dir(cfg: Config, resume: Path | None) -> Path:
             raise ConfigError(f"{run_dir} already holds a run; resume it with --resume auto "
                               "(train.resume=auto) or choose another train.run_name")
     try:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        ensure_writable(run_dir / "checkpoints")
     except OSError as err:
         raise ConfigError(f"train.out_dir={cfg.train.out_dir!r} is not writable "
                           f"({err.strerror or err}); choose another with train.out_dir=DIR"

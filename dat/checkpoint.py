@@ -14,6 +14,7 @@ import os
 import pickle
 import random
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -28,6 +29,7 @@ __all__ = [
     "CheckpointError",
     "capture_rng",
     "check_compatible",
+    "ensure_writable",
     "find_run_checkpoint",
     "load_checkpoint",
     "load_for_resume",
@@ -99,6 +101,16 @@ def atomic_write(path: Path | str, write: Callable[[BinaryIO], None],
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
     return path
+
+
+def ensure_writable(folder: Path | str) -> None:
+    """Create ``folder`` and write and remove a probe file there: a run or report that
+    cannot be saved fails now (OSError), not after the work."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".write-probe", dir=folder)
+    os.close(fd)
+    os.unlink(probe)
 
 
 def save_checkpoint(state: dict[str, Any], path: Path | str, keep: int = 0) -> Path:

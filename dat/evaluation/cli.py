@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -150,12 +148,11 @@ def _out_dir(args: argparse.Namespace) -> Path:
 def _check_writable(out: Path) -> bool:
     """Create ``out`` and probe-write a file there, so a bad --out fails before any attack;
     True when ``out`` was created here."""
+    from ..checkpoint import ensure_writable
+
     created = not out.exists()
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write_probe", dir=out)
-        os.close(fd)
-        os.unlink(probe)
+        ensure_writable(out)
     except OSError as err:
         reason = err.strerror or type(err).__name__
         raise ValueError(f"--out {out}: cannot write a report there ({reason}); pass a "
