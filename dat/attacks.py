@@ -30,10 +30,12 @@ from .models.dual_bn import bn_branch
 __all__ = [
     "ATTACK_COMPILE_MODES",
     "check_compile_mode",
+    "check_images",
     "check_radius",
     "compiled_step",
     "eaeg",
     "eval_mode",
+    "explain_dtype_mismatch",
     "frozen_parameters",
     "is_compiled",
     "pgd",
@@ -230,6 +232,33 @@ def check_radius(eps: float, alpha: float, steps: int) -> None:
         raise ValueError(f"steps={steps} must be an integer >= 0")
 
 
+def check_images(x: Tensor, who: str = "the attack") -> None:
+    """One-line ValueError for images that are not a float tensor (uint8, lists)."""
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        kind = x.dtype if torch.is_tensor(x) else type(x).__name__
+        raise ValueError(f"{who} expects float images in [0, 1], got {kind}; convert uint8 "
+                         "images with x.float() / 255")
+
+
+@contextlib.contextmanager
+def explain_dtype_mismatch(model: nn.Module, x: Tensor, who: str) -> Iterator[None]:
+    """Turn the error of a forward on images of another float dtype than the model's
+    parameters (raised deep inside a convolution) into a one-line ValueError naming the fix.
+
+    Only an actual failure is translated: a model that casts its own input still runs.
+    """
+    try:
+        yield
+    except RuntimeError as err:
+        weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+        if weight is None or weight.dtype == x.dtype:
+            raise
+        raise ValueError(
+            f"{who} got {x.dtype} images for a model with {weight.dtype} parameters; pass "
+            f"x.to({weight.dtype}) (for bf16 compute keep the images float32 and run under "
+            "torch.autocast, which also keeps the eps-ball exact)") from err
+
+
 def _gaussian_start(x: Tensor, std: float, eps: float, noise: Tensor | None) -> Tensor:
     noise = torch.randn_like(x) if noise is None else noise
     # Projected too: 0.001 * N(0, I) can leave a small eps-ball (eps = 0 or 1/255).
@@ -251,6 +280,7 @@ def pgd(
     if loss not in ("ce", "cw"):
         raise ValueError(f"unknown PGD loss {loss!r}; use 'ce' or 'cw'")
     check_radius(eps, alpha, steps)
+    check_images(x, "pgd")
     x = x.detach()
     if start is not None:
         x_adv = project(x + start, x, eps)
@@ -259,8 +289,9 @@ def pgd(
     else:
         x_adv = x.clone()
 
-    return _ascend(model, x, x_adv, eps, alpha, steps, branch, y=y,
-                   label_smoothing=label_smoothing, loss=loss, compile_mode=compile_mode)
+    with explain_dtype_mismatch(model, x, "pgd"):
+        return _ascend(model, x, x_adv, eps, alpha, steps, branch, y=y,
+                       label_smoothing=label_smoothing, loss=loss, compile_mode=compile_mode)
 
 
 def trades_kl(
@@ -293,12 +324,14 @@ def eaeg(
     ``compile_mode`` as in :func:`pgd`.
     """
     check_radius(eps, alpha, steps)
+    who = "eaeg" if y is not None else "trades_kl"
+    check_images(x, who)
     x = x.detach()
-    if target_logits is None:
-        with torch.no_grad(), eval_mode(model), _branch(model, branch):
-            target_logits = model(x)
-    target_logits = target_logits.detach()
-
-    x_adv = _gaussian_start(x, init_std, eps, noise)
-    return _ascend(model, x, x_adv, eps, alpha, steps, branch, y=y, target=target_logits,
-                   beta=beta, label_smoothing=label_smoothing, compile_mode=compile_mode)
+    with explain_dtype_mismatch(model, x, who):
+        if target_logits is None:
+            with torch.no_grad(), eval_mode(model), _branch(model, branch):
+                target_logits = model(x)
+        target_logits = target_logits.detach()
+        x_adv = _gaussian_start(x, init_std, eps, noise)
+        return _ascend(model, x, x_adv, eps, alpha, steps, branch, y=y, target=target_logits,
+                       beta=beta, label_smoothing=label_smoothing, compile_mode=compile_mode)

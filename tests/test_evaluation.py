@@ -327,6 +327,35 @@ def test_n_examples_of_a_class_sorted_tuple_is_stratified(sample_splits):
         collect_examples((x[:10], torch.zeros(12, dtype=torch.int64)), 4)
 
 
+def test_ctrl_c_in_the_sweep_returns_and_writes_the_finished_attacks(trained, sample_splits,
+                                                                    tmp_path, monkeypatch):
+    from dat.evaluation import EvaluationInterrupted, runner
+
+    real, calls = runner.attack_points, []
+
+    def interrupt_second_radius(spec, *args, **kwargs):
+        calls.append(spec.name)
+        if len(calls) == 3:  # pgd20, then the sweep's first radius, then Ctrl-C
+            raise KeyboardInterrupt
+        return real(spec, *args, **kwargs)
+    monkeypatch.setattr(runner, "attack_points", interrupt_second_radius)
+    x, y = sample_splits.test.tensors()
+    before = {k: v.clone() for k, v in trained.state_dict().items()}
+    trained.train()
+    with pytest.raises(EvaluationInterrupted) as stop:
+        evaluate(trained, (x[:40], y[:40]), attacks=["clean", "pgd20"], sweep=[0, 1 / 255],
+                 progress=False, out_dir=tmp_path / "eval")
+    report = stop.value.report
+    assert report["interrupted"].startswith("interrupted during the eps sweep (eps 1/255);")
+    assert set(report["results"]) == {"clean", "pgd20", "worst_case"}
+    assert report["results"]["pgd20"] <= report["results"]["clean"]
+    assert json.loads((tmp_path / "eval" / "report.json").read_text())["results"] == \
+        report["results"]
+    assert trained.training  # the model's mode and BN statistics are restored
+    trained.eval()  # module-scoped fixture: leave it as found
+    assert all(torch.equal(v, before[k]) for k, v in trained.state_dict().items())
+
+
 class _Detached(nn.Module):
     def __init__(self, net: nn.Module) -> None:
         super().__init__()

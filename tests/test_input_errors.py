@@ -5,6 +5,7 @@ traceback or a silently wrong value: eps, YAML files, devices, entry points, wei
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -112,6 +113,27 @@ def test_ctrl_c_prints_interrupted_and_exits_130(ckpt, tmp_path, capsys, monkeyp
     assert evaluate_main(_quick(ckpt, tmp_path)) == 130
     _one_line_error(capsys, "interrupted", "nothing was saved")
     assert not (tmp_path / "eval").exists()  # the empty report folder is removed again
+
+
+def test_ctrl_c_during_an_attack_keeps_the_finished_ones(ckpt, tmp_path, capsys,
+                                                         monkeypatch) -> None:
+    """A Ctrl-C in CW (after clean and FGSM finished) writes a partial report of those."""
+    real = dat.evaluation.runner.attack_points
+
+    def interrupt_cw(spec, *args, **kwargs):
+        if spec.name == "cw":
+            raise KeyboardInterrupt
+        return real(spec, *args, **kwargs)
+    monkeypatch.setattr(dat.evaluation.runner, "attack_points", interrupt_cw)
+    argv = _quick(ckpt, tmp_path, "--attacks", "clean,fgsm,cw,pgd20")
+    assert evaluate_main(argv) == 130
+    _one_line_error(capsys, "interrupted during cw", "partial report (clean, fgsm, worst_case)",
+                    str(tmp_path / "eval" / "report.json"))
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert list(report["results"]) == ["clean", "fgsm", "worst_case"]
+    assert report["interrupted"].startswith("interrupted during cw;")
+    assert report["checks_status"] == "skip" and report["n"] == 8
+    assert "**Partial report**: interrupted during cw" in (tmp_path / "eval" / "report.md").read_text()
 
 
 # 6. entry points that need arguments
@@ -262,6 +284,50 @@ def test_dat_step_refuses_a_batch_it_cannot_train_on(batch, match) -> None:
     before = [p.clone() for p in step.model.parameters()]
     with pytest.raises(ValueError, match=match):
         step(x, y)
+    assert all(torch.equal(a, b) for a, b in zip(before, step.model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("attack", ["pgd", "trades_kl", "eaeg"])
+def test_attacks_name_the_fix_for_images_of_the_wrong_type(attack) -> None:
+    """uint8 images, or bf16 images for an fp32 model, used to fail deep inside a conv."""
+    from dat import attacks
+
+    model = dat.models.create("resnet_tiny").eval()
+    x, y = torch.rand(4, 3, 32, 32), torch.arange(4)
+    run = {"pgd": lambda x: attacks.pgd(model, x, y, steps=1),
+           "trades_kl": lambda x: attacks.trades_kl(model, x, steps=1),
+           "eaeg": lambda x: attacks.eaeg(model, x, y, steps=1)}[attack]
+    with pytest.raises(ValueError, match=f"{attack} expects float images.*x.float\\(\\) / 255"):
+        run((x * 255).to(torch.uint8))
+    with pytest.raises(ValueError, match=f"{attack} got torch.bfloat16 images for a model with "
+                                         "torch.float32 parameters; pass x.to\\(torch.float32\\)"):
+        run(x.bfloat16())
+    assert run(x.double().float()).dtype == torch.float32  # the matching dtype still runs
+
+
+def test_a_model_that_casts_its_own_input_is_still_attacked() -> None:
+    """Only a failing forward is translated: a bf16 model that casts its input runs."""
+    from dat.attacks import pgd
+
+    class CastsInput(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = dat.models.create("resnet_tiny").eval().bfloat16()
+
+        def forward(self, x):
+            return self.net(x.bfloat16()).float()
+
+    x = torch.rand(4, 3, 32, 32)
+    x_adv = pgd(CastsInput(), x, torch.arange(4), steps=1)
+    assert x_adv.dtype == torch.float32 and (x_adv - x).abs().max() <= 8 / 255 + 1e-6
+
+
+def test_dat_step_names_the_fix_for_bf16_images() -> None:
+    step = _dat_step(steps=1)
+    before = [p.clone() for p in step.model.parameters()]
+    with pytest.raises(ValueError, match="DATStep got torch.bfloat16 images for a model with "
+                                         "torch.float32 parameters"):
+        step(torch.rand(4, 3, 32, 32).bfloat16(), torch.arange(4))
     assert all(torch.equal(a, b) for a, b in zip(before, step.model.parameters(), strict=True))
 
 

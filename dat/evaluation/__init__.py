@@ -11,7 +11,13 @@ from .checks import Check, overall_status
 from .diagnostics import amplitude_phase_table, fourier_heatmap, swap_spectra
 from .loading import load_checkpoint, load_entry_point
 from .report import format_markdown, write_report
-from .runner import DEFAULT_SWEEP, EvaluationError, collect_examples, evaluate
+from .runner import (
+    DEFAULT_SWEEP,
+    EvaluationError,
+    EvaluationInterrupted,
+    collect_examples,
+    evaluate,
+)
 from .suite import AttackSpec, make_attack
 
 __all__ = [
@@ -20,6 +26,7 @@ __all__ = [
     "AutoAttackResult",
     "Check",
     "EvaluationError",
+    "EvaluationInterrupted",
     "amplitude_phase_table",
     "collect_examples",
     "evaluate",

@@ -237,9 +237,16 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         return stop.code if isinstance(stop.code, int) else 2
     try:
         return _run(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted; nothing was saved (the report is written only at the end); "
-              "rerun evaluate.py to evaluate again", file=sys.stderr)
+    except KeyboardInterrupt as stop:
+        report = getattr(stop, "report", None)  # EvaluationInterrupted: what finished
+        if report and report.get("files"):
+            done = ", ".join(report["results"])
+            print(f"\n{report['interrupted'].split(';')[0]}; partial report ({done}) written "
+                  f"to {report['files']['json']}; rerun evaluate.py for the rest",
+                  file=sys.stderr)
+        else:
+            print("\ninterrupted before any attack finished; nothing was saved; rerun "
+                  "evaluate.py to evaluate again", file=sys.stderr)
         return 130
     except (ValueError, OSError) as err:  # bad input: one line naming the fix, no traceback
         print(f"error: {err}", file=sys.stderr)

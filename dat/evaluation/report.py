@@ -76,6 +76,8 @@ def format_markdown(report: dict) -> str:
              f"{', channels_last' if report.get('channels_last') else ''}"
              f"{_fold_text(report.get('fold_bn'))}, seed {report['seed']}, device "
              f"{report['device']}, {report['seconds']:.1f} s.", ""]
+    if report.get("interrupted"):
+        lines += [f"**Partial report**: {report['interrupted']}.", ""]
     lines += _results_table(report) + _aa_lines(report) + _sweep_lines(report)
     lines += _diagnostic_lines(report)
     if report.get("checks"):

@@ -29,7 +29,8 @@ from .suite import (
     validate_attack_names,
 )
 
-__all__ = ["DEFAULT_SWEEP", "EvaluationError", "collect_examples", "evaluate"]
+__all__ = ["DEFAULT_SWEEP", "EvaluationError", "EvaluationInterrupted", "collect_examples",
+           "evaluate"]
 
 DEFAULT_SWEEP = (0, 1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255)  # L-inf radii, [0,1] scale
 SWEEP_STEPS = 20  # the sweep runs PGD-20
@@ -243,6 +244,9 @@ class _Run:
         self.batch_size, self.device, self.seed, self.progress = batch_size, device, seed, progress
         self.bounds: dict[str, BoundsStats] = {}
         self.info: dict[str, dict] = {}
+        self.results: dict[str, float] = {}  # accuracy (%) of each finished attack
+        self.masks: dict[str, Tensor] = {}  # per point: still correct after that attack
+        self.stage = "the clean forward"  # what runs now, for an interrupted report
         with torch.no_grad():
             logits = [net(xb.to(device)).cpu() for xb in x.split(batch_size)]  # (B, K) each
         self.num_classes = int(logits[0].shape[1])
@@ -279,28 +283,36 @@ class _Run:
 
 
 def _run_attacks(run: _Run, attacks: Sequence[str], eps: float):
-    results, masks, aa_messages = {}, {}, None
+    """Run ``attacks`` in order; ``run.results`` grows as each one finishes."""
+    aa_messages = None
     for name in attacks:
+        run.stage = name
         if name == "clean":
-            masks[name] = run.clean
+            run.masks[name] = run.clean
         elif name == "aa":
             res = run.autoattack(eps)
-            masks[name], aa_messages = res.correct, res.warnings
+            run.masks[name], aa_messages = res.correct, res.warnings
         else:
-            masks[name] = run.attack(name, eps)
-        results[name] = _pct(masks[name])
-    adversarial = [m for k, m in masks.items() if k != "clean"]
+            run.masks[name] = run.attack(name, eps)
+        run.results[name] = _pct(run.masks[name])
+    _worst_case(run)
+    return run.results, aa_messages
+
+
+def _worst_case(run: _Run) -> None:
+    """``worst_case``: a point counts as robust only if every attack run failed on it."""
+    adversarial = [m for k, m in run.masks.items() if k != "clean"]
     if adversarial:
         worst = run.clean.clone()
         for m in adversarial:
             worst &= m
-        results["worst_case"] = _pct(worst)
-    return results, aa_messages
+        run.results["worst_case"] = _pct(worst)
 
 
 def _run_sweep(run: _Run, radii: Sequence[float]) -> dict:
     acc = []
     for e in radii:
+        run.stage = f"the eps sweep (eps {e * 255:.3g}/255)"
         mask = run.attack(f"pgd{SWEEP_STEPS}", e, sweep_alpha(e, SWEEP_STEPS),
                           label=f"sweep@{e * 255:.3g}/255")
         acc.append(_pct(mask))
@@ -376,6 +388,8 @@ def evaluate(
     it (:func:`dat.models.folding.fold_batchnorm`; None: on for CPU, where it is measured
     faster). The copy must match the model's logits on the first examples, else the model
     is attacked as given; ``report["fold_bn"]`` says which ran and why.
+    Ctrl-C during the attacks raises :class:`EvaluationInterrupted`, whose ``report`` holds
+    the attacks that finished (also written to ``out_dir``).
     """
     attacks = list(attacks)
     _validate_args(attacks, eps, batch_size, precision, n_examples)
@@ -403,11 +417,19 @@ def evaluate(
             net = (_FastForward(target, precision == "bf16", channels_last).eval() if fast
                    else target)
             run = _Run(net, x, y, batch_size, device, seed, progress)
-            results, aa_messages = _run_attacks(run, attacks, eps)
-            swept = _run_sweep(run, radii) if radii else None
-            found = (_sanity_checks(run, results, swept, aa_messages, check_examples)
-                     if checks else [])
-            diag = _diagnostics(run, eps, diagnostics, heatmap, heatmap_norm, heatmap_examples)
+            try:
+                results, aa_messages = _run_attacks(run, attacks, eps)
+                swept = _run_sweep(run, radii) if radii else None
+                run.stage = "the integrity checks"
+                found = (_sanity_checks(run, results, swept, aa_messages, check_examples)
+                         if checks else [])
+                run.stage = "the diagnostics"
+                diag = _diagnostics(run, eps, diagnostics, heatmap, heatmap_norm,
+                                    heatmap_examples)
+            except KeyboardInterrupt:
+                raise EvaluationInterrupted(_interrupted_report(
+                    run, eps, precision, channels_last, fold, start, out_dir,
+                    tensorboard)) from None
     if checks:
         found = [C.check_eval_mode(given_training, monitor),
                  C.check_bn_statistics(before, C.buffers_snapshot(model)),
@@ -418,6 +440,34 @@ def evaluate(
               "checks_status": C.overall_status(found) if checks else "skip",
               **diag, "seconds": round(time.perf_counter() - start, 3)}
     if out_dir is not None:
+        from .report import write_report
+
+        report["files"] = write_report(report, out_dir, tensorboard=tensorboard)
+    return report
+
+
+class EvaluationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during an evaluation's attacks. ``report`` holds the attacks that finished
+    (``report["interrupted"]`` says where it stopped; no integrity check ran); with
+    ``out_dir`` it is written there too."""
+
+    def __init__(self, report: dict) -> None:
+        super().__init__(report["interrupted"])
+        self.report = report
+
+
+def _interrupted_report(run: _Run, eps: float, precision: str, channels_last: bool,
+                        fold: dict, start: float, out_dir, tensorboard: bool) -> dict:
+    """The report of the attacks that finished before a Ctrl-C, written to ``out_dir``."""
+    if "worst_case" not in run.results:  # over the attacks that finished
+        _worst_case(run)
+    report = {"results": dict(run.results),
+              **_summary(run, eps, precision, channels_last, fold), "sweep": None,
+              "checks": {}, "checks_status": "skip",
+              "interrupted": f"interrupted during {run.stage}; the results are the attacks "
+                             "that finished, and no integrity check ran",
+              "seconds": round(time.perf_counter() - start, 3)}
+    if out_dir is not None and run.results:
         from .report import write_report
 
         report["files"] = write_report(report, out_dir, tensorboard=tensorboard)

@@ -19,7 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attacks import check_compile_mode, check_radius, eaeg, eval_mode, is_compiled, pgd
+from ..attacks import (
+    check_compile_mode,
+    check_radius,
+    eaeg,
+    eval_mode,
+    explain_dtype_mismatch,
+    is_compiled,
+    pgd,
+)
 from ..losses import js_divergence, trades_loss
 from ..mixing import flip_crop
 from ..models.dual_bn import bn_branch, fused_split, has_dual_bn
@@ -171,9 +179,10 @@ class DATStep(MethodStep):
         try:
             # One autocast region for the forwards that need no weight gradient (clean
             # logits, attacks): autocast casts each weight to bf16 once for all of them.
-            with self._amp():
-                views, stats = self._views(x.detach(), y, x_raw.detach(), draws, raw_is_x)
-            stats.update(self._update(views, y))
+            with explain_dtype_mismatch(self.model, x, "DATStep"):
+                with self._amp():
+                    views, stats = self._views(x.detach(), y, x_raw.detach(), draws, raw_is_x)
+                stats.update(self._update(views, y))
         finally:
             self.model.train(was_training)
         return {k: v.detach() for k, v in stats.items()}
