@@ -95,6 +95,9 @@ def test_aa_equals_pyautoattack_called_directly(sample_splits) -> None:
     assert list(breakdown) == ["clean", "apgd-ce", "apgd-t", "fab-t", "square"]
     assert breakdown["square"] == direct and breakdown["clean"] == report["results"]["clean"]
     assert report["attacks"]["aa"]["implementation"].startswith("pyautoattack")
+    # the bounds check counts the points AA attacked: the clean-correct ones
+    assert report["bounds"]["aa"]["count"] == round(report["results"]["clean"] * len(y) / 100)
+    assert report["bounds"]["aa"]["count"] < len(y)
 
 
 @pytest.fixture(scope="module")

@@ -94,11 +94,14 @@ def _breakdown(counts: dict[str, int], order: list[str], n: int, robust: int) ->
 def run_autoattack(
     model: nn.Module, x: Tensor, y: Tensor, eps: float, batch_size: int,
     device: torch.device, seed: int = 0, progress: bool = True,
+    attacked: Tensor | None = None,
 ) -> AutoAttackResult:
     """Standard L-inf AutoAttack on all of ``x`` (its own clean filter and cascade).
 
     The model must already be in eval mode. Returns per-example correctness, the robust
     accuracy after each sub-attack and the warnings of AutoAttack's own checks.
+    ``attacked`` (N,) bool: the points AA attacks (classified correctly); only they count
+    in the bounds check (the others come back unchanged). None: every point.
     """
     from pyautoattack import AutoAttack
 
@@ -117,7 +120,8 @@ def run_autoattack(
             logger.removeHandler(handler)
     correct = (y_adv.cpu() == y.cpu())
     bounds = BoundsStats(eps)
-    bounds.update(x_adv.cpu(), x.cpu())
+    keep = slice(None) if attacked is None else attacked.cpu()
+    bounds.update(x_adv.cpu()[keep], x.cpu()[keep])
     messages = handler.messages + [str(w.message) for w in caught
                                    if "pyautoattack" in str(w.filename)]
     breakdown = _breakdown(counts, list(aa.attacks_to_run), len(y), int(correct.sum()))

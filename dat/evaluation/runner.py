@@ -275,7 +275,7 @@ class _Run:
         start = time.perf_counter()
         with _gradient_attack("aa"):
             res = run_autoattack(self.net, self.x, self.y, eps, self.batch_size, self.device,
-                                 self.seed, self.progress)
+                                 self.seed, self.progress, attacked=self.clean)
         self.bounds["aa"] = res.bounds
         self.info["aa"] = {**autoattack_info(eps, self.seed), "breakdown": res.breakdown,
                            "seconds": round(time.perf_counter() - start, 3)}
