@@ -1,6 +1,6 @@
 """dat: adversarial training with generative amplitude mix-up (DAT, NeurIPS 2024)."""
 
-from . import attacks, config, data, generator, losses, mixing, models, spectral
+from . import attacks, callbacks, config, data, generator, losses, mixing, models, spectral
 from .config import Config, load_config
 from .evaluation import evaluate
 from .generator import AmplitudeGenerator
@@ -15,6 +15,7 @@ __all__ = [
     "Config",
     "DATStep",
     "attacks",
+    "callbacks",
     "config",
     "data",
     "evaluate",

@@ -32,6 +32,7 @@ __all__ = [
     "check_compile_mode",
     "check_images",
     "check_radius",
+    "check_unit_range",
     "compiled_step",
     "eaeg",
     "eval_mode",
@@ -238,6 +239,23 @@ def check_images(x: Tensor, who: str = "the attack") -> None:
         kind = x.dtype if torch.is_tensor(x) else type(x).__name__
         raise ValueError(f"{who} expects float images in [0, 1], got {kind}; convert uint8 "
                          "images with x.float() / 255")
+
+
+UNIT_RANGE_TOL = 1e-4  # float noise of augmentations around [0, 1]
+
+
+def check_unit_range(x: Tensor, who: str) -> None:
+    """One-line ValueError for images outside [0, 1]: normalised (mean/std) or 0-255 ones,
+    which would be clipped or attacked at the wrong scale. One host sync: callers in a
+    training loop check their first batch only."""
+    low, high = torch.aminmax(x.detach())
+    low, high = float(low), float(high)
+    if low < -UNIT_RANGE_TOL or high > 1 + UNIT_RANGE_TOL:
+        raise ValueError(
+            f"{who} expects images in [0, 1], found values in [{low:.3f}, {high:.3f}]; "
+            + ("divide 0-255 images by 255" if low >= 0 else
+               "drop Normalize from the data pipeline: the model normalises inside "
+               "(dat.models.create(..., mean=, std=) or dat.models.Normalize)"))
 
 
 @contextlib.contextmanager

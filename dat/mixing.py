@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .attacks import check_unit_range
 from .spectral import decompose, mix_amplitude
 
 __all__ = ["AmplitudeMix", "flip_crop", "partner_index"]
@@ -65,11 +66,15 @@ class AmplitudeMix:
         if not 0.0 <= mu <= 1.0:
             raise ValueError(f"AmplitudeMix(mu={mu}): mu must be in [0, 1]")
         self.mu, self.generator = float(mu), generator
+        self._range_checked = False
 
     def __call__(self, x: Tensor, y: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         if x.dim() != 4 or not x.is_floating_point():
             raise ValueError(f"AmplitudeMix expects a float (B, C, H, W) batch in [0, 1], got "
                              f"{x.dtype} of shape {tuple(x.shape)}; convert with x.float() / 255")
+        if not self._range_checked:  # the first batch only: the check waits for the device
+            check_unit_range(x, "AmplitudeMix")
+            self._range_checked = True
         b = x.shape[0]
         partner = partner_index(b, self.generator, x.device)  # (B,)
         lam = torch.rand(b, generator=self.generator, device=x.device) * self.mu  # (B,)

@@ -403,6 +403,8 @@ class Trainer(CheckpointedRun):
         return {
             "test": report["results"], "test_examples": report.get("n", 0),
             "test_checks": report.get("checks_status", "skip"),
+            "test_check_findings": {name: {"status": c["status"], "message": c["message"]}
+                                    for name, c in report.get("checks", {}).items()},
             "evaluated": which, "best_epoch": s.best_epoch, "best_val_pgd": s.best_val_pgd,
             "val": s.last_val, "val_history": s.history, "epochs": s.epoch,
             "steps": s.global_step, "bad_steps": s.bad_steps,

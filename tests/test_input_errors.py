@@ -133,7 +133,8 @@ def test_ctrl_c_during_an_attack_keeps_the_finished_ones(ckpt, tmp_path, capsys,
     assert list(report["results"]) == ["clean", "fgsm", "worst_case"]
     assert report["interrupted"].startswith("interrupted during cw;")
     assert report["checks_status"] == "skip" and report["n"] == 8
-    assert "**Partial report**: interrupted during cw" in (tmp_path / "eval" / "report.md").read_text()
+    page = (tmp_path / "eval" / "report.md").read_text()
+    assert "**Partial report**: interrupted during cw" in page
 
 
 # 6. entry points that need arguments
@@ -320,6 +321,34 @@ def test_a_model_that_casts_its_own_input_is_still_attacked() -> None:
     x = torch.rand(4, 3, 32, 32)
     x_adv = pgd(CastsInput(), x, torch.arange(4), steps=1)
     assert x_adv.dtype == torch.float32 and (x_adv - x).abs().max() <= 8 / 255 + 1e-6
+
+
+@pytest.mark.parametrize("scale, fix", [
+    (lambda x: (x - 0.5) / 0.25, "drop Normalize from the data pipeline"),
+    (lambda x: x * 255, "divide 0-255 images by 255"),
+])
+def test_normalised_or_0_255_images_are_refused_by_the_steps_and_the_mix(scale, fix) -> None:
+    """They used to train silently: clipped to [0, 1] by the mix, attacked at the wrong
+    scale by eps 8/255."""
+    from dat.methods.pgd_at import PGDATStep
+
+    x, y = scale(torch.rand(4, 3, 32, 32)), torch.arange(4)
+    step = _dat_step(steps=1)
+    before = [p.clone() for p in step.model.parameters()]
+    with pytest.raises(ValueError, match=f"DATStep expects images in \\[0, 1\\].*{fix}"):
+        step(x, y)
+    assert all(torch.equal(a, b) for a, b in zip(before, step.model.parameters(), strict=True))
+    with pytest.raises(ValueError, match=f"AmplitudeMix expects images in \\[0, 1\\].*{fix}"):
+        dat.AmplitudeMix()(x, y)
+    model = dat.models.create("resnet_tiny")
+    baseline = PGDATStep(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=1)
+    with pytest.raises(ValueError, match=f"PGDATStep expects images in \\[0, 1\\].*{fix}"):
+        baseline(x, y)
+    # [0, 1] images pass, and only the first call pays for the check
+    ok = torch.rand(4, 3, 32, 32)
+    mix = dat.AmplitudeMix()
+    assert mix(ok).shape == ok.shape and mix._range_checked
+    assert step(ok, y)["loss"] > 0 and step._range_checked
 
 
 def test_dat_step_names_the_fix_for_bf16_images() -> None:
