@@ -390,12 +390,14 @@ class Trainer(CheckpointedRun):
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             report = evaluate(plain.eval(), (x, y), attacks=list(self.cfg.train.test_attacks),
                               eps=self.cfg.method.attack.eps,
-                              batch_size=self.cfg.data.eval_batch_size, progress=self.progress)
+                              batch_size=self.cfg.data.eval_batch_size, progress=self.progress,
+                              out_dir=self.run_dir / "test")  # the full report, with plots
         metrics = self._metrics(report, which)
         (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         self._emit("on_train_end", metrics)
         print(f"run directory: {self.run_dir}\nTensorBoard:   tensorboard --logdir "
-              f"{self.run_dir / 'tb'}\nmetrics:       {self.run_dir / 'metrics.json'}")
+              f"{self.run_dir / 'tb'}\nmetrics:       {self.run_dir / 'metrics.json'}\n"
+              f"test report:   {self.run_dir / 'test' / 'report.md'}")
         return metrics
 
     def _metrics(self, report: dict, which: str) -> dict[str, Any]:

@@ -359,6 +359,34 @@ def test_ctrl_c_in_the_sweep_returns_and_writes_the_finished_attacks(trained, sa
     assert all(torch.equal(v, before[k]) for k, v in trained.state_dict().items())
 
 
+class _Wrapped(nn.Module):
+    def __init__(self, net: nn.Module, output) -> None:
+        super().__init__()
+        self.net, self.output = net, output
+
+    def forward(self, x: Tensor):
+        return self.output(self.net(x))
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda m: _Wrapped(m, lambda z: (z, z.mean())), "returns a tuple, not a logits tensor"),
+    (lambda m: _Wrapped(m, lambda z: {"logits": z}), "returns a dict.*out\\['logits'\\]"),
+    (lambda m: _Wrapped(m, lambda z: z[:, 0]), "returns shape \\(2,\\) for 2 images"),
+    (lambda m: m.half(), "parameters are torch.float16; evaluate it in float32"),
+    (lambda m: nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)),
+     "fails on images of shape \\(3, 32, 32\\) \\(mat1 and mat2"),
+])
+def test_a_model_that_cannot_be_evaluated_is_named_before_any_attack(make_tiny_model,
+                                                                      sample_batch, build,
+                                                                      match) -> None:
+    """Tuples, dicts, 1-d outputs, fp16 weights and the wrong input size used to fail deep
+    inside torchattacks or a convolution."""
+    x, y = sample_batch
+    with pytest.raises(EvaluationError, match=match):
+        evaluate(build(make_tiny_model()).eval(), (x[:8], y[:8]), attacks=["clean", "pgd20"],
+                 progress=False)
+
+
 class _Detached(nn.Module):
     def __init__(self, net: nn.Module) -> None:
         super().__init__()

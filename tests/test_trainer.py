@@ -78,6 +78,8 @@ def test_a_tiny_run_writes_every_artefact(tiny_run) -> None:
     assert (saved["best_epoch"], saved["steps"], saved["bad_steps"]) == (1, 4, 0)
     assert saved["images_per_second"] > 0 and saved["wall_seconds"] > 0
     assert set(saved["val"]) == {"epoch", "clean", "pgd2"} and saved["test_checks"]
+    report = json.loads((run / "test" / "report.json").read_text())  # the full test report
+    assert report["results"] == saved["test"] and (run / "test" / "report.md").is_file()
     findings = saved["test_check_findings"]  # each check's verdict, not only the overall one
     assert {"bounds", "eps_zero", "aa_vs_pgd", "pgd_vs_cw"} <= set(findings)
     assert all(f["status"] in ("pass", "warn", "fail", "skip") and f["message"]

@@ -169,6 +169,33 @@ def _exact_matmuls(device: torch.device) -> Iterator[None]:
         restore()
 
 
+def _probe(model: nn.Module, x: Tensor) -> None:
+    """One forward on two images: an EvaluationError naming the fix when the model cannot
+    be evaluated as "images in [0, 1] -> (N, classes) logits" (its own error chained)."""
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except RuntimeError as err:
+        if weight is not None and weight.dtype != x.dtype:
+            raise EvaluationError(
+                f"the model's parameters are {weight.dtype}; evaluate it in float32 "
+                "(model.float()) and pass precision='bf16' (--precision bf16) for attacks "
+                "under bf16 autocast") from err
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise EvaluationError(
+            f"the model fails on images of shape {tuple(x.shape[1:])} ({first[:160]}); "
+            "evaluate it on data of the size and channels it was built for") from err
+    if not torch.is_tensor(out):
+        raise EvaluationError(
+            f"the model returns a {type(out).__name__}, not a logits tensor; wrap it so that "
+            "forward returns the (N, classes) logits (e.g. out['logits'] or out[0])")
+    if out.dim() != 2 or out.shape[0] != len(x) or out.shape[1] < 2:
+        raise EvaluationError(
+            f"the model returns shape {tuple(out.shape)} for {len(x)} images; it must return "
+            "(N, classes) logits with at least 2 classes")
+
+
 def _fold(model: nn.Module, enabled: bool, x: Tensor, hooked: bool) -> tuple[nn.Module, dict]:
     """The model the attacks run: a BN-folded copy when enabled, possible and verified.
 
@@ -409,6 +436,7 @@ def evaluate(
     branch = bn_branch(model, "main") if has_dual_bn(model) else contextlib.nullcontext()
     start = time.perf_counter()
     with eval_mode(model), branch, monitor.watch(model):
+        _probe(model, x[:2].to(device))
         target, fold = _fold(model, fold_bn, x[:FOLD_CHECK_EXAMPLES].to(device), hooked)
         with monitor.watch(target) if target is not model else contextlib.nullcontext():
             # built inside eval_mode: a wrapper left in train mode would make torchattacks
