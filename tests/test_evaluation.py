@@ -3,6 +3,7 @@ pyautoattack, a monotone eps sweep on a briefly trained model, reports, CLI, inp
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -72,7 +73,7 @@ def _downsampled(splits, part: str, n: int | None = None) -> tuple[Tensor, Tenso
     return F.avg_pool2d(x[:n], 4).contiguous(), y[:n]  # (n, 3, 8, 8): real images, tiny
 
 
-def test_aa_equals_pyautoattack_called_directly(sample_splits) -> None:
+def test_aa_equals_pyautoattack_called_directly(sample_splits, tmp_path, monkeypatch) -> None:
     torch.set_num_threads(1)
     x_train, y_train = _downsampled(sample_splits, "train")
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
@@ -85,7 +86,8 @@ def test_aa_equals_pyautoattack_called_directly(sample_splits) -> None:
     model.eval()
     x, y = _downsampled(sample_splits, "test", 16)
     eps = 1 / 255
-    report = evaluate(model, (x, y), attacks=["clean", "aa"], eps=eps, seed=3, progress=False)
+    report = evaluate(model, (x, y), attacks=["clean", "aa"], eps=eps, seed=3, progress=False,
+                      out_dir=tmp_path)
     aa = AutoAttack(model, norm="Linf", eps=eps, version="standard", device="cpu", seed=3)
     _, y_adv = aa.run_standard_evaluation(x, y, batch_size=500)
     direct = 100.0 * int((y_adv == y).sum()) / len(y)
@@ -98,6 +100,18 @@ def test_aa_equals_pyautoattack_called_directly(sample_splits) -> None:
     # the bounds check counts the points AA attacked: the clean-correct ones
     assert report["bounds"]["aa"]["count"] == round(report["results"]["clean"] * len(y) / 100)
     assert report["bounds"]["aa"]["count"] < len(y)
+    # a resumed evaluation reuses the saved AA run: result, breakdown, bounds and warnings
+    from dat.evaluation import runner
+
+    def no_rerun(*args, **kwargs):
+        raise AssertionError("AutoAttack ran again despite resume=True")
+    monkeypatch.setattr(runner, "run_autoattack", no_rerun)
+    again = evaluate(model, (x, y), attacks=["clean", "aa"], eps=eps, seed=3, progress=False,
+                     out_dir=tmp_path, resume=True)
+    assert again["results"] == report["results"] and again["reused"][0] == "aa"
+    assert again["attacks"]["aa"]["breakdown"] == breakdown
+    assert again["bounds"]["aa"] == report["bounds"]["aa"]
+    assert again["checks"]["autoattack_checks"] == report["checks"]["autoattack_checks"]
 
 
 @pytest.fixture(scope="module")
@@ -357,6 +371,68 @@ def test_ctrl_c_in_the_sweep_returns_and_writes_the_finished_attacks(trained, sa
     assert trained.training  # the model's mode and BN statistics are restored
     trained.eval()  # module-scoped fixture: leave it as found
     assert all(torch.equal(v, before[k]) for k, v in trained.state_dict().items())
+
+
+def _counting_attacks(monkeypatch, interrupt_at: str | None = None) -> list[str]:
+    """Record the attacks that run; raise Ctrl-C when ``interrupt_at`` starts."""
+    from dat.evaluation import runner
+
+    real, ran = attack_points, []  # suite's own: a second call must not wrap the first
+
+    def counted(spec, *args, **kwargs):
+        if spec.name == interrupt_at:
+            raise KeyboardInterrupt
+        ran.append(spec.name)
+        return real(spec, *args, **kwargs)
+    monkeypatch.setattr(runner, "attack_points", counted)
+    return ran
+
+
+def test_an_interrupted_evaluation_resumes_to_the_uninterrupted_numbers(
+        trained, sample_splits, tmp_path, monkeypatch) -> None:
+    from dat.evaluation import EvaluationInterrupted
+
+    x, y = sample_splits.test.tensors()
+    data = (x[:60], y[:60])
+    kw = dict(attacks=["clean", "fgsm", "pgd20", "cw"], progress=False, checks=False)
+    whole = evaluate(trained, data, out_dir=tmp_path / "whole", **kw)
+    _counting_attacks(monkeypatch, interrupt_at="cw")
+    with pytest.raises(EvaluationInterrupted):
+        evaluate(trained, data, out_dir=tmp_path / "cut", **kw)
+    ran = _counting_attacks(monkeypatch)
+    resumed = evaluate(trained, data, out_dir=tmp_path / "cut", resume=True, **kw)
+    assert ran == ["cw"] and resumed["reused"] == ["fgsm", "pgd20"]
+    assert resumed["results"] == whole["results"]
+    assert resumed["bounds"] == whole["bounds"]
+    # adding an attack to a finished evaluation runs only that one
+    ran.clear()
+    more = evaluate(trained, data, out_dir=tmp_path / "cut", resume=True,
+                    **{**kw, "attacks": kw["attacks"] + ["pgd5"]})
+    assert ran == ["pgd5"] and more["results"]["pgd20"] == whole["results"]["pgd20"]
+    # without resume, everything runs again
+    ran.clear()
+    evaluate(trained, data, out_dir=tmp_path / "cut", **kw)
+    assert ran == ["fgsm", "pgd20", "cw"]
+
+
+def test_resume_refuses_the_progress_of_another_evaluation(trained, sample_splits,
+                                                          tmp_path) -> None:
+    x, y = sample_splits.test.tensors()
+    kw = dict(attacks=["clean", "fgsm"], progress=False, checks=False, out_dir=tmp_path)
+    evaluate(trained, (x[:20], y[:20]), **kw)
+    other = copy.deepcopy(trained)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    with pytest.raises(EvaluationError, match="holds an evaluation with other model; pass "
+                                              "another --out"):
+        evaluate(other, (x[:20], y[:20]), resume=True, **kw)
+    with pytest.raises(EvaluationError, match="other examples, seed"):
+        evaluate(trained, (x[1:21], y[1:21]), resume=True, seed=1, **kw)
+    with pytest.raises(EvaluationError, match="resume=True needs out_dir"):
+        evaluate(trained, (x[:20], y[:20]), attacks=["clean"], resume=True, progress=False)
+    (tmp_path / "progress.json").write_text("{not json")
+    with pytest.raises(EvaluationError, match="cannot be read .*delete it or run without"):
+        evaluate(trained, (x[:20], y[:20]), resume=True, **kw)
 
 
 class _Wrapped(nn.Module):

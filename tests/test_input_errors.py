@@ -128,7 +128,7 @@ def test_ctrl_c_during_an_attack_keeps_the_finished_ones(ckpt, tmp_path, capsys,
     argv = _quick(ckpt, tmp_path, "--attacks", "clean,fgsm,cw,pgd20")
     assert evaluate_main(argv) == 130
     _one_line_error(capsys, "interrupted during cw", "partial report (clean, fgsm, worst_case)",
-                    str(tmp_path / "eval" / "report.json"))
+                    str(tmp_path / "eval" / "report.json"), "same command with --resume")
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert list(report["results"]) == ["clean", "fgsm", "worst_case"]
     assert report["interrupted"].startswith("interrupted during cw;")

@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmap-examples", type=_at_least_one(), default=256,
                    help="images for the heat map (256)")
     p.add_argument("--heatmap-norm", type=float, default=4.0, help="L2 norm per channel")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the attacks that finished in OUT/progress.json (same weights, "
+                        "examples and settings) and run only the rest")
     p.add_argument("--no-checks", action="store_true", help="skip the integrity checks")
     p.add_argument("--strict", action="store_true", help="exit 1 when a check fails")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars")
@@ -204,7 +207,7 @@ def _evaluate(args: argparse.Namespace, device: torch.device, out: Path) -> dict
         heatmap_norm=args.heatmap_norm, heatmap_examples=args.heatmap_examples,
         tensorboard=args.tensorboard,
         channels_last=None if args.channels_last == "auto" else args.channels_last == "on",
-        fold_bn=None if args.fold_bn == "auto" else args.fold_bn == "on")
+        fold_bn=None if args.fold_bn == "auto" else args.fold_bn == "on", resume=args.resume)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -242,8 +245,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         if report and report.get("files"):
             done = ", ".join(report["results"])
             print(f"\n{report['interrupted'].split(';')[0]}; partial report ({done}) written "
-                  f"to {report['files']['json']}; rerun evaluate.py for the rest",
-                  file=sys.stderr)
+                  f"to {report['files']['json']}; rerun the same command with --resume for "
+                  "the rest", file=sys.stderr)
         else:
             print("\ninterrupted before any attack finished; nothing was saved; rerun "
                   "evaluate.py to evaluate again", file=sys.stderr)

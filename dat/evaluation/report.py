@@ -78,6 +78,9 @@ def format_markdown(report: dict) -> str:
              f"{report['device']}, {report['seconds']:.1f} s.", ""]
     if report.get("interrupted"):
         lines += [f"**Partial report**: {report['interrupted']}.", ""]
+    if report.get("reused"):
+        lines += ["Reused from an earlier run on the same weights, examples and settings "
+                  f"(progress.json): {', '.join(report['reused'])}.", ""]
     lines += _results_table(report) + _aa_lines(report) + _sweep_lines(report)
     lines += _diagnostic_lines(report)
     if report.get("checks"):

@@ -19,7 +19,8 @@ from ..attacks import eval_mode, is_compiled
 from ..models.dual_bn import bn_branch, has_dual_bn
 from ..models.folding import FoldError, fold_batchnorm, max_logit_gap
 from . import checks as C
-from .autoattack import autoattack_info, run_autoattack
+from .autoattack import AutoAttackResult, autoattack_info, run_autoattack
+from .progress import AttackCache, fingerprint
 from .suite import (
     BoundsStats,
     EvaluationError,
@@ -266,9 +267,11 @@ def _gradient_attack(name: str):
 class _Run:
     """State of one evaluation: the model, the data and what has been measured so far."""
 
-    def __init__(self, net, x, y, batch_size, device, seed, progress) -> None:
+    def __init__(self, net, x, y, batch_size, device, seed, progress,
+                 cache: AttackCache | None = None) -> None:
         self.net, self.x, self.y = net, x, y
         self.batch_size, self.device, self.seed, self.progress = batch_size, device, seed, progress
+        self.cache = cache  # finished attacks, saved as they finish (and reused on resume)
         self.bounds: dict[str, BoundsStats] = {}
         self.info: dict[str, dict] = {}
         self.results: dict[str, float] = {}  # accuracy (%) of each finished attack
@@ -289,6 +292,11 @@ class _Run:
         label = label or name
         n = len(self.x) if subset is None else min(subset, len(self.x))
         spec = make_attack(name, eps, alpha)
+        saved = self.cache.get(label, spec.info(), n) if self.cache is not None else None
+        if saved is not None:
+            self.bounds[label], self.info[label] = saved["bounds"], {**saved["info"],
+                                                                     "reused": True}
+            return saved["mask"]
         self.bounds[label] = BoundsStats(eps)
         start = time.perf_counter()
         with _gradient_attack(label):
@@ -296,16 +304,29 @@ class _Run:
                                  self.batch_size, self.device, self.seed, self.progress,
                                  self.bounds[label])
         self.info[label] = {**spec.info(), "seconds": round(time.perf_counter() - start, 3)}
+        if self.cache is not None:
+            self.cache.put(label, spec.info(), mask, self.bounds[label], self.info[label])
         return mask
 
-    def autoattack(self, eps: float):
+    def autoattack(self, eps: float) -> AutoAttackResult:
+        settings = autoattack_info(eps, self.seed)
+        saved = (self.cache.get("aa", settings, len(self.x)) if self.cache is not None
+                 else None)
+        if saved is not None:
+            self.bounds["aa"], self.info["aa"] = saved["bounds"], {**saved["info"],
+                                                                   "reused": True}
+            return AutoAttackResult(saved["mask"], saved["info"]["breakdown"],
+                                    saved["extra"].get("warnings", []), saved["bounds"])
         start = time.perf_counter()
         with _gradient_attack("aa"):
             res = run_autoattack(self.net, self.x, self.y, eps, self.batch_size, self.device,
                                  self.seed, self.progress, attacked=self.clean)
         self.bounds["aa"] = res.bounds
-        self.info["aa"] = {**autoattack_info(eps, self.seed), "breakdown": res.breakdown,
+        self.info["aa"] = {**settings, "breakdown": res.breakdown,
                            "seconds": round(time.perf_counter() - start, 3)}
+        if self.cache is not None:
+            self.cache.put("aa", settings, res.correct, res.bounds, self.info["aa"],
+                           extra={"warnings": res.warnings})
         return res
 
 
@@ -387,6 +408,7 @@ def _summary(run: _Run, eps: float, precision: str, channels_last: bool, fold: d
             "precision": precision, "channels_last": channels_last, "fold_bn": fold,
             "seed": run.seed,
             "device": str(run.device), "attacks": run.info,
+            "reused": list(run.cache.reused) if run.cache is not None else [],
             "bounds": {k: b.to_dict() for k, b in run.bounds.items()}}
 
 
@@ -397,7 +419,7 @@ def evaluate(
     sweep: bool | Iterable[float] | None = None, diagnostics: str | bool | None = None,
     heatmap: bool = False, heatmap_norm: float = 4.0, heatmap_examples: int = 256,
     check_examples: int = 500, tensorboard: bool = False, channels_last: bool | None = None,
-    fold_bn: bool | None = None,
+    fold_bn: bool | None = None, resume: bool = False,
 ) -> dict:
     """Evaluate ``model`` (a module mapping [0, 1] images to logits) against ``attacks``.
 
@@ -417,11 +439,17 @@ def evaluate(
     is attacked as given; ``report["fold_bn"]`` says which ran and why.
     Ctrl-C during the attacks raises :class:`EvaluationInterrupted`, whose ``report`` holds
     the attacks that finished (also written to ``out_dir``).
+    With ``out_dir``, each finished attack is saved at once to ``out_dir/progress.json``;
+    ``resume=True`` reuses those that ran on the same weights, examples and settings
+    (:mod:`dat.evaluation.progress`) and runs only the rest.
     """
     attacks = list(attacks)
     _validate_args(attacks, eps, batch_size, precision, n_examples)
     if heatmap and heatmap_examples < 1:
         raise EvaluationError(f"heatmap_examples={heatmap_examples} must be >= 1")
+    if resume and out_dir is None:
+        raise EvaluationError("resume=True needs out_dir, the folder whose progress.json holds "
+                              "the finished attacks")
     x, y = collect_examples(data, n_examples)
     device = _device(model)
     if channels_last is None:  # on for CPU, except where torch's CPU backward crashes
@@ -444,7 +472,11 @@ def evaluate(
             fast = precision == "bf16" or channels_last
             net = (_FastForward(target, precision == "bf16", channels_last).eval() if fast
                    else target)
-            run = _Run(net, x, y, batch_size, device, seed, progress)
+            cache = None if out_dir is None else AttackCache(out_dir, fingerprint(
+                model, x, y, seed=seed, precision=precision, batch_size=batch_size,
+                device=device.type, channels_last=channels_last, fold_bn=fold["folded"]),
+                resume)
+            run = _Run(net, x, y, batch_size, device, seed, progress, cache)
             try:
                 results, aa_messages = _run_attacks(run, attacks, eps)
                 swept = _run_sweep(run, radii) if radii else None

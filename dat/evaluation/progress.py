@@ -1,0 +1,117 @@
+"""Resumable evaluations: each finished attack is saved to ``OUT/progress.json`` at once.
+
+An AutoAttack run on a full test set takes hours; a crash, a Ctrl-C or a lost machine
+must not cost the attacks that already finished. After each attack the per-example
+correctness, accuracy, settings and bounds statistics are written atomically, under a
+fingerprint of what was evaluated: a digest of the model's weights and buffers and of the
+examples, and every setting that changes a number (eps, seed, precision, batch size,
+device type, channels_last, BN folding). ``evaluate(..., resume=True)`` (``--resume``)
+reuses an attack only when the fingerprint and the attack's own settings match; every
+attack re-seeds its random generator, so a reused attack equals a rerun one. Adding
+attacks to a finished evaluation runs only the new ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .suite import BoundsStats, EvaluationError
+
+__all__ = ["PROGRESS_FILE", "AttackCache", "fingerprint"]
+
+PROGRESS_FILE = "progress.json"
+_FORMAT = 1
+
+
+def _digest(named: list[tuple[str, Tensor]]) -> str:
+    """sha256 over names, dtypes, shapes and raw bytes of tensors (any dtype, any device)."""
+    h = hashlib.sha256()
+    for name, t in named:
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def fingerprint(model: nn.Module, x: Tensor, y: Tensor, **settings) -> dict:
+    """What an evaluation's numbers depend on: weights, examples and ``settings``."""
+    return {"format": _FORMAT, "model": _digest(list(model.state_dict().items())),
+            "examples": _digest([("x", x), ("y", y)]), **settings}
+
+
+def _plain(value):
+    """``value`` as it reads back from JSON (tuples become lists), for comparisons."""
+    return json.loads(json.dumps(value))
+
+
+def _pack(mask: Tensor) -> str:
+    return np.packbits(mask.cpu().numpy().astype(np.uint8)).tobytes().hex()
+
+
+def _unpack(text: str, n: int) -> Tensor:
+    bits = np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8))[:n]
+    return torch.from_numpy(bits.astype(bool))
+
+
+class AttackCache:
+    """The finished attacks of one evaluation, kept in ``folder/progress.json``.
+
+    ``resume``: load the file and reuse its attacks; a file of another evaluation (other
+    weights, examples or settings) is refused in one line rather than mixed in. Without
+    ``resume`` the evaluation starts over and replaces the file as attacks finish.
+    """
+
+    def __init__(self, folder: str | Path, fingerprint: dict, resume: bool) -> None:
+        self.path = Path(folder) / PROGRESS_FILE
+        self.fingerprint = _plain(fingerprint)
+        self.entries: dict[str, dict] = {}
+        self.reused: list[str] = []
+        if resume and self.path.is_file():
+            self.entries = self._load()
+
+    def _load(self) -> dict[str, dict]:
+        try:
+            saved = json.loads(self.path.read_text())
+            before, entries = saved["fingerprint"], saved["attacks"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise EvaluationError(f"{self.path} cannot be read ({type(err).__name__}); delete "
+                                  "it or run without --resume (resume=False)") from None
+        differ = sorted(k for k in set(before) | set(self.fingerprint)
+                        if before.get(k) != self.fingerprint.get(k))
+        if differ:
+            raise EvaluationError(
+                f"{self.path} holds an evaluation with other {', '.join(differ)}; pass "
+                "another --out (out_dir) for this one, or run without --resume "
+                "(resume=False) to start over there")
+        return entries
+
+    def get(self, label: str, info: dict, n: int) -> dict | None:
+        """The saved result of ``label`` if it ran with ``info``'s settings on ``n`` points:
+        ``{"mask", "bounds", "info", "extra"}``; else None."""
+        entry = self.entries.get(label)
+        if entry is None or entry["settings"] != _plain(info) or entry["n"] != n:
+            return None
+        bounds = BoundsStats(entry["bounds"]["eps"])
+        for key, value in entry["bounds"].items():
+            if value is not None:
+                setattr(bounds, key, value)
+        self.reused.append(label)
+        return {"mask": _unpack(entry["mask"], n), "bounds": bounds, "info": entry["info"],
+                "extra": entry.get("extra", {})}
+
+    def put(self, label: str, info: dict, mask: Tensor, bounds: BoundsStats, report_info: dict,
+            extra: dict | None = None) -> None:
+        """Record a finished attack and rewrite the file atomically."""
+        from ..checkpoint import atomic_write
+
+        self.entries[label] = {"settings": _plain(info), "n": len(mask), "mask": _pack(mask),
+                               "bounds": bounds.to_dict(), "info": _plain(report_info),
+                               "extra": _plain(extra or {})}
+        text = json.dumps({"fingerprint": self.fingerprint, "attacks": self.entries}, indent=1)
+        atomic_write(self.path, lambda f: f.write(text.encode()))
