@@ -391,7 +391,8 @@ class Trainer(CheckpointedRun):
             report = evaluate(plain.eval(), (x, y), attacks=list(self.cfg.train.test_attacks),
                               eps=self.cfg.method.attack.eps,
                               batch_size=self.cfg.data.eval_batch_size, progress=self.progress,
-                              out_dir=self.run_dir / "test")  # the full report, with plots
+                              out_dir=self.run_dir / "test",  # the full report, with plots
+                              resume="auto")  # a test cut short by Ctrl-C goes on
         metrics = self._metrics(report, which)
         (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         self._emit("on_train_end", metrics)

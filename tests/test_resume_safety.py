@@ -246,3 +246,33 @@ def test_a_second_ctrl_c_in_a_step_stops_at_once_without_saving(tmp_path) -> Non
     assert trainer.state.global_step == 1  # the second step never finished
     assert not (tmp_path / "twice" / "checkpoints" / "last.pt").exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_in_the_final_test_resumes_only_the_unfinished_attacks(tmp_path,
+                                                                      monkeypatch) -> None:
+    """The final test saves each finished attack; ``--resume`` after a Ctrl-C there runs
+    only the rest, and the numbers equal an uninterrupted run's."""
+    from dat.evaluation import runner
+    from dat.evaluation.suite import attack_points
+
+    attacks = "train.test_attacks=[clean,fgsm,cw]"
+    straight = Trainer(_tiny_cfg(tmp_path, "train.run_name=straight", attacks),
+                       progress=False).fit()
+    ran: list[str] = []
+    cut = {"at": "cw"}
+
+    def cut_at_cw(spec, *args, **kwargs):
+        if spec.name == cut["at"]:
+            raise KeyboardInterrupt
+        ran.append(spec.name)
+        return attack_points(spec, *args, **kwargs)
+    monkeypatch.setattr(runner, "attack_points", cut_at_cw)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_tiny_cfg(tmp_path, "train.run_name=cut", attacks), progress=False).fit()
+    assert ran == ["fgsm"]
+    ran.clear()
+    cut["at"] = None
+    resumed = Trainer(_tiny_cfg(tmp_path, "train.run_name=cut", attacks, "train.resume=auto"),
+                      progress=False).fit()
+    assert ran[0] == "cw" and "fgsm" not in ran  # fgsm came from progress.json
+    assert resumed["test"] == straight["test"]

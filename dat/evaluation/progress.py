@@ -62,28 +62,36 @@ def _unpack(text: str, n: int) -> Tensor:
 class AttackCache:
     """The finished attacks of one evaluation, kept in ``folder/progress.json``.
 
-    ``resume``: load the file and reuse its attacks; a file of another evaluation (other
-    weights, examples or settings) is refused in one line rather than mixed in. Without
-    ``resume`` the evaluation starts over and replaces the file as attacks finish.
+    ``resume``: True loads the file and reuses its attacks; a file of another evaluation
+    (other weights, examples or settings) is refused in one line rather than mixed in.
+    ``"auto"``: reuse when the fingerprint matches, else start over (the trainer's final
+    test, whose best checkpoint may have changed). False: start over; the file is replaced
+    as attacks finish.
     """
 
-    def __init__(self, folder: str | Path, fingerprint: dict, resume: bool) -> None:
+    def __init__(self, folder: str | Path, fingerprint: dict, resume: bool | str) -> None:
+        if resume not in (True, False, "auto"):
+            raise EvaluationError(f"resume={resume!r}; use True, False or 'auto'")
         self.path = Path(folder) / PROGRESS_FILE
         self.fingerprint = _plain(fingerprint)
         self.entries: dict[str, dict] = {}
         self.reused: list[str] = []
         if resume and self.path.is_file():
-            self.entries = self._load()
+            self.entries = self._load(strict=resume is True)
 
-    def _load(self) -> dict[str, dict]:
+    def _load(self, strict: bool) -> dict[str, dict]:
         try:
             saved = json.loads(self.path.read_text())
             before, entries = saved["fingerprint"], saved["attacks"]
         except (OSError, ValueError, KeyError, TypeError) as err:
+            if not strict:
+                return {}
             raise EvaluationError(f"{self.path} cannot be read ({type(err).__name__}); delete "
                                   "it or run without --resume (resume=False)") from None
         differ = sorted(k for k in set(before) | set(self.fingerprint)
                         if before.get(k) != self.fingerprint.get(k))
+        if differ and not strict:
+            return {}
         if differ:
             raise EvaluationError(
                 f"{self.path} holds an evaluation with other {', '.join(differ)}; pass "

@@ -419,7 +419,7 @@ def evaluate(
     sweep: bool | Iterable[float] | None = None, diagnostics: str | bool | None = None,
     heatmap: bool = False, heatmap_norm: float = 4.0, heatmap_examples: int = 256,
     check_examples: int = 500, tensorboard: bool = False, channels_last: bool | None = None,
-    fold_bn: bool | None = None, resume: bool = False,
+    fold_bn: bool | None = None, resume: bool | str = False,
 ) -> dict:
     """Evaluate ``model`` (a module mapping [0, 1] images to logits) against ``attacks``.
 
@@ -441,13 +441,14 @@ def evaluate(
     the attacks that finished (also written to ``out_dir``).
     With ``out_dir``, each finished attack is saved at once to ``out_dir/progress.json``;
     ``resume=True`` reuses those that ran on the same weights, examples and settings
-    (:mod:`dat.evaluation.progress`) and runs only the rest.
+    (:mod:`dat.evaluation.progress`) and runs only the rest; a file of another evaluation is
+    an error (``"auto"``: it is ignored instead).
     """
     attacks = list(attacks)
     _validate_args(attacks, eps, batch_size, precision, n_examples)
     if heatmap and heatmap_examples < 1:
         raise EvaluationError(f"heatmap_examples={heatmap_examples} must be >= 1")
-    if resume and out_dir is None:
+    if resume is True and out_dir is None:
         raise EvaluationError("resume=True needs out_dir, the folder whose progress.json holds "
                               "the finished attacks")
     x, y = collect_examples(data, n_examples)
