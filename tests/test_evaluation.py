@@ -428,6 +428,7 @@ def test_resume_refuses_the_progress_of_another_evaluation(trained, sample_split
         evaluate(other, (x[:20], y[:20]), resume=True, **kw)
     with pytest.raises(EvaluationError, match="other examples, seed"):
         evaluate(trained, (x[1:21], y[1:21]), resume=True, seed=1, **kw)
+    assert evaluate(other, (x[:20], y[:20]), resume="auto", **kw)["reused"] == []  # over
     with pytest.raises(EvaluationError, match="resume=True needs out_dir"):
         evaluate(trained, (x[:20], y[:20]), attacks=["clean"], resume=True, progress=False)
     (tmp_path / "progress.json").write_text("{not json")
