@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import numbers
+import re
 import sys
 from collections.abc import Callable, Iterator
 
@@ -241,6 +242,7 @@ def check_images(x: Tensor, who: str = "the attack") -> None:
                          "images with x.float() / 255")
 
 
+_DTYPE_ERROR = re.compile(r"type|Half|Float|Double|Long")  # torch's dtype mismatch texts
 UNIT_RANGE_TOL = 1e-4  # float noise of augmentations around [0, 1]
 
 
@@ -248,8 +250,13 @@ def check_unit_range(x: Tensor, who: str) -> None:
     """One-line ValueError for images outside [0, 1]: normalised (mean/std) or 0-255 ones,
     which would be clipped or attacked at the wrong scale. One host sync: callers in a
     training loop check their first batch only."""
-    low, high = torch.aminmax(x.detach())
-    low, high = float(low), float(high)
+    x = x.detach()
+    low, high = torch.aminmax(x)
+    low, high, finite = torch.stack([low.float(), high.float(),
+                                     torch.isfinite(x).all().float()]).tolist()
+    if not finite:
+        raise ValueError(f"{who} got images with NaN or inf values; check the data pipeline "
+                         "(a division by zero in a custom transform?)")
     if low < -UNIT_RANGE_TOL or high > 1 + UNIT_RANGE_TOL:
         raise ValueError(
             f"{who} expects images in [0, 1], found values in [{low:.3f}, {high:.3f}]; "
@@ -269,7 +276,7 @@ def explain_dtype_mismatch(model: nn.Module, x: Tensor, who: str) -> Iterator[No
         yield
     except RuntimeError as err:
         weight = next((p for p in model.parameters() if p.is_floating_point()), None)
-        if weight is None or weight.dtype == x.dtype:
+        if weight is None or weight.dtype == x.dtype or not _DTYPE_ERROR.search(str(err)):
             raise
         raise ValueError(
             f"{who} got {x.dtype} images for a model with {weight.dtype} parameters; pass "

@@ -436,6 +436,43 @@ def test_resume_refuses_the_progress_of_another_evaluation(trained, sample_split
         evaluate(trained, (x[:20], y[:20]), resume=True, **kw)
 
 
+class _ExtraState(nn.Module):
+    """A model with non-tensor extra state in its state_dict."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def get_extra_state(self) -> dict:
+        return {"classes": ["airplane", "automobile"], "version": 2}
+
+    def set_extra_state(self, state) -> None:
+        pass
+
+
+def test_the_fingerprint_sees_what_state_dict_leaves_out(trained, sample_splits,
+                                                         tmp_path) -> None:
+    """A changed Normalize mean (a non-persistent buffer) is another model; a batch size
+    lowered after running out of memory is not; non-tensor extra state is hashed too."""
+    x, y = sample_splits.test.tensors()
+    data = (x[:30], y[:30])
+    kw = dict(attacks=["clean", "fgsm"], progress=False, checks=False, out_dir=tmp_path)
+    first = evaluate(trained, data, batch_size=30, **kw)
+    renormalised = copy.deepcopy(trained)
+    norm = next(m for m in renormalised.modules() if isinstance(m, dat.models.Normalize))
+    norm.mean.add_(0.01)
+    with pytest.raises(EvaluationError, match="other model"):
+        evaluate(renormalised, data, resume=True, **kw)
+    again = evaluate(trained, data, batch_size=7, resume=True, **kw)
+    assert again["reused"] == ["fgsm"] and again["results"] == first["results"]
+    assert again["attacks"]["fgsm"]["batch_size"] == 30  # the batch size it ran with
+    extra = evaluate(_ExtraState(trained).eval(), data, **kw)  # used to fail in the digest
+    assert extra["results"] == first["results"]
+
+
 class _Wrapped(nn.Module):
     def __init__(self, net: nn.Module, output) -> None:
         super().__init__()

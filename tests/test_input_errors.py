@@ -137,6 +137,20 @@ def test_ctrl_c_during_an_attack_keeps_the_finished_ones(ckpt, tmp_path, capsys,
     assert "**Partial report**: interrupted during cw" in page
 
 
+def test_ctrl_c_before_an_attack_finishes_points_to_saved_progress(ckpt, tmp_path, capsys,
+                                                                   monkeypatch) -> None:
+    """Telling the user to evaluate again without --resume would discard saved attacks."""
+    assert evaluate_main(_quick(ckpt, tmp_path, "--attacks", "clean,fgsm")) == 0
+    assert (tmp_path / "eval" / "progress.json").is_file()
+    capsys.readouterr()
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(dat.evaluation.runner, "evaluate", interrupt)
+    assert evaluate_main(_quick(ckpt, tmp_path, "--attacks", "clean,fgsm,cw", "--resume")) == 130
+    _one_line_error(capsys, "attacks finished so far are in", "progress.json", "--resume")
+
+
 # 6. entry points that need arguments
 def test_an_entry_point_needing_arguments_is_refused(tmp_path, capsys, no_attacks) -> None:
     assert evaluate_main(["--model", "dat.models:create", "--out", str(tmp_path / "e")]) == 2
@@ -326,6 +340,7 @@ def test_a_model_that_casts_its_own_input_is_still_attacked() -> None:
 @pytest.mark.parametrize("scale, fix", [
     (lambda x: (x - 0.5) / 0.25, "drop Normalize from the data pipeline"),
     (lambda x: x * 255, "divide 0-255 images by 255"),
+    (lambda x: torch.where(x > 0.999, torch.nan, 2 * x), "NaN or inf values"),  # NaN hid it
 ])
 def test_normalised_or_0_255_images_are_refused_by_the_steps_and_the_mix(scale, fix) -> None:
     """They used to train silently: clipped to [0, 1] by the mix, attacked at the wrong
@@ -335,14 +350,14 @@ def test_normalised_or_0_255_images_are_refused_by_the_steps_and_the_mix(scale, 
     x, y = scale(torch.rand(4, 3, 32, 32)), torch.arange(4)
     step = _dat_step(steps=1)
     before = [p.clone() for p in step.model.parameters()]
-    with pytest.raises(ValueError, match=f"DATStep expects images in \\[0, 1\\].*{fix}"):
+    with pytest.raises(ValueError, match=f"DATStep (expects images in \\[0, 1\\].*|got images with ){fix}"):
         step(x, y)
     assert all(torch.equal(a, b) for a, b in zip(before, step.model.parameters(), strict=True))
-    with pytest.raises(ValueError, match=f"AmplitudeMix expects images in \\[0, 1\\].*{fix}"):
+    with pytest.raises(ValueError, match=f"AmplitudeMix (expects images in \\[0, 1\\].*|got images with ){fix}"):
         dat.AmplitudeMix()(x, y)
     model = dat.models.create("resnet_tiny")
     baseline = PGDATStep(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=1)
-    with pytest.raises(ValueError, match=f"PGDATStep expects images in \\[0, 1\\].*{fix}"):
+    with pytest.raises(ValueError, match=f"PGDATStep (expects images in \\[0, 1\\].*|got images with ){fix}"):
         baseline(x, y)
     # [0, 1] images pass, and only the first call pays for the check
     ok = torch.rand(4, 3, 32, 32)

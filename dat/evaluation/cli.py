@@ -16,6 +16,7 @@ import torch
 
 from ..config import DataConfig
 from .loading import load_checkpoint, load_entry_point
+from .progress import PROGRESS_FILE
 
 __all__ = ["build_parser", "evaluate_main", "parse_eps"]
 
@@ -247,6 +248,10 @@ def evaluate_main(argv: list[str] | None = None) -> int:
             print(f"\n{report['interrupted'].split(';')[0]}; partial report ({done}) written "
                   f"to {report['files']['json']}; rerun the same command with --resume for "
                   "the rest", file=sys.stderr)
+        elif (_out_dir(args) / PROGRESS_FILE).is_file():  # an earlier run's attacks are kept
+            print(f"\ninterrupted; the attacks finished so far are in "
+                  f"{_out_dir(args) / PROGRESS_FILE}; rerun the same command with --resume to "
+                  "go on from them", file=sys.stderr)
         else:
             print("\ninterrupted before any attack finished; nothing was saved; rerun "
                   "evaluate.py to evaluate again", file=sys.stderr)

@@ -3,11 +3,14 @@
 An AutoAttack run on a full test set takes hours; a crash, a Ctrl-C or a lost machine
 must not cost the attacks that already finished. After each attack the per-example
 correctness, accuracy, settings and bounds statistics are written atomically, under a
-fingerprint of what was evaluated: a digest of the model's weights and buffers and of the
-examples, and every setting that changes a number (eps, seed, precision, batch size,
-device type, channels_last, BN folding). ``evaluate(..., resume=True)`` (``--resume``)
-reuses an attack only when the fingerprint and the attack's own settings match; every
-attack re-seeds its random generator, so a reused attack equals a rerun one. Adding
+fingerprint of what was evaluated: a digest of the model (its module types and settings,
+parameters and every buffer, non-persistent ones such as a Normalize's mean included), of
+the examples and of which of them the model classifies correctly, and the settings that
+change a number (seed, precision, device type, channels_last, BN folding).
+``evaluate(..., resume=True)`` (``--resume``) reuses an attack only when the fingerprint
+and the attack's own settings match; every attack re-seeds its random generator, so a
+reused attack equals a rerun one. The batch size is recorded per attack but may change
+on a resume (after running out of memory): it only regroups the random starts. Adding
 attacks to a finished evaluation runs only the new ones.
 """
 
@@ -27,22 +30,44 @@ __all__ = ["PROGRESS_FILE", "AttackCache", "fingerprint"]
 
 PROGRESS_FILE = "progress.json"
 _FORMAT = 1
+_WORDS = {"clean_predictions": "clean predictions (same weights: changed model code?)"}
 
 
-def _digest(named: list[tuple[str, Tensor]]) -> str:
-    """sha256 over names, dtypes, shapes and raw bytes of tensors (any dtype, any device)."""
-    h = hashlib.sha256()
-    for name, t in named:
-        t = t.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
+def _digest(named, h=None) -> str:
+    """sha256 over names, dtypes, shapes and raw bytes of tensors (any dtype or device;
+    other values by their repr), without copying a CPU tensor's bytes."""
+    h = h or hashlib.sha256()
+    for name, value in named:
+        if not torch.is_tensor(value):
+            h.update(f"{name}|{value!r}|".encode())
+            continue
+        t = value.detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{t.layout}|".encode())
+        if t.is_meta:
+            continue
+        if t.layout != torch.strided:
+            t = t.to_dense()
+        t = t.cpu().contiguous().reshape(-1)
+        h.update(memoryview(t.view(torch.uint8).numpy()))
     return h.hexdigest()
 
 
-def fingerprint(model: nn.Module, x: Tensor, y: Tensor, **settings) -> dict:
-    """What an evaluation's numbers depend on: weights, examples and ``settings``."""
-    return {"format": _FORMAT, "model": _digest(list(model.state_dict().items())),
-            "examples": _digest([("x", x), ("y", y)]), **settings}
+def _model_digest(model: nn.Module) -> str:
+    """Module types and settings (extra_repr), parameters and all buffers: what makes the
+    logits, beyond ``state_dict`` (which leaves out non-persistent buffers)."""
+    h = hashlib.sha256()
+    for name, module in model.named_modules():
+        h.update(f"{name}|{type(module).__qualname__}|{module.extra_repr()}|".encode())
+    return _digest([*model.named_parameters(), *model.named_buffers()], h)
+
+
+def fingerprint(model: nn.Module, x: Tensor, y: Tensor, clean: Tensor, **settings) -> dict:
+    """What an evaluation's numbers depend on: the model, the examples, which of them the
+    model classifies correctly (``clean``, (N,) bool: catches a changed forward), and
+    ``settings``."""
+    return {"format": _FORMAT, "model": _model_digest(model),
+            "examples": _digest([("x", x), ("y", y)]), "clean_predictions": _pack(clean),
+            **settings}
 
 
 def _plain(value):
@@ -90,6 +115,9 @@ class AttackCache:
                                   "it or run without --resume (resume=False)") from None
         differ = sorted(k for k in set(before) | set(self.fingerprint)
                         if before.get(k) != self.fingerprint.get(k))
+        if {"model", "examples"} & set(differ) and "clean_predictions" in differ:
+            differ.remove("clean_predictions")  # implied by the other model or examples
+        differ = [_WORDS.get(k, k) for k in differ]
         if differ and not strict:
             return {}
         if differ:
@@ -101,7 +129,8 @@ class AttackCache:
 
     def get(self, label: str, info: dict, n: int) -> dict | None:
         """The saved result of ``label`` if it ran with ``info``'s settings on ``n`` points:
-        ``{"mask", "bounds", "info", "extra"}``; else None."""
+        ``{"mask", "bounds", "info", "extra"}``; else None. ``info`` leaves out the batch
+        size, which a resume may change."""
         entry = self.entries.get(label)
         if entry is None or entry["settings"] != _plain(info) or entry["n"] != n:
             return None

@@ -166,6 +166,9 @@ def write_report(report: dict, out_dir: str | Path, tensorboard: bool = False) -
     if tensorboard:
         log_tensorboard(report, out / "tensorboard")
         files["tensorboard"] = str(out / "tensorboard")
-    (out / "report.md").write_text(format_markdown(report))
-    (out / "report.json").write_text(json.dumps({**report, "files": files}, indent=2))
+    from ..checkpoint import atomic_write  # a second Ctrl-C leaves no half-written file
+
+    page, data = format_markdown(report), json.dumps({**report, "files": files}, indent=2)
+    atomic_write(out / "report.md", lambda f: f.write(page.encode()))
+    atomic_write(out / "report.json", lambda f: f.write(data.encode()))
     return files

@@ -177,6 +177,8 @@ def _probe(model: nn.Module, x: Tensor) -> None:
     try:
         with torch.no_grad():
             out = model(x)
+    except torch.cuda.OutOfMemoryError:
+        raise  # not the model's fault: lower batch_size
     except RuntimeError as err:
         if weight is not None and weight.dtype != x.dtype:
             raise EvaluationError(
@@ -267,11 +269,10 @@ def _gradient_attack(name: str):
 class _Run:
     """State of one evaluation: the model, the data and what has been measured so far."""
 
-    def __init__(self, net, x, y, batch_size, device, seed, progress,
-                 cache: AttackCache | None = None) -> None:
+    def __init__(self, net, x, y, batch_size, device, seed, progress) -> None:
         self.net, self.x, self.y = net, x, y
         self.batch_size, self.device, self.seed, self.progress = batch_size, device, seed, progress
-        self.cache = cache  # finished attacks, saved as they finish (and reused on resume)
+        self.cache: AttackCache | None = None  # finished attacks, saved (and reused)
         self.bounds: dict[str, BoundsStats] = {}
         self.info: dict[str, dict] = {}
         self.results: dict[str, float] = {}  # accuracy (%) of each finished attack
@@ -303,7 +304,8 @@ class _Run:
             mask = attack_points(spec, self.net, self.x[:n], self.y[:n], self.clean[:n],
                                  self.batch_size, self.device, self.seed, self.progress,
                                  self.bounds[label])
-        self.info[label] = {**spec.info(), "seconds": round(time.perf_counter() - start, 3)}
+        self.info[label] = {**spec.info(), "batch_size": self.batch_size,
+                            "seconds": round(time.perf_counter() - start, 3)}
         if self.cache is not None:
             self.cache.put(label, spec.info(), mask, self.bounds[label], self.info[label])
         return mask
@@ -322,7 +324,7 @@ class _Run:
             res = run_autoattack(self.net, self.x, self.y, eps, self.batch_size, self.device,
                                  self.seed, self.progress, attacked=self.clean)
         self.bounds["aa"] = res.bounds
-        self.info["aa"] = {**settings, "breakdown": res.breakdown,
+        self.info["aa"] = {**settings, "breakdown": res.breakdown, "batch_size": self.batch_size,
                            "seconds": round(time.perf_counter() - start, 3)}
         if self.cache is not None:
             self.cache.put("aa", settings, res.correct, res.bounds, self.info["aa"],
@@ -473,11 +475,12 @@ def evaluate(
             fast = precision == "bf16" or channels_last
             net = (_FastForward(target, precision == "bf16", channels_last).eval() if fast
                    else target)
-            cache = None if out_dir is None else AttackCache(out_dir, fingerprint(
-                model, x, y, seed=seed, precision=precision, batch_size=batch_size,
-                device=device.type, channels_last=channels_last, fold_bn=fold["folded"]),
-                resume)
-            run = _Run(net, x, y, batch_size, device, seed, progress, cache)
+            run = _Run(net, x, y, batch_size, device, seed, progress)
+            if out_dir is not None:
+                run.cache = AttackCache(out_dir, fingerprint(
+                    model, x, y, run.clean, seed=seed, precision=precision,
+                    device=device.type, channels_last=channels_last, fold_bn=fold["folded"]),
+                    resume)
             try:
                 results, aa_messages = _run_attacks(run, attacks, eps)
                 swept = _run_sweep(run, radii) if radii else None
