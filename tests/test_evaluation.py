@@ -208,6 +208,35 @@ def test_cli_evaluates_a_checkpoint(make_warm_model, sample_splits, tmp_path, ca
     assert "| fgsm |" in capsys.readouterr().out
 
 
+def test_wilson_interval_matches_known_values() -> None:
+    from dat.evaluation.statistics import wilson_interval
+
+    # Wilson (1927) / Newcombe (1998): 30 of 100 -> [21.9, 39.6]; 0 of 10 -> [0, 27.8]
+    assert [round(v, 1) for v in wilson_interval(30, 100)] == [21.9, 39.6]
+    assert [round(v, 1) for v in wilson_interval(0, 10)] == [0.0, 27.8]
+    assert [round(v, 1) for v in wilson_interval(10, 10)] == [72.2, 100.0]
+    low, high = wilson_interval(500, 1000)  # about +-3.1 points at 1,000 examples
+    assert 3.0 < 50 - low < 3.2 and 3.0 < high - 50 < 3.2
+
+
+def test_reports_give_intervals_and_per_class_accuracy(make_warm_model, sample_batch) -> None:
+    x, y = sample_batch  # 16 images, labels 0..9
+    report = evaluate(make_warm_model().eval(), (x, y), attacks=["clean", "fgsm"],
+                      progress=False, checks=False)
+    n = len(y)
+    for name, acc in report["results"].items():
+        low, high = report["ci95"][name]
+        assert low <= acc <= high
+        counts = torch.bincount(y, minlength=10)
+        per_class = report["per_class"][name]
+        # the per-class accuracies weighted by class size give the overall accuracy
+        total = sum(a * int(c) for a, c in zip(per_class, counts, strict=True) if a is not None)
+        assert abs(total / n - acc) < 1e-9
+    assert report["per_class"]["worst_case"] == report["per_class"]["fgsm"]
+    page = format_markdown(report)
+    assert "| 95% interval |" in page and "## Accuracy per class (%)" in page
+
+
 def test_cli_reports_a_bad_checkpoint_in_one_line(tmp_path, capsys) -> None:
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert evaluate_main(["--checkpoint", str(tmp_path / "junk.pt")]) == 2

@@ -11,8 +11,11 @@ _MARK = {"pass": "PASS", "warn": "WARN", "fail": "FAIL", "skip": "skip"}
 
 
 def _results_table(report: dict) -> list[str]:
-    lines = ["| attack | accuracy (%) | implementation | settings |", "|---|---:|---|---|"]
+    lines = ["| attack | accuracy (%) | 95% interval | implementation | settings |",
+             "|---|---:|---:|---|---|"]
     for name, acc in report["results"].items():
+        low, high = report.get("ci95", {}).get(name, (None, None))
+        interval = f"{low:.1f} - {high:.1f}" if low is not None else "-"
         info = report["attacks"].get(name, {})
         impl = f"{info['implementation']} {info['version']}" if info else "-"
         keys = ("steps", "alpha", "loss")
@@ -21,7 +24,24 @@ def _results_table(report: dict) -> list[str]:
             for k in keys if k in info)
         if name == "worst_case":
             impl, settings = "per example: any attack succeeds", ""
-        lines.append(f"| {name} | {acc:.2f} | {impl} | {settings} |")
+        lines.append(f"| {name} | {acc:.2f} | {interval} | {impl} | {settings} |")
+    return lines
+
+
+PER_CLASS_TABLE_MAX = 20  # classes shown in report.md (all of them are in report.json)
+
+
+def _per_class_lines(report: dict) -> list[str]:
+    per_class = report.get("per_class")
+    if not per_class or report["num_classes"] > PER_CLASS_TABLE_MAX:
+        return []
+    k = report["num_classes"]
+    lines = ["", "## Accuracy per class (%)", "",
+             "| attack | " + " | ".join(str(c) for c in range(k)) + " |",
+             "|---|" + "---:|" * k]
+    for name, accs in per_class.items():
+        cells = " | ".join("-" if a is None else f"{a:.1f}" for a in accs)
+        lines.append(f"| {name} | {cells} |")
     return lines
 
 
@@ -81,7 +101,11 @@ def format_markdown(report: dict) -> str:
     if report.get("reused"):
         lines += ["Reused from an earlier run on the same weights, examples and settings "
                   f"(progress.json): {', '.join(report['reused'])}.", ""]
-    lines += _results_table(report) + _aa_lines(report) + _sweep_lines(report)
+    lines += _results_table(report)
+    if report.get("ci95"):
+        lines += ["", f"95% interval (Wilson score): where the accuracy on the whole data "
+                  f"distribution lies, given {report['n']} examples."]
+    lines += _aa_lines(report) + _per_class_lines(report) + _sweep_lines(report)
     lines += _diagnostic_lines(report)
     if report.get("checks"):
         lines += ["", f"## Integrity checks: {_MARK[report['checks_status']]}", "",

@@ -21,6 +21,7 @@ from ..models.folding import FoldError, fold_batchnorm, max_logit_gap
 from . import checks as C
 from .autoattack import AutoAttackResult, autoattack_info, run_autoattack
 from .progress import AttackCache, fingerprint
+from .statistics import per_class_accuracy, wilson_interval
 from .suite import (
     BoundsStats,
     EvaluationError,
@@ -277,6 +278,7 @@ class _Run:
         self.info: dict[str, dict] = {}
         self.results: dict[str, float] = {}  # accuracy (%) of each finished attack
         self.masks: dict[str, Tensor] = {}  # per point: still correct after that attack
+        self.worst: Tensor | None = None  # per point: correct after every attack run
         self.stage = "the clean forward"  # what runs now, for an interrupted report
         with torch.no_grad():
             logits = [net(xb.to(device)).cpu() for xb in x.split(batch_size)]  # (B, K) each
@@ -353,10 +355,10 @@ def _worst_case(run: _Run) -> None:
     """``worst_case``: a point counts as robust only if every attack run failed on it."""
     adversarial = [m for k, m in run.masks.items() if k != "clean"]
     if adversarial:
-        worst = run.clean.clone()
+        run.worst = run.clean.clone()
         for m in adversarial:
-            worst &= m
-        run.results["worst_case"] = _pct(worst)
+            run.worst &= m
+        run.results["worst_case"] = _pct(run.worst)
 
 
 def _run_sweep(run: _Run, radii: Sequence[float]) -> dict:
@@ -404,9 +406,21 @@ def _sanity_checks(run: _Run, results: dict, sweep: dict | None, aa_messages,
     return found
 
 
+def _spread(run: _Run) -> dict:
+    """95% intervals and per-class accuracy of every result, from the per-point masks."""
+    masks = dict(run.masks)
+    if run.worst is not None:
+        masks["worst_case"] = run.worst
+    n = len(run.y)
+    return {"ci95": {k: list(wilson_interval(int(m.sum()), n)) for k, m in masks.items()},
+            "per_class": {k: per_class_accuracy(m, run.y, run.num_classes)
+                          for k, m in masks.items()}}
+
+
 def _summary(run: _Run, eps: float, precision: str, channels_last: bool, fold: dict) -> dict:
     """Settings and per-attack details for the report."""
-    return {"n": len(run.y), "eps": eps, "eps_255": eps * 255, "num_classes": run.num_classes,
+    return {**_spread(run),
+            "n": len(run.y), "eps": eps, "eps_255": eps * 255, "num_classes": run.num_classes,
             "precision": precision, "channels_last": channels_last, "fold_bn": fold,
             "seed": run.seed,
             "device": str(run.device), "attacks": run.info,
