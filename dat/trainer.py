@@ -392,7 +392,8 @@ class Trainer(CheckpointedRun):
                               eps=self.cfg.method.attack.eps,
                               batch_size=self.cfg.data.eval_batch_size, progress=self.progress,
                               out_dir=self.run_dir / "test",  # the full report, with plots
-                              resume="auto")  # a test cut short by Ctrl-C goes on
+                              resume="auto",  # a test cut short by Ctrl-C goes on
+                              class_names=self.splits.classes)
         metrics = self._metrics(report, which)
         (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         self._emit("on_train_end", metrics)

@@ -205,7 +205,9 @@ def test_cli_evaluates_a_checkpoint(make_warm_model, sample_splits, tmp_path, ca
     x, y = sample_splits.test.subset(chosen).tensors()
     direct = evaluate(dual, (x, y), attacks=["clean", "fgsm"], progress=False, checks=False)
     assert saved["results"] == direct["results"]
-    assert "| fgsm |" in capsys.readouterr().out
+    assert saved["class_names"] == sample_splits.classes  # label the per-class table
+    out = capsys.readouterr().out
+    assert "| fgsm |" in out and "| attack | airplane | automobile |" in out
 
 
 def test_wilson_interval_matches_known_values() -> None:

@@ -181,8 +181,8 @@ def _load(args: argparse.Namespace, device: torch.device):
 
 
 def _examples(data_cfg: DataConfig, split: str, n: int | None):
-    """The split's images; ``n`` picks a class-stratified subset (as data.test_subset does),
-    because test folders are often sorted by label."""
+    """The split's images, labels and class names; ``n`` picks a class-stratified subset
+    (as data.test_subset does), because test folders are often sorted by label."""
     from ..data import load_dataset, stratified_split
 
     data_cfg.test_subset = 0  # evaluate the whole split unless --n-examples says otherwise
@@ -191,7 +191,7 @@ def _examples(data_cfg: DataConfig, split: str, n: int | None):
     if n is not None and n < len(images):
         _, chosen = stratified_split(images.labels, n, data_cfg.split_seed)
         images = images.subset(chosen)
-    return images.tensors()
+    return (*images.tensors(), splits.classes)
 
 
 def _evaluate(args: argparse.Namespace, device: torch.device, out: Path) -> dict:
@@ -199,7 +199,7 @@ def _evaluate(args: argparse.Namespace, device: torch.device, out: Path) -> dict
     from .runner import evaluate
 
     model, data_cfg = _load(args, device)
-    x, y = _examples(data_cfg, args.split, args.n_examples)
+    x, y, classes = _examples(data_cfg, args.split, args.n_examples)
     return evaluate(
         model, (x, y), attacks=[a.strip() for a in args.attacks.split(",") if a.strip()],
         eps=args.eps, batch_size=args.batch_size, precision=args.precision,
@@ -208,7 +208,8 @@ def _evaluate(args: argparse.Namespace, device: torch.device, out: Path) -> dict
         heatmap_norm=args.heatmap_norm, heatmap_examples=args.heatmap_examples,
         tensorboard=args.tensorboard,
         channels_last=None if args.channels_last == "auto" else args.channels_last == "on",
-        fold_bn=None if args.fold_bn == "auto" else args.fold_bn == "on", resume=args.resume)
+        fold_bn=None if args.fold_bn == "auto" else args.fold_bn == "on", resume=args.resume,
+        class_names=classes)
 
 
 def _run(args: argparse.Namespace) -> int:

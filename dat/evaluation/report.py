@@ -36,8 +36,9 @@ def _per_class_lines(report: dict) -> list[str]:
     if not per_class or report["num_classes"] > PER_CLASS_TABLE_MAX:
         return []
     k = report["num_classes"]
+    names = report.get("class_names") or [str(c) for c in range(k)]
     lines = ["", "## Accuracy per class (%)", "",
-             "| attack | " + " | ".join(str(c) for c in range(k)) + " |",
+             "| attack | " + " | ".join(names) + " |",
              "|---|" + "---:|" * k]
     for name, accs in per_class.items():
         cells = " | ".join("-" if a is None else f"{a:.1f}" for a in accs)

@@ -436,6 +436,7 @@ def evaluate(
     heatmap: bool = False, heatmap_norm: float = 4.0, heatmap_examples: int = 256,
     check_examples: int = 500, tensorboard: bool = False, channels_last: bool | None = None,
     fold_bn: bool | None = None, resume: bool | str = False,
+    class_names: Sequence[str] | None = None,
 ) -> dict:
     """Evaluate ``model`` (a module mapping [0, 1] images to logits) against ``attacks``.
 
@@ -459,6 +460,7 @@ def evaluate(
     ``resume=True`` reuses those that ran on the same weights, examples and settings
     (:mod:`dat.evaluation.progress`) and runs only the rest; a file of another evaluation is
     an error (``"auto"``: it is ignored instead).
+    ``class_names`` label the per-class accuracy (``report["per_class"]``).
     """
     attacks = list(attacks)
     _validate_args(attacks, eps, batch_size, precision, n_examples)
@@ -512,7 +514,10 @@ def evaluate(
         found = [C.check_eval_mode(given_training, monitor),
                  C.check_bn_statistics(before, C.buffers_snapshot(model)),
                  C.check_bounds(run.bounds)] + found
+    if class_names is not None and len(class_names) != run.num_classes:
+        class_names = None  # a model with other classes than the data names: keep indices
     report = {"results": results, **_summary(run, eps, precision, channels_last, fold),
+              "class_names": list(class_names) if class_names is not None else None,
               "sweep": swept,
               "checks": {c.name: c.to_dict() for c in found},
               "checks_status": C.overall_status(found) if checks else "skip",
