@@ -30,6 +30,10 @@ def _train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", default=None, metavar="PATH|auto",
                         help="continue a run from its checkpoint ('auto': the run's last.pt)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved, validated configuration as YAML and exit")
+    parser.add_argument("--list-presets", action="store_true",
+                        help="list the presets in dat/configs/ with their first line and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. train.epochs=2 method.attack.eps=8/255")
     return parser
@@ -90,12 +94,20 @@ def train_main(argv: list[str] | None = None) -> int:
     from .trainer import Trainer, TrainingError
 
     args = _train_parser().parse_args(argv)
+    if args.list_presets:
+        print(_presets())
+        return 0
     cfg = None
     try:
         if args.resume:
             cfg = _resume_config(args)
         else:
             cfg = load_config(args.config or DEFAULT_PRESET, args.overrides)
+        if args.print_config:
+            from .config import config_to_yaml
+
+            print(config_to_yaml(cfg), end="")
+            return 0
         metrics = Trainer(cfg, progress=not args.no_progress).fit()
         cleanup_distributed()
     except KeyboardInterrupt:
@@ -110,6 +122,22 @@ def train_main(argv: list[str] | None = None) -> int:
     if metrics:  # empty on ranks other than 0 under torchrun
         print(_summary(metrics))
     return 0
+
+
+def _presets() -> str:
+    """One line per preset: its name and the first sentence of its header comment."""
+    import itertools
+
+    from .config import CONFIG_DIR
+
+    lines = []
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        header = itertools.takewhile(lambda line: line.startswith("#"),
+                                     path.read_text().splitlines())
+        text = " ".join(line.lstrip("#").strip() for line in header)
+        sentence = text.split(". ", 1)[0].rstrip(".")
+        lines.append(f"{path.stem:<26} {sentence}")
+    return "\n".join(lines)
 
 
 def _rank_tag() -> str:

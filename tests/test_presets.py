@@ -65,3 +65,30 @@ def test_dat_preset_builds_a_step_that_trains(path):
     x, y = images[:8].float() / 255, torch.arange(8)
     stats = step(x, y)
     assert all(v == v for v in stats.values()) and "loss" in stats
+
+
+def test_list_presets_names_each_with_its_first_sentence(capsys) -> None:
+    from dat.cli import train_main
+
+    assert train_main(["--list-presets"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out] == [p.stem for p in ALL]
+    awp = next(line for line in out if line.startswith("dat_awp "))
+    assert "82.63 / 58.87 / 52.54" in awp and "\n" not in awp
+
+
+def test_print_config_prints_the_resolved_config_and_trains_nothing(capsys, monkeypatch,
+                                                                   tmp_path) -> None:
+    from dat.cli import train_main
+    from dat.trainer import Trainer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("--print-config must not train")
+    monkeypatch.setattr(Trainer, "__init__", refuse)
+    argv = ["--print-config", "--config", "dat_awp", "train.epochs=3", "method.attack.eps=4/255"]
+    assert train_main(argv) == 0
+    (tmp_path / "printed.yaml").write_text(capsys.readouterr().out)
+    assert load_config(str(tmp_path / "printed.yaml")) == load_config(
+        "dat_awp", ["train.epochs=3", "method.attack.eps=4/255"])
+    assert train_main(["--print-config", "method.attack.eps=8"]) == 2  # still validated
+    assert "write method.attack.eps=8/255" in capsys.readouterr().err
