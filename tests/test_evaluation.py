@@ -568,3 +568,38 @@ def test_the_fold_check_turns_tf32_off_and_back_through_the_users_api(setup, rea
     assert out.returncode == 0, out.stderr[-500:]
     before, inside, after = out.stdout.split()
     assert inside in ("False", "ieee") and after == before != inside
+
+
+def test_mcnemar_exact_matches_the_binomial_tail() -> None:
+    from dat.evaluation.compare import mcnemar_exact
+
+    assert mcnemar_exact(0, 5) == 2 / 32  # all 5 discordant points favour one model
+    assert mcnemar_exact(1, 9) == 2 * (1 + 10) / 1024
+    assert mcnemar_exact(9, 1) == mcnemar_exact(1, 9) and mcnemar_exact(4, 4) == 1.0
+    assert mcnemar_exact(0, 0) == 1.0
+
+
+def test_two_evaluations_of_the_same_examples_are_compared_pairwise(
+        trained, make_warm_model, sample_splits, tmp_path, capsys) -> None:
+    from dat.evaluation.compare import compare, compare_main
+
+    x, y = sample_splits.test.tensors()
+    kw = dict(progress=False, checks=False)
+    ra = evaluate(trained, (x[:50], y[:50]), attacks=["clean", "fgsm", "pgd5"],
+                  out_dir=tmp_path / "a", **kw)
+    rb = evaluate(make_warm_model().eval(), (x[:50], y[:50]), attacks=["clean", "fgsm", "cw"],
+                  eps=8 / 255, out_dir=tmp_path / "b", **kw)
+    result = compare(tmp_path / "a", tmp_path / "b")
+    rows = {r["attack"]: r for r in result["rows"]}
+    assert set(rows) == {"clean", "fgsm"} and result["not_compared"] == ["cw", "pgd5"]
+    for name, r in rows.items():
+        assert (r["a"], r["b"]) == (ra["results"][name], rb["results"][name])
+        assert abs(r["difference"] - (r["only_a"] - r["only_b"]) * 100 / 50) < 1e-9
+        assert r["ci95"][0] <= r["difference"] <= r["ci95"][1] and 0 < r["p_value"] <= 1
+    assert compare_main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert "| fgsm |" in capsys.readouterr().out
+    evaluate(trained, (x[1:51], y[1:51]), attacks=["clean", "fgsm"], out_dir=tmp_path / "c", **kw)
+    assert compare_main([str(tmp_path / "a"), str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: the two evaluations used other examples") and "\n" not in err
+    assert compare_main([str(tmp_path / "a"), str(tmp_path / "nowhere")]) == 2

@@ -1,0 +1,141 @@
+"""Is model A really more robust than model B? A paired comparison of two evaluations.
+
+Two evaluations of the same examples (``evaluate.py --out A`` and ``--out B`` on the same
+data, split and ``--n-examples``) keep which points each attack broke, in
+``progress.json``. On the same points the accuracies are paired, and McNemar's exact test
+on the points where exactly one model is right says whether the gap can be chance: far
+tighter than comparing two unpaired intervals.
+
+    python -m dat.evaluation.compare RUN_A/test RUN_B/test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from torch import Tensor
+
+from .progress import PROGRESS_FILE, _unpack
+from .statistics import Z95
+from .suite import EvaluationError
+
+__all__ = ["compare", "compare_main", "mcnemar_exact"]
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value: under "no difference", each of the ``only_a +
+    only_b`` discordant points is equally likely to favour either model."""
+    n, k = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1))
+    return min(1.0, 2 * tail / 2**n)
+
+
+def _load(folder: str | Path) -> dict:
+    path = Path(folder) / PROGRESS_FILE
+    if Path(folder).is_file() and Path(folder).name == PROGRESS_FILE:
+        path = Path(folder)
+    try:
+        saved = json.loads(path.read_text())
+        _ = saved["fingerprint"]["examples"], saved["attacks"]  # both must be there
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise EvaluationError(f"{path} cannot be read ({type(err).__name__}); pass an "
+                              "evaluation folder (evaluate.py --out, or RUN/test)") from None
+    return saved
+
+
+def _masks(saved: dict, n: int) -> dict[str, Tensor]:
+    """Per-point correctness of clean and of every attack at the evaluation's radius."""
+    masks = {"clean": _unpack(saved["fingerprint"]["clean_predictions"], n)}
+    for label, entry in saved["attacks"].items():
+        if "@" not in label and entry["n"] == n:  # not a sweep radius or a check
+            masks[label] = _unpack(entry["mask"], n)
+    return masks
+
+
+def _row(name: str, a: Tensor, b: Tensor) -> dict:
+    n = len(a)
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    diff = (only_a - only_b) / n
+    var = max(only_a + only_b - n * diff * diff, 0.0) / (n * n)
+    half = Z95 * math.sqrt(var)
+    return {"attack": name, "a": 100.0 * int(a.sum()) / n, "b": 100.0 * int(b.sum()) / n,
+            "difference": 100.0 * diff,
+            "ci95": [100.0 * (diff - half), 100.0 * (diff + half)],
+            "only_a": only_a, "only_b": only_b, "p_value": mcnemar_exact(only_a, only_b)}
+
+
+def compare(folder_a: str | Path, folder_b: str | Path) -> dict:
+    """Paired comparison of two evaluations of the same examples, per attack both ran
+    with the same settings, plus ``worst_case`` over those attacks."""
+    a, b = _load(folder_a), _load(folder_b)
+    if a["fingerprint"]["examples"] != b["fingerprint"]["examples"]:
+        raise EvaluationError("the two evaluations used other examples; evaluate both on the "
+                              "same data, --split and --n-examples")
+    n = _count(a)
+    masks_a, masks_b = _masks(a, n), _masks(b, n)
+    common = [k for k in masks_a if k in masks_b and
+              (k == "clean" or a["attacks"][k]["settings"] == b["attacks"][k]["settings"])]
+    skipped = sorted((set(masks_a) | set(masks_b)) - set(common))
+    rows = [_row(k, masks_a[k], masks_b[k]) for k in common]
+    attacks = [k for k in common if k != "clean"]
+    if len(attacks) > 1:
+        worst_a, worst_b = masks_a["clean"].clone(), masks_b["clean"].clone()
+        for k in attacks:
+            worst_a &= masks_a[k]
+            worst_b &= masks_b[k]
+        rows.append(_row(f"worst_case ({', '.join(attacks)})", worst_a, worst_b))
+    return {"n": n, "a": str(folder_a), "b": str(folder_b), "rows": rows,
+            "not_compared": skipped}
+
+
+def _count(saved: dict) -> int:
+    """The number of examples: the largest attack entry's (checks may use a subset; the
+    packed clean bits are padded to a multiple of 8)."""
+    if not saved["attacks"]:
+        raise EvaluationError("the evaluation holds no finished attack to compare")
+    return max(entry["n"] for entry in saved["attacks"].values())
+
+
+def format_comparison(result: dict) -> str:
+    """A Markdown table: accuracies, paired difference with its 95% interval, p-value."""
+    lines = [f"A: {result['a']}", f"B: {result['b']}", f"{result['n']} paired examples", "",
+             "| attack | A (%) | B (%) | A - B (points) | 95% interval | only A / only B "
+             "right | McNemar p |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        low, high = r["ci95"]
+        lines.append(f"| {r['attack']} | {r['a']:.2f} | {r['b']:.2f} | {r['difference']:+.2f} "
+                     f"| {low:+.2f} to {high:+.2f} | {r['only_a']} / {r['only_b']} "
+                     f"| {r['p_value']:.3g} |")
+    if result["not_compared"]:
+        lines += ["", "Not compared (run by one evaluation only, or with other settings): "
+                  + ", ".join(result["not_compared"])]
+    return "\n".join(lines) + "\n"
+
+
+def compare_main(argv: list[str] | None = None) -> int:
+    """``python -m dat.evaluation.compare A B``; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m dat.evaluation.compare",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("a", help="evaluation folder of model A (holds progress.json)")
+    parser.add_argument("b", help="evaluation folder of model B")
+    parser.add_argument("--json", help="also write the comparison to this file")
+    args = parser.parse_args(argv)
+    try:
+        result = compare(args.a, args.b)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    except (EvaluationError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_comparison(result), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(compare_main())
