@@ -31,7 +31,8 @@ def _train_parser() -> argparse.ArgumentParser:
                         help="continue a run from its checkpoint ('auto': the run's last.pt)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved, validated configuration as YAML and exit")
+                        help="print the resolved, validated configuration as YAML and exit "
+                             "(with --resume: after checking the run may resume with it)")
     parser.add_argument("--list-presets", action="store_true",
                         help="list the presets in dat/configs/ with their first line and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
@@ -104,8 +105,12 @@ def train_main(argv: list[str] | None = None) -> int:
         else:
             cfg = load_config(args.config or DEFAULT_PRESET, args.overrides)
         if args.print_config:
-            from .config import config_to_yaml
+            from .checkpoint import check_compatible, load_for_resume
+            from .config import config_to_dict, config_to_yaml
 
+            if args.resume:  # the resume's own refusal, before anything is printed
+                state, _ = load_for_resume(cfg.train.resume, warn=lambda msg: None)
+                check_compatible(state, cfg.model.name, None, config_to_dict(cfg))
             print(config_to_yaml(cfg), end="")
             return 0
         metrics = Trainer(cfg, progress=not args.no_progress).fit()

@@ -591,7 +591,8 @@ def test_two_evaluations_of_the_same_examples_are_compared_pairwise(
                   eps=8 / 255, out_dir=tmp_path / "b", **kw)
     result = compare(tmp_path / "a", tmp_path / "b")
     rows = {r["attack"]: r for r in result["rows"]}
-    assert set(rows) == {"clean", "fgsm"} and result["not_compared"] == ["cw", "pgd5"]
+    assert set(rows) == {"clean", "fgsm"}
+    assert result["not_compared"] == ["pgd5 (only in A)", "cw (only in B)"]
     for name, r in rows.items():
         assert (r["a"], r["b"]) == (ra["results"][name], rb["results"][name])
         assert abs(r["difference"] - (r["only_a"] - r["only_b"]) * 100 / 50) < 1e-9
@@ -603,3 +604,41 @@ def test_two_evaluations_of_the_same_examples_are_compared_pairwise(
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: the two evaluations used other examples") and "\n" not in err
     assert compare_main([str(tmp_path / "a"), str(tmp_path / "nowhere")]) == 2
+    # a folder reused for another model holds that model's evaluation only, even when no
+    # attack ran (clean only, no checks): compare used to read the older model's attacks
+    evaluate(make_warm_model(seed=3).eval(), (x[:50], y[:50]), attacks=["clean"],
+             out_dir=tmp_path / "b", **kw)
+    result = compare(tmp_path / "a", tmp_path / "b")
+    assert [r["attack"] for r in result["rows"]] == ["clean"] and result["n"] == 50
+    # the example count comes from the fingerprint, not from a check's subset
+    evaluate(trained, (x[:50], y[:50]), attacks=["clean"], progress=False, check_examples=16,
+             out_dir=tmp_path / "d")
+    assert compare(tmp_path / "d", tmp_path / "b")["n"] == 50
+
+
+def test_the_paired_interval_stays_honest_with_few_discordant_points() -> None:
+    from dat.evaluation.compare import mcnemar_exact, paired_interval
+
+    low, high = paired_interval(0, 5, 1000)  # p = 0.0625: the interval must include 0
+    assert low < 0 < high and mcnemar_exact(0, 5) > 0.05
+    low, high = paired_interval(0, 0, 1000)  # no discordant point: not [0, 0]
+    assert low < 0 < high and abs(low + high) < 1e-12
+    # many discordant points: close to the plain paired Wald interval
+    b, c, n = 300, 200, 10000
+    d, se = (b - c) / n, ((b + c) / n - ((b - c) / n) ** 2) ** 0.5 / n ** 0.5
+    low, high = paired_interval(b, c, n)
+    wald = (100 * (d - 1.959964 * se), 100 * (d + 1.959964 * se))
+    assert abs(low - wald[0]) < 0.01 and abs(high - wald[1]) < 0.01
+    assert 0 < mcnemar_exact(4000, 4100) < 1  # exact, in milliseconds
+
+
+def test_class_names_head_the_per_class_table(make_warm_model, sample_batch) -> None:
+    x, y = sample_batch
+    names = [f"c{i}" for i in range(9)] + ["a|b"]
+    report = evaluate(make_warm_model().eval(), (x, y), attacks=["clean"], progress=False,
+                      checks=False, class_names=names)
+    assert report["class_names"] == names
+    assert "| attack | c0 | c1 |" in format_markdown(report) and "a\\|b" in format_markdown(report)
+    with pytest.raises(EvaluationError, match="9 class_names for a model with 10 outputs"):
+        evaluate(make_warm_model().eval(), (x, y), attacks=["clean"], progress=False,
+                 checks=False, class_names=names[:9])

@@ -89,6 +89,14 @@ def test_resume_refuses_another_experiment(capsys, finished, overrides, expected
     assert "cifar10-sample" in (out / "demo" / "config.yaml").read_text()
 
 
+def test_print_config_with_resume_checks_the_resume_first(capsys, finished) -> None:
+    err = _error(capsys, ["--print-config", *_resume(finished[0], "method.beta=3")])
+    assert "(method.beta" in err and "resume without that override" in err
+    assert train_main(["--print-config", *_resume(finished[0], "train.epochs=3")]) == 0
+    printed = capsys.readouterr().out
+    assert "epochs: 3" in printed and "name: dat" in printed
+
+
 def test_resume_dat_as_trades_reports_the_method_change(capsys, finished) -> None:
     err = _error(capsys, _resume(finished[0], "method.name=trades"))
     assert "method.name: trained with dat, this run sets trades" in err

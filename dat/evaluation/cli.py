@@ -16,7 +16,7 @@ import torch
 
 from ..config import DataConfig
 from .loading import load_checkpoint, load_entry_point
-from .progress import PROGRESS_FILE
+from .progress import PROGRESS_FILE, finished_attacks
 
 __all__ = ["build_parser", "evaluate_main", "parse_eps"]
 
@@ -209,7 +209,21 @@ def _evaluate(args: argparse.Namespace, device: torch.device, out: Path) -> dict
         tensorboard=args.tensorboard,
         channels_last=None if args.channels_last == "auto" else args.channels_last == "on",
         fold_bn=None if args.fold_bn == "auto" else args.fold_bn == "on", resume=args.resume,
-        class_names=classes)
+        class_names=classes if len(classes) == _outputs(model, x) else None)
+
+
+def _outputs(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """How many logits ``model`` gives (one forward on one image, in eval mode); -1 when
+    it fails (the evaluation's own probe then names the problem)."""
+    from ..attacks import eval_mode
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        with torch.no_grad(), eval_mode(model):
+            out = model(x[:1].to(device))
+    except Exception:  # noqa: BLE001 (reported by dat.evaluate's probe, in one line)
+        return -1
+    return int(out.shape[-1]) if torch.is_tensor(out) and out.dim() == 2 else -1
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -221,8 +235,9 @@ def _run(args: argparse.Namespace) -> int:
     try:
         report = _evaluate(args, device, out)
     except BaseException:
-        if created:  # leave no empty report folder behind
+        if created and not finished_attacks(out):  # leave no empty report folder behind
             try:
+                (out / PROGRESS_FILE).unlink(missing_ok=True)
                 out.rmdir()
             except OSError:
                 pass
@@ -249,7 +264,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
             print(f"\n{report['interrupted'].split(';')[0]}; partial report ({done}) written "
                   f"to {report['files']['json']}; rerun the same command with --resume for "
                   "the rest", file=sys.stderr)
-        elif (_out_dir(args) / PROGRESS_FILE).is_file():  # an earlier run's attacks are kept
+        elif finished_attacks(_out_dir(args)):  # attacks that finished are kept
             print(f"\ninterrupted; the attacks finished so far are in "
                   f"{_out_dir(args) / PROGRESS_FILE}; rerun the same command with --resume to "
                   "go on from them", file=sys.stderr)

@@ -23,17 +23,32 @@ from .progress import PROGRESS_FILE, _unpack
 from .statistics import Z95
 from .suite import EvaluationError
 
-__all__ = ["compare", "compare_main", "mcnemar_exact"]
+__all__ = ["compare", "compare_main", "format_comparison", "mcnemar_exact", "paired_interval"]
 
 
 def mcnemar_exact(only_a: int, only_b: int) -> float:
     """Two-sided exact McNemar p-value: under "no difference", each of the ``only_a +
-    only_b`` discordant points is equally likely to favour either model."""
+    only_b`` discordant points is equally likely to favour either model. Exact integer
+    arithmetic, each binomial coefficient from the previous one."""
     n, k = only_a + only_b, min(only_a, only_b)
     if n == 0:
         return 1.0
-    tail = sum(math.comb(n, i) for i in range(k + 1))
+    term, tail = 1, 1  # C(n, 0)
+    for i in range(k):
+        term = term * (n - i) // (i + 1)
+        tail += term
     return min(1.0, 2 * tail / 2**n)
+
+
+def paired_interval(only_a: int, only_b: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """95% interval (percentage points) of accuracy(A) - accuracy(B) on ``n`` paired points:
+    the adjusted Wald interval of Bonett and Price (2012), one pseudo-point added to each
+    discordant cell. The plain Wald interval is too narrow with few discordant points (it
+    is [0, 0] when there are none)."""
+    p12, p21 = (only_a + 1) / (n + 2), (only_b + 1) / (n + 2)
+    diff = p12 - p21
+    half = z * math.sqrt(max(p12 + p21 - diff * diff, 0.0) / (n + 2))
+    return (100.0 * max(diff - half, -1.0), 100.0 * min(diff + half, 1.0))
 
 
 def _load(folder: str | Path) -> dict:
@@ -61,12 +76,9 @@ def _masks(saved: dict, n: int) -> dict[str, Tensor]:
 def _row(name: str, a: Tensor, b: Tensor) -> dict:
     n = len(a)
     only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
-    diff = (only_a - only_b) / n
-    var = max(only_a + only_b - n * diff * diff, 0.0) / (n * n)
-    half = Z95 * math.sqrt(var)
     return {"attack": name, "a": 100.0 * int(a.sum()) / n, "b": 100.0 * int(b.sum()) / n,
-            "difference": 100.0 * diff,
-            "ci95": [100.0 * (diff - half), 100.0 * (diff + half)],
+            "difference": 100.0 * (only_a - only_b) / n,
+            "ci95": list(paired_interval(only_a, only_b, n)),
             "only_a": only_a, "only_b": only_b, "p_value": mcnemar_exact(only_a, only_b)}
 
 
@@ -77,11 +89,20 @@ def compare(folder_a: str | Path, folder_b: str | Path) -> dict:
     if a["fingerprint"]["examples"] != b["fingerprint"]["examples"]:
         raise EvaluationError("the two evaluations used other examples; evaluate both on the "
                               "same data, --split and --n-examples")
+    if a["fingerprint"] == b["fingerprint"] and a["attacks"] == b["attacks"]:
+        raise EvaluationError("both folders hold the same evaluation; pass two evaluations")
     n = _count(a)
     masks_a, masks_b = _masks(a, n), _masks(b, n)
-    common = [k for k in masks_a if k in masks_b and
-              (k == "clean" or a["attacks"][k]["settings"] == b["attacks"][k]["settings"])]
-    skipped = sorted((set(masks_a) | set(masks_b)) - set(common))
+    common, skipped = [], []
+    for k in list(masks_a) + [k for k in masks_b if k not in masks_a]:
+        if k not in masks_b or k not in masks_a:
+            skipped.append(f"{k} (only in {'A' if k in masks_a else 'B'})")
+        elif k != "clean" and a["attacks"][k]["settings"] != b["attacks"][k]["settings"]:
+            sa, sb = a["attacks"][k]["settings"], b["attacks"][k]["settings"]
+            keys = sorted(key for key in set(sa) | set(sb) if sa.get(key) != sb.get(key))
+            skipped.append(f"{k} (other {', '.join(keys)})")
+        else:
+            common.append(k)
     rows = [_row(k, masks_a[k], masks_b[k]) for k in common]
     attacks = [k for k in common if k != "clean"]
     if len(attacks) > 1:
@@ -95,11 +116,14 @@ def compare(folder_a: str | Path, folder_b: str | Path) -> dict:
 
 
 def _count(saved: dict) -> int:
-    """The number of examples: the largest attack entry's (checks may use a subset; the
-    packed clean bits are padded to a multiple of 8)."""
-    if not saved["attacks"]:
-        raise EvaluationError("the evaluation holds no finished attack to compare")
-    return max(entry["n"] for entry in saved["attacks"].values())
+    """The number of examples (the packed clean bits are padded to a multiple of 8)."""
+    if "n" in saved["fingerprint"]:
+        return int(saved["fingerprint"]["n"])
+    full = [e["n"] for label, e in saved["attacks"].items() if "@" not in label]
+    if not full:  # a file written before the fingerprint held n, with checks only
+        raise EvaluationError("this progress.json does not say how many examples it holds; "
+                              "evaluate again to compare")
+    return max(full)
 
 
 def format_comparison(result: dict) -> str:
@@ -113,8 +137,7 @@ def format_comparison(result: dict) -> str:
                      f"| {low:+.2f} to {high:+.2f} | {r['only_a']} / {r['only_b']} "
                      f"| {r['p_value']:.3g} |")
     if result["not_compared"]:
-        lines += ["", "Not compared (run by one evaluation only, or with other settings): "
-                  + ", ".join(result["not_compared"])]
+        lines += ["", "Not compared: " + ", ".join(result["not_compared"])]
     return "\n".join(lines) + "\n"
 
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .suite import BoundsStats, EvaluationError
 
-__all__ = ["PROGRESS_FILE", "AttackCache", "fingerprint"]
+__all__ = ["PROGRESS_FILE", "AttackCache", "finished_attacks", "fingerprint"]
 
 PROGRESS_FILE = "progress.json"
 _FORMAT = 1
@@ -65,7 +65,7 @@ def fingerprint(model: nn.Module, x: Tensor, y: Tensor, clean: Tensor, **setting
     """What an evaluation's numbers depend on: the model, the examples, which of them the
     model classifies correctly (``clean``, (N,) bool: catches a changed forward), and
     ``settings``."""
-    return {"format": _FORMAT, "model": _model_digest(model),
+    return {"format": _FORMAT, "model": _model_digest(model), "n": len(y),
             "examples": _digest([("x", x), ("y", y)]), "clean_predictions": _pack(clean),
             **settings}
 
@@ -82,6 +82,14 @@ def _pack(mask: Tensor) -> str:
 def _unpack(text: str, n: int) -> Tensor:
     bits = np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8))[:n]
     return torch.from_numpy(bits.astype(bool))
+
+
+def finished_attacks(folder: str | Path) -> list[str]:
+    """Labels of the attacks saved in ``folder/progress.json`` ([] when none or unreadable)."""
+    try:
+        return list(json.loads((Path(folder) / PROGRESS_FILE).read_text())["attacks"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 class AttackCache:
@@ -103,6 +111,7 @@ class AttackCache:
         self.reused: list[str] = []
         if resume and self.path.is_file():
             self.entries = self._load(strict=resume is True)
+        self._write()  # now: the folder never holds another evaluation's progress
 
     def _load(self, strict: bool) -> dict[str, dict]:
         try:
@@ -145,10 +154,13 @@ class AttackCache:
     def put(self, label: str, info: dict, mask: Tensor, bounds: BoundsStats, report_info: dict,
             extra: dict | None = None) -> None:
         """Record a finished attack and rewrite the file atomically."""
-        from ..checkpoint import atomic_write
-
         self.entries[label] = {"settings": _plain(info), "n": len(mask), "mask": _pack(mask),
                                "bounds": bounds.to_dict(), "info": _plain(report_info),
                                "extra": _plain(extra or {})}
+        self._write()
+
+    def _write(self) -> None:
+        from ..checkpoint import atomic_write
+
         text = json.dumps({"fingerprint": self.fingerprint, "attacks": self.entries}, indent=1)
         atomic_write(self.path, lambda f: f.write(text.encode()))

@@ -33,10 +33,12 @@ PER_CLASS_TABLE_MAX = 20  # classes shown in report.md (all of them are in repor
 
 def _per_class_lines(report: dict) -> list[str]:
     per_class = report.get("per_class")
-    if not per_class or report["num_classes"] > PER_CLASS_TABLE_MAX:
+    if not per_class:
         return []
     k = report["num_classes"]
-    names = report.get("class_names") or [str(c) for c in range(k)]
+    if k > PER_CLASS_TABLE_MAX:
+        return ["", f"Accuracy per class: {k} classes, in report.json (`per_class`)."]
+    names = [n.replace("|", "\\|") for n in report.get("class_names") or map(str, range(k))]
     lines = ["", "## Accuracy per class (%)", "",
              "| attack | " + " | ".join(names) + " |",
              "|---|" + "---:|" * k]

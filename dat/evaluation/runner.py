@@ -279,6 +279,7 @@ class _Run:
         self.results: dict[str, float] = {}  # accuracy (%) of each finished attack
         self.masks: dict[str, Tensor] = {}  # per point: still correct after that attack
         self.worst: Tensor | None = None  # per point: correct after every attack run
+        self.class_names: list[str] | None = None  # heads the per-class table
         self.stage = "the clean forward"  # what runs now, for an interrupted report
         with torch.no_grad():
             logits = [net(xb.to(device)).cpu() for xb in x.split(batch_size)]  # (B, K) each
@@ -419,7 +420,7 @@ def _spread(run: _Run) -> dict:
 
 def _summary(run: _Run, eps: float, precision: str, channels_last: bool, fold: dict) -> dict:
     """Settings and per-attack details for the report."""
-    return {**_spread(run),
+    return {**_spread(run), "class_names": run.class_names,
             "n": len(run.y), "eps": eps, "eps_255": eps * 255, "num_classes": run.num_classes,
             "precision": precision, "channels_last": channels_last, "fold_bn": fold,
             "seed": run.seed,
@@ -492,6 +493,12 @@ def evaluate(
             net = (_FastForward(target, precision == "bf16", channels_last).eval() if fast
                    else target)
             run = _Run(net, x, y, batch_size, device, seed, progress)
+            if class_names is not None:
+                if len(class_names) != run.num_classes:
+                    raise EvaluationError(
+                        f"{len(class_names)} class_names for a model with {run.num_classes} "
+                        "outputs; pass one name per output (or none)")
+                run.class_names = [str(c) for c in class_names]
             if out_dir is not None:
                 run.cache = AttackCache(out_dir, fingerprint(
                     model, x, y, run.clean, seed=seed, precision=precision,
@@ -514,10 +521,7 @@ def evaluate(
         found = [C.check_eval_mode(given_training, monitor),
                  C.check_bn_statistics(before, C.buffers_snapshot(model)),
                  C.check_bounds(run.bounds)] + found
-    if class_names is not None and len(class_names) != run.num_classes:
-        class_names = None  # a model with other classes than the data names: keep indices
     report = {"results": results, **_summary(run, eps, precision, channels_last, fold),
-              "class_names": list(class_names) if class_names is not None else None,
               "sweep": swept,
               "checks": {c.name: c.to_dict() for c in found},
               "checks_status": C.overall_status(found) if checks else "skip",
