@@ -83,6 +83,14 @@ def test_bare_eps_1_is_refused_and_decimals_are_kept(ckpt, tmp_path, capsys, no_
             parse_eps(bad)
 
 
+@pytest.mark.parametrize("eps", ["-1/255", "-0.5"])
+def test_a_negative_eps_is_named_not_taken_for_an_option(ckpt, tmp_path, capsys, no_attacks,
+                                                         eps) -> None:
+    """argparse used to answer "expected one argument" for --eps -1/255."""
+    assert evaluate_main(_quick(ckpt, tmp_path, "--eps", eps)) == 2
+    _one_line_error(capsys, f"eps {eps} must be a finite number >= 0")
+
+
 # 3. YAML files
 @pytest.mark.parametrize("text, match", [
     ("train: [1, 2\nmethod: :\n", r"bad.yaml is not valid YAML \(.* at line 2"),

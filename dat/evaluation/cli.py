@@ -249,8 +249,20 @@ def _run(args: argparse.Namespace) -> int:
     return 1 if args.strict and report["checks_status"] == "fail" else 0
 
 
+def _join_negative_eps(argv: list[str]) -> list[str]:
+    """``--eps -1/255`` -> ``--eps=-1/255``: argparse reads a leading '-' as an option and
+    would report a missing value instead of the negative radius."""
+    out = list(argv)
+    for i, arg in enumerate(out[:-1]):
+        if arg == "--eps" and re.fullmatch(r"-[\d.]+(/[\d.]+)?", out[i + 1]):
+            out[i:i + 2] = [f"--eps={out[i + 1]}"]
+            break
+    return out
+
+
 def evaluate_main(argv: list[str] | None = None) -> int:
     """Console entry point: parse ``argv``, evaluate, print the report; returns exit status."""
+    argv = _join_negative_eps(sys.argv[1:] if argv is None else list(argv))
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as stop:  # --help, or a bad argument already reported in one line
