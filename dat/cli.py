@@ -94,7 +94,7 @@ def train_main(argv: list[str] | None = None) -> int:
     from .distributed import cleanup_distributed
     from .trainer import Trainer, TrainingError
 
-    args = _train_parser().parse_args(argv)
+    args = _train_parser().parse_intermixed_args(argv)  # options may follow key=value
     if args.list_presets:
         print(_presets())
         return 0

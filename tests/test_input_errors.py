@@ -368,6 +368,14 @@ def test_normalised_or_0_255_images_are_refused_by_the_steps_and_the_mix(scale, 
     baseline = PGDATStep(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=1)
     with pytest.raises(ValueError, match=f"PGDATStep {REFUSED}{fix}"):
         baseline(x, y)
+    # a first call refused for another reason (uint8, a batch of 1) does not use up the
+    # check: a 0-255 float batch after it is still refused
+    for first in ((torch.rand(4, 3, 32, 32) * 255).to(torch.uint8), torch.rand(1, 3, 32, 32)):
+        fresh = _dat_step(steps=1)
+        with pytest.raises(ValueError):
+            fresh(first, y[: len(first)])
+        with pytest.raises(ValueError, match=f"DATStep {REFUSED}{fix}"):
+            fresh(x, y)
     # [0, 1] images pass, and only the first call pays for the check
     ok = torch.rand(4, 3, 32, 32)
     mix = dat.AmplitudeMix()

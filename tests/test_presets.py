@@ -90,5 +90,9 @@ def test_print_config_prints_the_resolved_config_and_trains_nothing(capsys, monk
     (tmp_path / "printed.yaml").write_text(capsys.readouterr().out)
     assert load_config(str(tmp_path / "printed.yaml")) == load_config(
         "dat_awp", ["train.epochs=3", "method.attack.eps=4/255"])
+    # options may come after key=value overrides
+    assert train_main(["train.epochs=3", "--config", "dat_awp", "method.attack.eps=4/255",
+                       "--print-config"]) == 0
+    assert capsys.readouterr().out == (tmp_path / "printed.yaml").read_text()
     assert train_main(["--print-config", "method.attack.eps=8"]) == 2  # still validated
     assert "write method.attack.eps=8/255" in capsys.readouterr().err

@@ -26,17 +26,18 @@ class MethodStep:
 
     def __call__(self, x: Tensor, y: Tensor, x_raw: Tensor | None = None) -> dict[str, float]:
         self.check_first_batch(x, x_raw)
-        return {k: float(v) for k, v in self.run(x, y, x_raw).items()}
+        stats = {k: float(v) for k, v in self.run(x, y, x_raw).items()}
+        self._range_checked = True  # after the first step that went through
+        return stats
 
     def check_first_batch(self, *images: Tensor | None) -> None:
-        """Refuse images outside [0, 1] (normalised or 0-255), once: the first call of a
-        user's loop, since the check waits for the device."""
+        """Refuse images outside [0, 1] (normalised or 0-255) until a first step has gone
+        through: the check waits for the device, so a user's loop pays for it once."""
         if getattr(self, "_range_checked", False):
             return
         for x in images:
             if torch.is_tensor(x) and x.is_floating_point():
                 check_unit_range(x, type(self).__name__)
-        self._range_checked = True
 
     def on_epoch_start(self, epoch: int) -> None:
         """Hook for schedules inside a method (e.g. AWP warm-up)."""

@@ -190,7 +190,9 @@ class DATStep(MethodStep):
     def __call__(self, x: Tensor, y: Tensor, x_raw: Tensor | None = None,
                  draws: DATDraws | None = None) -> dict[str, float]:
         self.check_first_batch(x, x_raw)
-        return {k: float(v) for k, v in self.run(x, y, x_raw, draws).items()}
+        stats = {k: float(v) for k, v in self.run(x, y, x_raw, draws).items()}
+        self._range_checked = True  # after the first step that went through
+        return stats
 
     def loss(self, x: Tensor, x_adv: Tensor, x_hat: Tensor | None, x_hat_adv: Tensor | None,
              y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
