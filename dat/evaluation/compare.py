@@ -19,7 +19,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from .progress import PROGRESS_FILE, _unpack
+from .progress import PROGRESS_FILE, unpack_mask
 from .statistics import Z95
 from .suite import EvaluationError
 
@@ -66,10 +66,10 @@ def _load(folder: str | Path) -> dict:
 
 def _masks(saved: dict, n: int) -> dict[str, Tensor]:
     """Per-point correctness of clean and of every attack at the evaluation's radius."""
-    masks = {"clean": _unpack(saved["fingerprint"]["clean_predictions"], n)}
+    masks = {"clean": unpack_mask(saved["fingerprint"]["clean_predictions"], n)}
     for label, entry in saved["attacks"].items():
         if "@" not in label and entry["n"] == n:  # not a sweep radius or a check
-            masks[label] = _unpack(entry["mask"], n)
+            masks[label] = unpack_mask(entry["mask"], n)
     return masks
 
 

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 from .suite import BoundsStats, EvaluationError
 
-__all__ = ["PROGRESS_FILE", "AttackCache", "finished_attacks", "fingerprint"]
+__all__ = ["PROGRESS_FILE", "AttackCache", "finished_attacks", "fingerprint", "pack_mask",
+           "unpack_mask"]
 
 PROGRESS_FILE = "progress.json"
 _FORMAT = 1
@@ -66,7 +67,7 @@ def fingerprint(model: nn.Module, x: Tensor, y: Tensor, clean: Tensor, **setting
     model classifies correctly (``clean``, (N,) bool: catches a changed forward), and
     ``settings``."""
     return {"format": _FORMAT, "model": _model_digest(model), "n": len(y),
-            "examples": _digest([("x", x), ("y", y)]), "clean_predictions": _pack(clean),
+            "examples": _digest([("x", x), ("y", y)]), "clean_predictions": pack_mask(clean),
             **settings}
 
 
@@ -75,11 +76,13 @@ def _plain(value):
     return json.loads(json.dumps(value))
 
 
-def _pack(mask: Tensor) -> str:
+def pack_mask(mask: Tensor) -> str:
+    """(N,) bool -> hex string, one bit per point (padded to a multiple of 8)."""
     return np.packbits(mask.cpu().numpy().astype(np.uint8)).tobytes().hex()
 
 
-def _unpack(text: str, n: int) -> Tensor:
+def unpack_mask(text: str, n: int) -> Tensor:
+    """Inverse of :func:`pack_mask` for ``n`` points."""
     bits = np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8))[:n]
     return torch.from_numpy(bits.astype(bool))
 
@@ -148,13 +151,13 @@ class AttackCache:
             if value is not None:
                 setattr(bounds, key, value)
         self.reused.append(label)
-        return {"mask": _unpack(entry["mask"], n), "bounds": bounds, "info": entry["info"],
+        return {"mask": unpack_mask(entry["mask"], n), "bounds": bounds, "info": entry["info"],
                 "extra": entry.get("extra", {})}
 
     def put(self, label: str, info: dict, mask: Tensor, bounds: BoundsStats, report_info: dict,
             extra: dict | None = None) -> None:
         """Record a finished attack and rewrite the file atomically."""
-        self.entries[label] = {"settings": _plain(info), "n": len(mask), "mask": _pack(mask),
+        self.entries[label] = {"settings": _plain(info), "n": len(mask), "mask": pack_mask(mask),
                                "bounds": bounds.to_dict(), "info": _plain(report_info),
                                "extra": _plain(extra or {})}
         self._write()

@@ -25,8 +25,12 @@ class MethodStep:
         raise NotImplementedError
 
     def __call__(self, x: Tensor, y: Tensor, x_raw: Tensor | None = None) -> dict[str, float]:
-        self.check_first_batch(x, x_raw)
-        stats = {k: float(v) for k, v in self.run(x, y, x_raw).items()}
+        return self._checked_floats(lambda: self.run(x, y, x_raw), x, x_raw)
+
+    def _checked_floats(self, step, *images: Tensor | None) -> dict[str, float]:
+        """``step()``'s stats as floats, after :meth:`check_first_batch` on ``images``."""
+        self.check_first_batch(*images)
+        stats = {k: float(v) for k, v in step().items()}
         self._range_checked = True  # after the first step that went through
         return stats
 
