@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import folder_lock
 from .checkpoint import ensure_writable
 from .config import Config, ConfigError, OptimConfig
 from .data import DataError, DatasetSplits
@@ -174,8 +175,20 @@ def build_model(cfg: Config, num_classes: int, image_shape: tuple[int, int, int]
     return model
 
 
+RUN_IN_USE_FIX = "wait for it to finish, or choose another train.run_name"
+
+
+def named_run_dir(cfg: Config, resume: Path | None) -> Path | None:
+    """The run directory a resume or a set ``train.run_name`` points at (None: a new name
+    will be stamped); touches nothing."""
+    if resume is not None and resume.parent.name == "checkpoints":
+        return resume.parent.parent
+    return Path(cfg.train.out_dir) / cfg.train.run_name if cfg.train.run_name else None
+
+
 def prepare_run_dir(cfg: Config, resume: Path | None) -> Path:
-    """Create (or, on resume, reuse) ``out_dir/run_name``; fill in a default run_name."""
+    """Create (or, on resume, reuse) ``out_dir/run_name`` and lock it for this process
+    (:func:`dat.folder_lock.acquire`; the caller releases it); fill in a default run_name."""
     if resume is not None and resume.parent.name == "checkpoints":
         run_dir = resume.parent.parent
         cfg.train.run_name = run_dir.name
@@ -185,15 +198,19 @@ def prepare_run_dir(cfg: Config, resume: Path | None) -> Path:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             cfg.train.run_name = f"{cfg.method.name}-{model}-{cfg.data.name}-{stamp}"
         run_dir = Path(cfg.train.out_dir) / cfg.train.run_name
-        if resume is None and (run_dir / "checkpoints" / "last.pt").exists():
-            raise ConfigError(f"{run_dir} already holds a run; resume it with --resume auto "
-                              "(train.resume=auto) or choose another train.run_name")
     try:
         ensure_writable(run_dir / "checkpoints")
     except OSError as err:
         raise ConfigError(f"train.out_dir={cfg.train.out_dir!r} is not writable "
                           f"({err.strerror or err}); choose another with train.out_dir=DIR"
                           ) from None
+    # held until the trainer lets go (dat.folder_lock): a second process is refused here,
+    # before it can look for last.pt or write anything
+    key = folder_lock.acquire(run_dir, RUN_IN_USE_FIX)
+    if resume is None and (run_dir / "checkpoints" / "last.pt").exists():
+        folder_lock.release(key)
+        raise ConfigError(f"{run_dir} already holds a run; resume it with --resume auto "
+                          "(train.resume=auto) or choose another train.run_name")
     return run_dir
 
 

@@ -265,7 +265,9 @@ class AutoAttackCallback(Callback):
         path = trainer.run_dir / "autoattack.json"
         history = json.loads(path.read_text()) if path.is_file() else []
         history = [h for h in history if h["epoch"] < entry["epoch"]] + [entry]
-        path.write_text(json.dumps(history, indent=1))
+        from .checkpoint import atomic_write_text
+
+        atomic_write_text(path, json.dumps(history, indent=1))
         print(f"epoch {entry['epoch']}: AutoAttack on {entry['n']} validation images: "
               f"clean {entry['clean']:.2f}%, aa {entry['aa']:.2f}%", file=sys.stderr)
 

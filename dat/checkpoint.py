@@ -27,6 +27,8 @@ __all__ = [
     "FORMAT",
     "RESUME_MAY_CHANGE",
     "CheckpointError",
+    "atomic_write",
+    "atomic_write_text",
     "capture_rng",
     "check_compatible",
     "ensure_writable",
@@ -101,6 +103,11 @@ def atomic_write(path: Path | str, write: Callable[[BinaryIO], None],
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
     return path
+
+
+def atomic_write_text(path: Path | str, text: str) -> Path:
+    """:func:`atomic_write` for a text file (UTF-8)."""
+    return atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def ensure_writable(folder: Path | str) -> None:

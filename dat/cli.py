@@ -50,6 +50,11 @@ def _resume_config(args: argparse.Namespace):
         located = load_config(args.config or DEFAULT_PRESET, args.overrides)
         path = find_run_checkpoint(located.train.out_dir, located.train.run_name)
     saved = Path(path).parent.parent / "config.yaml"
+    if Path(path).parent.name == "checkpoints" and os.environ.get("RANK", "0") == "0":
+        from .build import RUN_IN_USE_FIX
+        from .folder_lock import check_free
+
+        check_free(saved.parent, RUN_IN_USE_FIX)  # before a half-written run is read
     overrides = [*args.overrides, f"train.resume={path}"]
     if saved.is_file():
         return load_config(str(saved), overrides)
@@ -92,6 +97,7 @@ def train_main(argv: list[str] | None = None) -> int:
     from .config import ConfigError, load_config
     from .data import DataError
     from .distributed import cleanup_distributed
+    from .folder_lock import FolderInUse
     from .trainer import Trainer, TrainingError
 
     args = _train_parser().parse_intermixed_args(argv)  # options may follow key=value
@@ -118,7 +124,7 @@ def train_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\n{_interrupted(cfg, argv)}", file=sys.stderr)
         return 130
-    except (ConfigError, DataError, CheckpointError) as err:
+    except (ConfigError, DataError, CheckpointError, FolderInUse) as err:
         print(f"error{_rank_tag()}: {err}", file=sys.stderr)
         return 2
     except TrainingError as err:

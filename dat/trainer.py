@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -30,14 +31,16 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from . import distributed, methods
+from . import distributed, folder_lock, methods
 from .averaging import create_averager
 from .build import (
+    RUN_IN_USE_FIX,
     build_model,
     check_labels,
     check_test_attacks,
     compile_model,
     learning_rate,
+    named_run_dir,
     prepare_run_dir,
     resolve_channels_last,
     resolve_device,
@@ -98,6 +101,9 @@ class Trainer(CheckpointedRun):
         self.global_batch = cfg.data.batch_size * self.dist.world_size
         check_test_attacks(cfg.train.test_attacks)
         resume = self._resume_path()  # checked before the data loads: a refusal costs nothing
+        named = named_run_dir(cfg, resume)
+        if named is not None and self.dist.is_main:  # another process still at work there
+            folder_lock.check_free(named, RUN_IN_USE_FIX)
         loaded = self.load_resumable(resume) if resume is not None else None
         seed_everything(cfg.train.seed)  # the same on every rank: identical initial weights
         self.splits = splits if splits is not None else load_dataset(cfg.data)
@@ -133,6 +139,12 @@ class Trainer(CheckpointedRun):
         # after every check that could fail; rank 0 creates it, the others learn its name
         self.run_dir, cfg.train.run_name = distributed.run_on_main(
             lambda: (prepare_run_dir(cfg, resume), cfg.train.run_name))
+        # rank 0 now holds the run directory (dat.folder_lock); fit() lets go at its end,
+        # and a trainer dropped before that lets go when it is collected
+        self._unlock = weakref.finalize(self, folder_lock.release,
+                                        folder_lock.key_of(self.run_dir))
+        if not self.dist.is_main:
+            self._unlock.detach()
         self._synced_at = -1  # global step of the last BN-statistics sync
         if resume is not None:
             self.resume(resume, loaded)
@@ -172,8 +184,17 @@ class Trainer(CheckpointedRun):
     def fit(self) -> dict[str, Any]:
         """Train for ``train.epochs`` epochs (from where a resume left off); metrics."""
         self._fit_t0, first = time.perf_counter(), self.state.global_step
+        if self.dist.is_main and not self._unlock.alive:  # fit() again, after a first fit
+            self._unlock = weakref.finalize(self, folder_lock.release, folder_lock.acquire(
+                self.run_dir, RUN_IN_USE_FIX))
+        try:
+            return self._fit(first)
+        finally:
+            self._unlock()
+
+    def _fit(self, first: int) -> dict[str, Any]:
         if self.dist.is_main:
-            (self.run_dir / "config.yaml").write_text(config_to_yaml(self.cfg))
+            ckpt.atomic_write_text(self.run_dir / "config.yaml", config_to_yaml(self.cfg))
         self._emit("on_train_start")
         total = self.cfg.train.epochs * self.steps_per_epoch
         self._bar = tqdm(total=total, initial=first, disable=not self.progress,
@@ -395,7 +416,8 @@ class Trainer(CheckpointedRun):
                               resume="auto",  # a test cut short by Ctrl-C goes on
                               class_names=self.splits.classes)
         metrics = self._metrics(report, which)
-        (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        ckpt.atomic_write_text(self.run_dir / "metrics.json",
+                               json.dumps(metrics, indent=2) + "\n")
         self._emit("on_train_end", metrics)
         print(f"run directory: {self.run_dir}\nTensorBoard:   tensorboard --logdir "
               f"{self.run_dir / 'tb'}\nmetrics:       {self.run_dir / 'metrics.json'}\n"

@@ -7,6 +7,7 @@ checkpoints give one line ``error: ...`` and exit status 2 (no traceback).
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -344,3 +345,75 @@ def test_step_guard_rolls_back_every_layout_exactly_in_a_few_kernels(fused) -> N
         guard.commit(torch.tensor(1.0))
     assert len(guard._tensors()) > 160
     assert Count.n < 40 if fused else Count.n > 160, Count.n
+
+
+HOLDER = '''
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("folder_lock", sys.argv[1])
+lock = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(lock)
+try:
+    lock.acquire(sys.argv[2], "fix")
+except lock.FolderInUse as err:
+    print(err, flush=True)
+    sys.exit(3)
+print("held", flush=True)
+if sys.argv[3] == "hold":
+    sys.stdin.read()
+'''
+
+
+def _lock_from_another_process(folder: Path, mode: str) -> subprocess.Popen:
+    """dat.folder_lock in a second process (loaded alone: no torch import, fast)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(REPO / "dat" / "folder_lock.py"), str(folder), mode],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def test_a_second_process_is_refused_while_a_run_or_an_evaluation_holds_its_folder(
+        capsys, tmp_path, make_tiny_model, sample_batch) -> None:
+    from dat.evaluation import evaluate
+    from dat.folder_lock import FolderInUse
+
+    run = [*TINY, "method.name=pgd_at", f"train.out_dir={tmp_path}", "train.run_name=r",
+           "train.epochs=1", "train.steps_per_epoch=1"]
+    holder = _lock_from_another_process(tmp_path / "r", "hold")
+    assert holder.stdout.readline().strip() == "held"
+    err = _error_line(capsys, run)
+    assert f"{tmp_path / 'r'} is in use by another process (pid {holder.pid} on " in err
+    assert err.endswith("wait for it to finish, or choose another train.run_name")
+    assert not (tmp_path / "r" / "checkpoints").exists()  # nothing was written
+    err = _error_line(capsys, ["--resume", "auto", *run])  # not "no checkpoint": it is busy
+    assert f"in use by another process (pid {holder.pid} on " in err
+
+    report_dir = tmp_path / "report"
+    other = _lock_from_another_process(report_dir, "hold")
+    assert other.stdout.readline().strip() == "held"
+    with pytest.raises(FolderInUse, match=f"pid {other.pid} on .*pass another out_dir"):
+        evaluate(make_tiny_model(), sample_batch, attacks=["clean"], out_dir=report_dir,
+                 progress=False)
+    assert not (report_dir / "progress.json").exists()
+
+    for process in (holder, other):  # kill -9 leaves no stale lock behind
+        process.kill()
+        process.wait()
+    assert train_main(["--no-progress", *run]) == 0
+    # the finished run let go of its folder: another process may take it now
+    after = _lock_from_another_process(tmp_path / "r", "try")
+    assert after.communicate(timeout=60)[0].strip() == "held" and after.returncode == 0
+    evaluate(make_tiny_model(), sample_batch, attacks=["clean"], out_dir=report_dir,
+             progress=False)
+    assert (report_dir / "progress.json").is_file()
+
+
+def test_a_run_dropped_before_fit_lets_go_of_its_folder(tmp_path) -> None:
+    cfg = load_config("quickstart", [*TINY, "method.name=pgd_at", f"train.out_dir={tmp_path}",
+                                     "train.run_name=r"])
+    trainer = Trainer(cfg, progress=False)
+    busy = _lock_from_another_process(tmp_path / "r", "try")
+    assert "is in use by another process" in busy.communicate(timeout=60)[0]
+    assert busy.returncode == 3
+    del trainer
+    gc.collect()  # the trainer may sit in a reference cycle
+    free = _lock_from_another_process(tmp_path / "r", "try")
+    assert free.communicate(timeout=60)[0].strip() == "held"

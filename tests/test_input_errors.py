@@ -168,6 +168,23 @@ def test_an_entry_point_needing_arguments_is_refused(tmp_path, capsys, no_attack
         load_entry_point("dat.models:create")
 
 
+def test_a_model_refused_by_the_evaluation_leaves_no_report_folder(tmp_path, capsys) -> None:
+    (tmp_path / "pair.py").write_text(
+        "import torch\n"
+        "class Pair(torch.nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        logits = x.flatten(1)[:, :10]\n"
+        "        return logits, logits\n"
+        "def net():\n"
+        "    return Pair()\n")
+    out = tmp_path / "eval"
+    args = ["--model", f"{tmp_path / 'pair.py'}:net", "--data", "cifar10-sample",
+            "--attacks", "clean", "--n-examples", "8", "--no-progress", "--out", str(out)]
+    assert evaluate_main(args) == 2
+    _one_line_error(capsys, "tuple")
+    assert not out.exists()  # the folder this run created is gone again, lock file included
+
+
 # 7. weights under common keys
 def test_weights_under_common_keys_load(make_tiny_model, tmp_path) -> None:
     state = make_tiny_model().state_dict()

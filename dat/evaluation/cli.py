@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..config import DataConfig
+from ..folder_lock import LOCK_NAME
 from .loading import load_checkpoint, load_entry_point
 from .progress import PROGRESS_FILE, finished_attacks
 
@@ -237,7 +238,8 @@ def _run(args: argparse.Namespace) -> int:
     except BaseException:
         if created and not finished_attacks(out):  # leave no empty report folder behind
             try:
-                (out / PROGRESS_FILE).unlink(missing_ok=True)
+                for name in (PROGRESS_FILE, LOCK_NAME):
+                    (out / name).unlink(missing_ok=True)
                 out.rmdir()
             except OSError:
                 pass

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attacks import eval_mode, is_compiled
+from ..folder_lock import hold_folder
 from ..models.dual_bn import bn_branch, has_dual_bn
 from ..models.folding import FoldError, fold_batchnorm, max_logit_gap
 from . import checks as C
@@ -470,67 +471,71 @@ def evaluate(
     if resume is True and out_dir is None:
         raise EvaluationError("resume=True needs out_dir, the folder whose progress.json holds "
                               "the finished attacks")
-    x, y = collect_examples(data, n_examples)
-    device = _device(model)
-    if channels_last is None:  # on for CPU, except where torch's CPU backward crashes
-        from ..build import cpu_channels_last_crashes
+    # one evaluation at a time per folder: a second would overwrite progress.json
+    held = (hold_folder(out_dir, "wait for it to finish, or pass another out_dir (--out)")
+            if out_dir is not None else contextlib.nullcontext())
+    with held:
+        x, y = collect_examples(data, n_examples)
+        device = _device(model)
+        if channels_last is None:  # on for CPU, except where torch's CPU backward crashes
+            from ..build import cpu_channels_last_crashes
 
-        channels_last = device.type == "cpu" and not cpu_channels_last_crashes(model)
-    channels_last = bool(channels_last)
-    fold_bn = device.type == "cpu" if fold_bn is None else bool(fold_bn)
-    radii = list(DEFAULT_SWEEP) if sweep is True else (list(sweep) if sweep else None)
-    given_training, before, monitor = model.training, C.buffers_snapshot(model), C.ModeMonitor()
-    hooked = _has_hooks(model)  # before the monitor adds its own
-    branch = bn_branch(model, "main") if has_dual_bn(model) else contextlib.nullcontext()
-    start = time.perf_counter()
-    with eval_mode(model), branch, monitor.watch(model):
-        _probe(model, x[:2].to(device))
-        target, fold = _fold(model, fold_bn, x[:FOLD_CHECK_EXAMPLES].to(device), hooked)
-        with monitor.watch(target) if target is not model else contextlib.nullcontext():
-            # built inside eval_mode: a wrapper left in train mode would make torchattacks
-            # "restore" train mode on the whole model after its first attack
-            fast = precision == "bf16" or channels_last
-            net = (_FastForward(target, precision == "bf16", channels_last).eval() if fast
-                   else target)
-            run = _Run(net, x, y, batch_size, device, seed, progress)
-            if class_names is not None:
-                if len(class_names) != run.num_classes:
-                    raise EvaluationError(
-                        f"{len(class_names)} class_names for a model with {run.num_classes} "
-                        "outputs; pass one name per output (or none)")
-                run.class_names = [str(c) for c in class_names]
-            if out_dir is not None:
-                run.cache = AttackCache(out_dir, fingerprint(
-                    model, x, y, run.clean, seed=seed, precision=precision,
-                    device=device.type, channels_last=channels_last, fold_bn=fold["folded"]),
-                    resume)
-            try:
-                results, aa_messages = _run_attacks(run, attacks, eps)
-                swept = _run_sweep(run, radii) if radii else None
-                run.stage = "the integrity checks"
-                found = (_sanity_checks(run, results, swept, aa_messages, check_examples)
-                         if checks else [])
-                run.stage = "the diagnostics"
-                diag = _diagnostics(run, eps, diagnostics, heatmap, heatmap_norm,
-                                    heatmap_examples)
-            except KeyboardInterrupt:
-                raise EvaluationInterrupted(_interrupted_report(
-                    run, eps, precision, channels_last, fold, start, out_dir,
-                    tensorboard)) from None
-    if checks:
-        found = [C.check_eval_mode(given_training, monitor),
-                 C.check_bn_statistics(before, C.buffers_snapshot(model)),
-                 C.check_bounds(run.bounds)] + found
-    report = {"results": results, **_summary(run, eps, precision, channels_last, fold),
-              "sweep": swept,
-              "checks": {c.name: c.to_dict() for c in found},
-              "checks_status": C.overall_status(found) if checks else "skip",
-              **diag, "seconds": round(time.perf_counter() - start, 3)}
-    if out_dir is not None:
-        from .report import write_report
+            channels_last = device.type == "cpu" and not cpu_channels_last_crashes(model)
+        channels_last = bool(channels_last)
+        fold_bn = device.type == "cpu" if fold_bn is None else bool(fold_bn)
+        radii = list(DEFAULT_SWEEP) if sweep is True else (list(sweep) if sweep else None)
+        given_training, before, monitor = model.training, C.buffers_snapshot(model), C.ModeMonitor()
+        hooked = _has_hooks(model)  # before the monitor adds its own
+        branch = bn_branch(model, "main") if has_dual_bn(model) else contextlib.nullcontext()
+        start = time.perf_counter()
+        with eval_mode(model), branch, monitor.watch(model):
+            _probe(model, x[:2].to(device))
+            target, fold = _fold(model, fold_bn, x[:FOLD_CHECK_EXAMPLES].to(device), hooked)
+            with monitor.watch(target) if target is not model else contextlib.nullcontext():
+                # built inside eval_mode: a wrapper left in train mode would make torchattacks
+                # "restore" train mode on the whole model after its first attack
+                fast = precision == "bf16" or channels_last
+                net = (_FastForward(target, precision == "bf16", channels_last).eval() if fast
+                       else target)
+                run = _Run(net, x, y, batch_size, device, seed, progress)
+                if class_names is not None:
+                    if len(class_names) != run.num_classes:
+                        raise EvaluationError(
+                            f"{len(class_names)} class_names for a model with {run.num_classes} "
+                            "outputs; pass one name per output (or none)")
+                    run.class_names = [str(c) for c in class_names]
+                if out_dir is not None:
+                    run.cache = AttackCache(out_dir, fingerprint(
+                        model, x, y, run.clean, seed=seed, precision=precision,
+                        device=device.type, channels_last=channels_last, fold_bn=fold["folded"]),
+                        resume)
+                try:
+                    results, aa_messages = _run_attacks(run, attacks, eps)
+                    swept = _run_sweep(run, radii) if radii else None
+                    run.stage = "the integrity checks"
+                    found = (_sanity_checks(run, results, swept, aa_messages, check_examples)
+                             if checks else [])
+                    run.stage = "the diagnostics"
+                    diag = _diagnostics(run, eps, diagnostics, heatmap, heatmap_norm,
+                                        heatmap_examples)
+                except KeyboardInterrupt:
+                    raise EvaluationInterrupted(_interrupted_report(
+                        run, eps, precision, channels_last, fold, start, out_dir,
+                        tensorboard)) from None
+        if checks:
+            found = [C.check_eval_mode(given_training, monitor),
+                     C.check_bn_statistics(before, C.buffers_snapshot(model)),
+                     C.check_bounds(run.bounds)] + found
+        report = {"results": results, **_summary(run, eps, precision, channels_last, fold),
+                  "sweep": swept,
+                  "checks": {c.name: c.to_dict() for c in found},
+                  "checks_status": C.overall_status(found) if checks else "skip",
+                  **diag, "seconds": round(time.perf_counter() - start, 3)}
+        if out_dir is not None:
+            from .report import write_report
 
-        report["files"] = write_report(report, out_dir, tensorboard=tensorboard)
-    return report
+            report["files"] = write_report(report, out_dir, tensorboard=tensorboard)
+        return report
 
 
 class EvaluationInterrupted(KeyboardInterrupt):
