@@ -19,7 +19,7 @@ import time
 import torch
 
 import dat
-from dat.evaluation.runner import _FastForward
+from dat.evaluation.prepare import FastForward
 from dat.evaluation.suite import make_attack
 from dat.models.folding import fold_batchnorm, max_logit_gap
 
@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> dict:
     x = torch.rand(args.examples, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.examples,), device=device)
     channels_last, bf16 = device.type == "cpu", args.precision == "bf16"
-    nets = {"unfolded": _FastForward(model, bf16, channels_last).eval(),
-            "folded": _FastForward(folded, bf16, channels_last).eval()}
+    nets = {"unfolded": FastForward(model, bf16, channels_last).eval(),
+            "folded": FastForward(folded, bf16, channels_last).eval()}
     attack = make_attack("pgd20", 8 / 255)
 
     def run(net) -> torch.Tensor:

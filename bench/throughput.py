@@ -174,13 +174,13 @@ def _plain_row(s: _Setup, *, bf16: bool, channels_last: bool):
 def _pgd20_eval_row(s: _Setup, *, bf16: bool, channels_last: bool, fold: bool, n: int):
     """The evaluation suite's PGD-20 through dat.evaluate's forward wrapper, on the
     BN-folded copy of the model when ``fold``."""
-    from dat.evaluation.runner import _FastForward
+    from dat.evaluation.prepare import FastForward
     from dat.evaluation.suite import make_attack
     from dat.models.folding import fold_batchnorm
 
     model, _ = s.model(dual_bn=False)
     model = fold_batchnorm(model)[0] if fold else model.eval()
-    net = _FastForward(model, bf16, channels_last).eval()
+    net = FastForward(model, bf16, channels_last).eval()
     gen = torch.Generator().manual_seed(1)
     x = torch.rand(n, 3, 32, 32, generator=gen).to(s.device)
     y = torch.randint(0, 10, (n,), generator=gen).to(s.device)

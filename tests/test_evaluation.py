@@ -247,11 +247,11 @@ def test_cli_reports_a_bad_checkpoint_in_one_line(tmp_path, capsys) -> None:
 
 
 def test_channels_last_forward_matches_and_leaves_the_model_alone(trained, sample_splits):
-    from dat.evaluation.runner import _FastForward
+    from dat.evaluation.prepare import FastForward
 
     x, y = sample_splits.test.tensors()
     x = x[:16].clone().requires_grad_(True)
-    fast = _FastForward(trained, bf16=False, channels_last=True).eval()
+    fast = FastForward(trained, bf16=False, channels_last=True).eval()
     logits = fast(x)
     (grad,) = torch.autograd.grad(F.cross_entropy(logits, y[:16]), x)
     x_ref = x.detach().clone().requires_grad_(True)
@@ -338,7 +338,7 @@ def test_a_model_with_hooks_is_not_folded(trained, sample_splits):
 def test_a_fold_that_changes_the_logits_is_not_used(trained, sample_splits, monkeypatch):
     """A folded copy 0.1% off (far above rounding, well inside the old 1e-2 tolerance)
     is refused and the model is attacked as given."""
-    import dat.evaluation.runner as runner
+    import dat.evaluation.prepare as prepare
 
     def slightly_wrong(model):
         folded, n = fold_batchnorm(model)
@@ -346,7 +346,7 @@ def test_a_fold_that_changes_the_logits_is_not_used(trained, sample_splits, monk
             next(folded.parameters()).mul_(1.001)
         return folded, n
 
-    monkeypatch.setattr(runner, "fold_batchnorm", slightly_wrong)
+    monkeypatch.setattr(prepare, "fold_batchnorm", slightly_wrong)
     x, y = sample_splits.test.tensors()
     report = evaluate(trained, (x[:40], y[:40]), fold_bn=True, attacks=["clean"],
                       progress=False, checks=False)
@@ -561,8 +561,8 @@ def test_the_fold_check_turns_tf32_off_and_back_through_the_users_api(setup, rea
     import subprocess
     import sys
 
-    code = (f"import torch\n{setup}\nfrom dat.evaluation.runner import _exact_matmuls\n"
-            f"before = {read}\nwith _exact_matmuls(torch.device('cuda')):\n"
+    code = (f"import torch\n{setup}\nfrom dat.evaluation.prepare import exact_matmuls\n"
+            f"before = {read}\nwith exact_matmuls(torch.device('cuda')):\n"
             f"    inside = {read}\nprint(before, inside, {read})")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-500:]

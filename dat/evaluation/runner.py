@@ -9,18 +9,26 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from ..attacks import eval_mode, is_compiled
+from ..attacks import eval_mode
 from ..folder_lock import hold_folder
 from ..models.dual_bn import bn_branch, has_dual_bn
-from ..models.folding import FoldError, fold_batchnorm, max_logit_gap
 from . import checks as C
 from .autoattack import AutoAttackResult, autoattack_info, run_autoattack
+from .examples import collect_examples
+from .prepare import (
+    FOLD_CHECK_EXAMPLES,
+    FastForward,
+    fold_for_attacks,
+    has_hooks,
+    model_device,
+    probe,
+)
 from .progress import AttackCache, fingerprint
 from .statistics import per_class_accuracy, wilson_interval
 from .suite import (
@@ -39,200 +47,6 @@ DEFAULT_SWEEP = (0, 1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255)  # L-inf radii
 SWEEP_STEPS = 20  # the sweep runs PGD-20
 LARGE_EPS = 0.5  # radius at which any working attack reaches chance level
 MODEL_CHECK_EXAMPLES = 256  # inputs for the determinism / logits / gradient checks
-FOLD_CHECK_EXAMPLES = 64  # inputs on which the BN-folded model must match the original
-FOLD_TOLERANCE = 1e-4  # relative logit gap, fp32 without TF32: rounding gives ~1e-6
-
-
-def _as_xy(batch) -> tuple[Tensor, Tensor]:
-    if hasattr(batch, "x_raw"):  # dat Batch: evaluate the un-augmented images
-        return batch.x_raw, batch.y
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise EvaluationError(
-        f"cannot read a batch of type {type(batch).__name__}; data must yield (x, y) pairs "
-        "or dat Batch(x, x_raw, y), or be a tuple (x, y) of tensors")
-
-
-def collect_examples(data, n_examples: int | None = None) -> tuple[Tensor, Tensor]:
-    """``(x, y)`` on the CPU from a tuple of tensors or an iterable of batches, validated.
-
-    ``n_examples`` of a tuple ``(x, y)`` are a class-stratified subset in the original
-    order (test sets are often sorted by class: the first N could be one class); of a
-    loader, the first N it yields (shuffle it, or pass a tuple).
-    """
-    in_memory = isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0])
-    if in_memory:
-        xs, ys = [data[0]], [torch.as_tensor(data[1])]
-    else:
-        xs, ys, total = [], [], 0
-        for batch in data:
-            xb, yb = _as_xy(batch)
-            xs.append(xb.detach().cpu())
-            ys.append(torch.as_tensor(yb).cpu())
-            total += len(xb)
-            if n_examples and total >= n_examples:
-                break
-    if not xs or sum(len(t) for t in xs) == 0:
-        raise EvaluationError("data holds no examples; pass a non-empty loader or (x, y)")
-    x, y = torch.cat([t.detach().cpu() for t in xs]), torch.cat([t.cpu() for t in ys])
-    _validate_examples(x, y)
-    if n_examples and n_examples < len(x):
-        keep = _stratified(y, n_examples) if in_memory else slice(0, n_examples)
-        x, y = x[keep], y[keep]
-    return x.float().contiguous(), y.long()
-
-
-def _stratified(y: Tensor, n: int) -> Tensor:
-    """Sorted indices of ``n`` examples balanced across classes (topped up in order when
-    some class has too few)."""
-    from ..data import stratified_split
-
-    chosen = stratified_split(y, n, seed=0)[1]
-    if len(chosen) < n:
-        rest = torch.ones(len(y), dtype=torch.bool)
-        rest[chosen] = False
-        chosen = torch.cat([chosen, rest.nonzero().flatten()[: n - len(chosen)]]).sort().values
-    return chosen
-
-
-def _validate_examples(x: Tensor, y: Tensor) -> None:
-    if x.dim() != 4 or not x.is_floating_point():
-        raise EvaluationError(f"images must be float (N, C, H, W), got {x.dtype} "
-                              f"{tuple(x.shape)}; convert uint8 images with x.float() / 255")
-    if len(x) != len(y) or y.dim() != 1 or y.is_floating_point():
-        raise EvaluationError(f"labels must be integer (N,) matching the images; got "
-                              f"{y.dtype} {tuple(y.shape)} for {len(x)} images")
-    if int(y.min()) < 0:
-        raise EvaluationError(f"labels must be class indices >= 0 (found {int(y.min())})")
-    if float(x.min()) < 0 or float(x.max()) > 1:
-        raise EvaluationError(
-            f"images must lie in [0, 1] (found [{float(x.min()):.3f}, {float(x.max()):.3f}]); "
-            "drop Normalize from the data pipeline: the model normalises inside")
-
-
-class _ToChannelsLast(torch.autograd.Function):
-    """``x`` in channels_last layout, with the gradient handed back in x's own layout."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        return x.contiguous(memory_format=torch.channels_last)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return grad.contiguous()
-
-
-class _FastForward(nn.Module):
-    """Runs the wrapped model under bf16 autocast and/or on channels_last images.
-
-    Attacks still see NCHW float32 tensors: the layout change happens inside the forward
-    (oneDNN's channels_last convolutions make PGD 1.6x faster on a CPU, BENCHMARKS.md),
-    and logits come back as float32.
-    """
-
-    def __init__(self, model: nn.Module, bf16: bool, channels_last: bool) -> None:
-        super().__init__()
-        self.model, self.bf16, self.channels_last = model, bf16, channels_last
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.channels_last and x.dim() == 4:
-            x = _ToChannelsLast.apply(x)
-        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return self.model(x).float()
-
-
-def _has_hooks(model: nn.Module) -> bool:
-    """Whether a module carries forward hooks, which a folded copy would not run."""
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-
-
-@contextlib.contextmanager
-def _exact_matmuls(device: torch.device) -> Iterator[None]:
-    """TF32 off inside, on CUDA (its 1e-3 rounding would hide a slightly wrong fold), through
-    whichever of torch's two TF32 APIs the user set (reading one after the other raises)."""
-    if device.type != "cuda":
-        yield
-        return
-    try:  # the legacy flags
-        flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-
-        def restore() -> None:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
-    except RuntimeError:  # the user set the per-operation fp32_precision API
-        matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-        flags = matmul.fp32_precision, conv.fp32_precision
-        matmul.fp32_precision = conv.fp32_precision = "ieee"
-
-        def restore() -> None:
-            matmul.fp32_precision, conv.fp32_precision = flags
-    try:
-        yield
-    finally:
-        restore()
-
-
-def _probe(model: nn.Module, x: Tensor) -> None:
-    """One forward on two images: an EvaluationError naming the fix when the model cannot
-    be evaluated as "images in [0, 1] -> (N, classes) logits" (its own error chained)."""
-    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
-    try:
-        with torch.no_grad():
-            out = model(x)
-    except torch.cuda.OutOfMemoryError:
-        raise  # not the model's fault: lower batch_size
-    except RuntimeError as err:
-        if weight is not None and weight.dtype != x.dtype:
-            raise EvaluationError(
-                f"the model's parameters are {weight.dtype}; evaluate it in float32 "
-                "(model.float()) and pass precision='bf16' (--precision bf16) for attacks "
-                "under bf16 autocast") from err
-        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        raise EvaluationError(
-            f"the model fails on images of shape {tuple(x.shape[1:])} ({first[:160]}); "
-            "evaluate it on data of the size and channels it was built for") from err
-    if not torch.is_tensor(out):
-        raise EvaluationError(
-            f"the model returns a {type(out).__name__}, not a logits tensor; wrap it so that "
-            "forward returns the (N, classes) logits (e.g. out['logits'] or out[0])")
-    if out.dim() != 2 or out.shape[0] != len(x) or out.shape[1] < 2:
-        raise EvaluationError(
-            f"the model returns shape {tuple(out.shape)} for {len(x)} images; it must return "
-            "(N, classes) logits with at least 2 classes")
-
-
-def _fold(model: nn.Module, enabled: bool, x: Tensor, hooked: bool) -> tuple[nn.Module, dict]:
-    """The model the attacks run: a BN-folded copy when enabled, possible and verified.
-
-    ``hooked``: the model carries forward hooks (checked before the evaluation adds its own).
-    """
-    if not enabled:
-        return model, {"folded": 0}
-    if is_compiled(model):
-        return model, {"folded": 0, "note": "a compiled model is evaluated as given"}
-    if hooked:
-        return model, {"folded": 0, "note": "the model has forward hooks, which a folded copy "
-                                            "would not run; evaluated unfolded"}
-    try:
-        folded, n = fold_batchnorm(model)
-    except FoldError as err:
-        return model, {"folded": 0, "note": f"{err}; evaluated unfolded"}
-    except Exception as err:  # anything else a user's model raises while being traced
-        return model, {"folded": 0, "note": f"folding failed ({type(err).__name__}: "
-                                            f"{str(err)[:100]}); evaluated unfolded"}
-    if n == 0:
-        return model, {"folded": 0, "note": "no convolution -> BatchNorm pair to fold"}
-    with _exact_matmuls(x.device):
-        gap = max_logit_gap(model, folded, x)
-    if not gap <= FOLD_TOLERANCE:  # also catches NaN
-        return model, {"folded": 0, "note": f"folded logits differ by {gap:.1e} (relative); "
-                                            "evaluated unfolded"}
-    return folded, {"folded": n, "max_logit_gap": gap}
-
-
-def _device(model: nn.Module) -> torch.device:
-    tensor = next(iter(list(model.parameters()) + list(model.buffers())), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def _validate_args(attacks: Sequence[str], eps: float, batch_size: int, precision: str,
@@ -476,7 +290,7 @@ def evaluate(
             if out_dir is not None else contextlib.nullcontext())
     with held:
         x, y = collect_examples(data, n_examples)
-        device = _device(model)
+        device = model_device(model)
         if channels_last is None:  # on for CPU, except where torch's CPU backward crashes
             from ..build import cpu_channels_last_crashes
 
@@ -485,17 +299,18 @@ def evaluate(
         fold_bn = device.type == "cpu" if fold_bn is None else bool(fold_bn)
         radii = list(DEFAULT_SWEEP) if sweep is True else (list(sweep) if sweep else None)
         given_training, before, monitor = model.training, C.buffers_snapshot(model), C.ModeMonitor()
-        hooked = _has_hooks(model)  # before the monitor adds its own
+        hooked = has_hooks(model)  # before the monitor adds its own
         branch = bn_branch(model, "main") if has_dual_bn(model) else contextlib.nullcontext()
         start = time.perf_counter()
         with eval_mode(model), branch, monitor.watch(model):
-            _probe(model, x[:2].to(device))
-            target, fold = _fold(model, fold_bn, x[:FOLD_CHECK_EXAMPLES].to(device), hooked)
+            probe(model, x[:2].to(device))
+            target, fold = fold_for_attacks(model, fold_bn, x[:FOLD_CHECK_EXAMPLES].to(device),
+                                            hooked)
             with monitor.watch(target) if target is not model else contextlib.nullcontext():
                 # built inside eval_mode: a wrapper left in train mode would make torchattacks
                 # "restore" train mode on the whole model after its first attack
                 fast = precision == "bf16" or channels_last
-                net = (_FastForward(target, precision == "bf16", channels_last).eval() if fast
+                net = (FastForward(target, precision == "bf16", channels_last).eval() if fast
                        else target)
                 run = _Run(net, x, y, batch_size, device, seed, progress)
                 if class_names is not None:
