@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -207,11 +208,29 @@ def prepare_run_dir(cfg: Config, resume: Path | None) -> Path:
     # held until the trainer lets go (dat.folder_lock): a second process is refused here,
     # before it can look for last.pt or write anything
     key = folder_lock.acquire(run_dir, RUN_IN_USE_FIX)
-    if resume is None and (run_dir / "checkpoints" / "last.pt").exists():
-        folder_lock.release(key)
-        raise ConfigError(f"{run_dir} already holds a run; resume it with --resume auto "
-                          "(train.resume=auto) or choose another train.run_name")
+    if resume is None:
+        folder = run_dir / "checkpoints"
+        if any(folder.glob("last*.pt")):  # last.pt, or an older copy a resume falls back to
+            folder_lock.release(key)
+            raise ConfigError(f"{run_dir} already holds a run; resume it with --resume auto "
+                              "(train.resume=auto) or choose another train.run_name")
+        _set_aside_leftovers(folder)
     return run_dir
+
+
+def _set_aside_leftovers(folder: Path) -> None:
+    """A new run in a folder whose earlier attempt stopped before its first last.pt: move
+    that attempt's best.pt away, so it is never tested or exported as this run's model."""
+    leftovers = sorted(p for p in folder.glob("*.pt") if p.is_file())
+    if not leftovers:
+        return
+    aside = folder / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir(exist_ok=True)
+    for path in leftovers:
+        path.replace(aside / path.name)
+    print(f"note: {folder} held {', '.join(p.name for p in leftovers)} from an earlier "
+          f"attempt that saved no last.pt; moved to {aside} (this run starts from scratch)",
+          file=sys.stderr)
 
 
 def learning_rate(o: OptimConfig, epoch: int, step: int, steps_per_epoch: int,

@@ -57,24 +57,48 @@ class DatasetSplits:
         return self.train.image_shape
 
 
-def stratified_split(labels: Tensor, size: int, seed: int) -> tuple[Tensor, Tensor]:
-    """``(keep, held)`` indices: ``held`` has ``size`` items, balanced across labels."""
+def stratified_split(labels: Tensor, size: int, seed: int,
+                     keep_every_class: bool = False) -> tuple[Tensor, Tensor]:
+    """``(keep, held)`` indices: ``held`` has ``size`` items, each class in proportion to
+    its share of ``labels`` (equal shares on a balanced set; on an imbalanced one the
+    subset keeps the set's class mix, so its accuracy estimates the whole set's).
+
+    ``keep_every_class``: leave at least one image of every class in ``keep`` (a
+    validation split must not take a rare class out of training).
+    """
     if size <= 0:
         return torch.arange(len(labels)), torch.empty(0, dtype=torch.int64)
     if size >= len(labels):
         raise DataError(f"data.val_size={size} leaves no training images; lower it")
+    classes, counts = labels.unique(return_counts=True)
+    cap = (counts - 1).clamp(min=0) if keep_every_class else counts
+    if size > int(cap.sum()):
+        raise DataError(f"data.val_size={size} would take every image of some class out of "
+                        f"training; lower it to at most {int(cap.sum())}")
     gen = torch.Generator().manual_seed(seed)
-    classes = labels.unique()
-    quota = torch.full((len(classes),), size // len(classes))
-    quota[: size % len(classes)] += 1
     held = []
-    for c, q in zip(classes.tolist(), quota.tolist(), strict=True):
+    for c, q in zip(classes.tolist(), _quotas(counts, cap, size).tolist(), strict=True):
         idx = (labels == c).nonzero().flatten()
         held.append(idx[torch.randperm(len(idx), generator=gen)[:q]])
     held_idx = torch.cat(held).sort().values
     mask = torch.ones(len(labels), dtype=torch.bool)
     mask[held_idx] = False
     return mask.nonzero().flatten(), held_idx
+
+
+def _quotas(counts: Tensor, cap: Tensor, size: int) -> Tensor:
+    """Per-class sizes summing to ``size``, proportional to ``counts`` (largest remainder;
+    ties go to the lower class index), none above ``cap``."""
+    exact = counts.double() * size / counts.sum()
+    quota = torch.minimum(exact.floor().long(), cap)
+    order = sorted(range(len(counts)), key=lambda i: (-(exact[i] - quota[i]).item(), i))
+    while int(quota.sum()) < size:  # one pass, unless caps turned some classes away
+        for i in order:
+            if int(quota.sum()) == size:
+                break
+            if quota[i] < cap[i]:
+                quota[i] += 1
+    return quota
 
 
 def _read_dataset(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str]]:
@@ -101,7 +125,8 @@ def load_dataset(cfg: DataConfig) -> DatasetSplits:
     train, test, classes = _read_dataset(cfg)
     if train.images is not None:
         train.image_shape = test.image_shape = tuple(train.images.shape[1:])
-    keep, held = stratified_split(train.labels, cfg.val_size, cfg.split_seed)
+    keep, held = stratified_split(train.labels, cfg.val_size, cfg.split_seed,
+                                  keep_every_class=True)
     train, val = train.subset(keep), train.subset(held)
     if 0 < cfg.train_subset < len(train):
         _, chosen = stratified_split(train.labels, cfg.train_subset, cfg.split_seed)

@@ -73,6 +73,8 @@ def test_train_subset_is_stratified_and_keeps_the_validation_split(sample_splits
 
 def test_a_split_that_leaves_one_training_image_is_refused() -> None:
     with pytest.raises(DataError, match="only 1 training image"):
+        load_dataset(DataConfig(name="cifar10-sample", train_subset=1))
+    with pytest.raises(DataError, match="val_size=4999 would take every image of some class"):
         load_dataset(DataConfig(name="cifar10-sample", val_size=4999))
 
 
@@ -81,6 +83,26 @@ def test_stratified_split_rejects_a_split_that_leaves_nothing() -> None:
         stratified_split(torch.zeros(10, dtype=torch.int64), 10, seed=0)
     keep, held = stratified_split(torch.arange(6) % 3, 3, seed=0)
     assert sorted(torch.cat([keep, held]).tolist()) == list(range(6))
+
+
+def test_a_validation_split_never_takes_a_rare_class_out_of_training() -> None:
+    labels = torch.tensor([0] * 25 + [1] * 25 + [2] * 5)  # "frog" has 5 images
+    keep, held = stratified_split(labels, 50, seed=0, keep_every_class=True)
+    assert torch.bincount(labels[keep]).tolist() == [2, 2, 1]
+    assert len(held) == 50 and sorted(torch.cat([keep, held]).tolist()) == list(range(55))
+    with pytest.raises(DataError, match="every image of some class.*at most 52"):
+        stratified_split(labels, 53, seed=0, keep_every_class=True)
+
+
+def test_subsets_keep_the_class_mix_and_equal_shares_on_balanced_sets() -> None:
+    labels = torch.tensor([0] * 60 + [1] * 30 + [2] * 10)
+    _, held = stratified_split(labels, 20, seed=0)
+    assert torch.bincount(labels[held]).tolist() == [12, 6, 2]  # the 6 : 3 : 1 mix
+    _, held = stratified_split(labels, 7, seed=0)  # 4.2, 2.1, 0.7: the largest remainder
+    assert torch.bincount(labels[held], minlength=3).tolist() == [4, 2, 1]
+    balanced = torch.arange(10).repeat_interleave(100)
+    _, held = stratified_split(balanced, 32, seed=0)  # 3 each, the first two classes get 4
+    assert torch.bincount(balanced[held]).tolist() == [4, 4] + [3] * 8
 
 
 # ---------------------------------------------------------------- ImageFolder trees

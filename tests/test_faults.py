@@ -417,3 +417,29 @@ def test_a_run_dropped_before_fit_lets_go_of_its_folder(tmp_path) -> None:
     gc.collect()  # the trainer may sit in a reference cycle
     free = _lock_from_another_process(tmp_path / "r", "try")
     assert free.communicate(timeout=60)[0].strip() == "held"
+
+
+def test_a_new_run_sets_aside_the_best_pt_of_an_attempt_that_saved_no_last_pt(
+        capsys, tmp_path) -> None:
+    run = [*TINY, "method.name=pgd_at", f"train.out_dir={tmp_path}", "train.epochs=1",
+           "train.steps_per_epoch=1"]
+    # an earlier attempt with another model stopped after writing best.pt, before last.pt
+    assert train_main(["--no-progress", *run, "train.run_name=old",
+                       "model.name=resnet_small"]) == 0
+    run.append("train.val_every=0")
+    folder = tmp_path / "new" / "checkpoints"
+    folder.mkdir(parents=True)
+    stale = (tmp_path / "old" / "checkpoints" / "best.pt").read_bytes()
+    (folder / "best.pt").write_bytes(stale)
+    capsys.readouterr()
+    assert train_main(["--no-progress", *run, "train.run_name=new"]) == 0
+    err = capsys.readouterr().err
+    assert "held best.pt from an earlier attempt that saved no last.pt; moved to" in err
+    metrics = json.loads((tmp_path / "new" / "metrics.json").read_text())
+    assert metrics["evaluated"] == "final weights (no validation ran)"  # not the stale file
+    [aside] = folder.glob("abandoned-*")
+    assert (aside / "best.pt").read_bytes() == stale and not (folder / "best.pt").exists()
+    # an older last.N.pt alone is still a run a resume falls back to: not set aside
+    (tmp_path / "new" / "checkpoints" / "last.pt").rename(folder / "last.1.pt")
+    err = _error_line(capsys, [*run, "train.run_name=new"])
+    assert "already holds a run; resume it with --resume auto" in err

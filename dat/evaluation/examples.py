@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..data import stratified_split
 from .suite import EvaluationError
 
 __all__ = ["collect_examples"]
@@ -45,22 +46,9 @@ def collect_examples(data, n_examples: int | None = None) -> tuple[Tensor, Tenso
     x, y = torch.cat([t.detach().cpu() for t in xs]), torch.cat([t.cpu() for t in ys])
     _validate_examples(x, y)
     if n_examples and n_examples < len(x):
-        keep = _stratified(y, n_examples) if in_memory else slice(0, n_examples)
+        keep = stratified_split(y, n_examples, seed=0)[1] if in_memory else slice(0, n_examples)
         x, y = x[keep], y[keep]
     return x.float().contiguous(), y.long()
-
-
-def _stratified(y: Tensor, n: int) -> Tensor:
-    """Sorted indices of ``n`` examples balanced across classes (topped up in order when
-    some class has too few)."""
-    from ..data import stratified_split
-
-    chosen = stratified_split(y, n, seed=0)[1]
-    if len(chosen) < n:
-        rest = torch.ones(len(y), dtype=torch.bool)
-        rest[chosen] = False
-        chosen = torch.cat([chosen, rest.nonzero().flatten()[: n - len(chosen)]]).sort().values
-    return chosen
 
 
 def _validate_examples(x: Tensor, y: Tensor) -> None:
