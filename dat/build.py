@@ -187,6 +187,23 @@ def named_run_dir(cfg: Config, resume: Path | None) -> Path | None:
     return Path(cfg.train.out_dir) / cfg.train.run_name if cfg.train.run_name else None
 
 
+def _new_run_name(cfg: Config) -> str:
+    """``method-model-data-time``, claimed by creating its folder (an atomic mkdir): runs
+    started in the same second get ``-2``, ``-3``, ... instead of sharing one folder."""
+    model = cfg.model.name.replace("/", "_")
+    base = f"{cfg.method.name}-{model}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in range(1, 1000):
+        name = base if n == 1 else f"{base}-{n}"
+        try:
+            (Path(cfg.train.out_dir) / name).mkdir(parents=True)
+        except FileExistsError:
+            continue
+        except OSError:
+            return name  # ensure_writable names the problem with out_dir
+        return name
+    raise ConfigError(f"no free run name like {base} in {cfg.train.out_dir}; set train.run_name")
+
+
 def prepare_run_dir(cfg: Config, resume: Path | None) -> Path:
     """Create (or, on resume, reuse) ``out_dir/run_name`` and lock it for this process
     (:func:`dat.folder_lock.acquire`; the caller releases it); fill in a default run_name."""
@@ -195,9 +212,7 @@ def prepare_run_dir(cfg: Config, resume: Path | None) -> Path:
         cfg.train.run_name = run_dir.name
     else:
         if not cfg.train.run_name:
-            model = cfg.model.name.replace("/", "_")
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            cfg.train.run_name = f"{cfg.method.name}-{model}-{cfg.data.name}-{stamp}"
+            cfg.train.run_name = _new_run_name(cfg)
         run_dir = Path(cfg.train.out_dir) / cfg.train.run_name
     try:
         ensure_writable(run_dir / "checkpoints")

@@ -7,8 +7,10 @@ accepted wherever a float is expected, in YAML and on the command line.
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +248,10 @@ def _merge(base: Any, update: Any, where: str) -> Any:
     except OmegaConfBaseException as err:
         first = str(err).splitlines()[0]
         key = getattr(err, "full_key", None)
+        if key and "is not a ListConfig" in first:
+            raise ConfigError(f"{where}: {key} takes a list; write {key}=[...] on the "
+                              f"command line or '{key.rpartition('.')[2]}: [...]' in YAML"
+                              ) from None
         hint = f" at {key}" if key else ""
         raise ConfigError(f"{where}{hint}: {first} (see dat/config.py for valid keys)") from None
 
@@ -329,6 +335,8 @@ def validate(cfg: Config) -> None:
     """Raise :class:`ConfigError` with a one-line message naming the fix."""
     from .models import list_models
 
+    for section in fields(cfg):  # first: a NaN passes every comparison below
+        _check_finite(getattr(cfg, section.name), section.name)
     _choice(cfg.data.name, DATASETS, "data.name")
     _choice(cfg.data.loader, ("auto", "resident", "dataloader"), "data.loader")
     if cfg.data.batch_size < 1 or cfg.data.eval_batch_size < 1:
@@ -386,6 +394,59 @@ def validate(cfg: Config) -> None:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
         raise ConfigError(f"train.device={t.device!r}; use auto, cpu, cuda or cuda:N")
     _check_train_loop(t, cfg.perf.log_every)
+    _check_numbers(cfg)
+
+
+# (key, allowed, what to write): numeric ranges validate() checks besides its own
+_RANGES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
+    ("data.batch_size", lambda v: v >= 2, ">= 2: BatchNorm needs two images per batch"),
+    ("data.num_workers", lambda v: v >= 0, ">= 0"),
+    ("data.crop_padding", lambda v: v >= 0, ">= 0 (0 = no crop)"),
+    ("data.split_seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    ("data.train_subset", lambda v: v >= 0, ">= 0 (0 = all)"),
+    ("data.test_subset", lambda v: v >= 0, ">= 0 (0 = all)"),
+    ("method.generator.noise_dim", lambda v: v >= 1, ">= 1"),
+    ("method.generator.lr", lambda v: v > 0, "> 0"),
+    ("method.generator.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("method.generator.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("method.recombined_padding", lambda v: v >= 0, ">= 0"),
+    ("method.awp_warmup", lambda v: v >= 0, ">= 0"),
+    ("optim.momentum", lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.9"),
+    ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optim.gamma", lambda v: v > 0, "> 0, e.g. 0.1"),
+    ("optim.warmup_epochs", lambda v: v >= 0, ">= 0"),
+    ("optim.reference_batch_size", lambda v: v >= 1, ">= 1"),
+    ("train.seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    ("train.swa_start", lambda v: v >= 0, ">= 0"),
+)
+
+
+def _check_numbers(cfg: Config) -> None:
+    """The ranges of :data:`_RANGES`; list entries; a plain run name."""
+    tree = OmegaConf.structured(cfg)
+    for key, allowed, what in _RANGES:
+        value = OmegaConf.select(tree, key)
+        if not allowed(value):
+            raise ConfigError(f"{key}={value} must be {what}")
+    for key, values in (("method.generator.hidden", cfg.method.generator.hidden),
+                        ("optim.milestones", cfg.optim.milestones)):
+        if any(v < (1 if key.endswith("hidden") else 0) for v in values):
+            raise ConfigError(f"{key}={list(values)}: every entry must be "
+                              f"{'>= 1' if key.endswith('hidden') else '>= 0'}")
+    name = cfg.train.run_name
+    if name in (".", "..") or any(sep in name for sep in ("/", "\\")):
+        raise ConfigError(f"train.run_name={name!r} must be a plain folder name; put the "
+                          "parent folder in train.out_dir")
+
+
+def _check_finite(section: Any, where: str) -> None:
+    """No NaN or inf in any float of ``section`` (a config dataclass), recursively."""
+    for f in fields(section):
+        value = getattr(section, f.name)
+        if is_dataclass(value):
+            _check_finite(value, f"{where}.{f.name}")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}.{f.name}={value} must be a finite number")
 
 
 def _check_train_loop(t: TrainConfig, log_every: int) -> None:

@@ -180,6 +180,19 @@ def _error_line(capsys, argv: list[str]) -> str:
     ("train.callbacks=[no_such_module_xyz:fn]", "cannot import 'no_such_module_xyz'"),
     ("train.max_bad_steps=0", "train.max_bad_steps=0 must be >= 1"),
     ("train.test_attacks=[clean,pgd20,deepfool]", "unknown attack 'deepfool'"),
+    # each of these used to pass validation and fail mid-run with a traceback, or run on
+    ("data.batch_size=1", "data.batch_size=1 must be >= 2: BatchNorm needs two images"),
+    ("method.attack.eps=nan", "method.attack.eps=nan must be a finite number"),
+    ("method.attack.eps=inf", "method.attack.eps=inf must be a finite number"),
+    ("optim.lr=inf", "optim.lr=inf must be a finite number"),
+    ("train.seed=-1", "train.seed=-1 must be in [0, 2**32)"),
+    ("optim.momentum=-1", "optim.momentum=-1.0 must be in [0, 1)"),
+    ("optim.reference_batch_size=0", "optim.reference_batch_size=0 must be >= 1"),
+    ("data.num_workers=-1", "data.num_workers=-1 must be >= 0"),
+    ("data.crop_padding=-1", "data.crop_padding=-1 must be >= 0"),
+    ("method.generator.hidden=[0]", "method.generator.hidden=[0]: every entry must be >= 1"),
+    ("train.run_name=../elsewhere", "must be a plain folder name; put the parent folder in"),
+    ("train.test_attacks=pgd20", "train.test_attacks takes a list; write train.test_attacks=["),
 ])
 def test_bad_config_values_give_one_line_errors(capsys, tmp_path, override, expected) -> None:
     err = _error_line(capsys, [*TINY, f"train.out_dir={tmp_path}", override])
@@ -443,3 +456,17 @@ def test_a_new_run_sets_aside_the_best_pt_of_an_attempt_that_saved_no_last_pt(
     (tmp_path / "new" / "checkpoints" / "last.pt").rename(folder / "last.1.pt")
     err = _error_line(capsys, [*run, "train.run_name=new"])
     assert "already holds a run; resume it with --resume auto" in err
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch) -> None:
+    import dat.build
+    from dat.folder_lock import key_of, release
+
+    monkeypatch.setattr(dat.build.time, "strftime", lambda fmt: "20261127-101010")
+    dirs = []
+    for _ in range(3):
+        cfg = load_config(None, [*TINY, f"train.out_dir={tmp_path}"])
+        dirs.append(dat.build.prepare_run_dir(cfg, None))
+        release(key_of(dirs[-1]))
+    base = "dat-resnet_tiny-cifar10-sample-20261127-101010"
+    assert [d.name for d in dirs] == [base, f"{base}-2", f"{base}-3"]
