@@ -287,6 +287,43 @@ def test_channels_last_is_on_by_default_on_cpu_and_switchable(trained, sample_sp
     assert json.loads((tmp_path / "eval" / "report.json").read_text())["channels_last"] is False
 
 
+class _ViewsItsFeatures(torch.nn.Module):
+    """Flattens a feature map with .view, which channels_last memory cannot serve."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16)
+        self.fc = torch.nn.Linear(16 * 32 * 32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn(self.conv(x)).relu()
+        return self.fc(h.view(len(h), -1))
+
+
+def test_a_model_that_cannot_take_channels_last_images_is_evaluated_in_nchw(sample_splits):
+    x, y = sample_splits.test.tensors()
+    model = _ViewsItsFeatures().eval()
+    auto = evaluate(model, (x[:8], y[:8]), attacks=["clean", "fgsm"], progress=False,
+                    checks=False)  # auto used to crash here with "view size is not compatible"
+    nchw = evaluate(model, (x[:8], y[:8]), attacks=["clean", "fgsm"], progress=False,
+                    checks=False, channels_last=False)
+    assert auto["channels_last"] is False and auto["results"] == nchw["results"]
+    with pytest.raises(EvaluationError, match=r"fails on channels_last images \(view size.*"
+                                              r"channels_last=False \(--channels-last off\)"):
+        evaluate(model, (x[:8], y[:8]), attacks=["clean"], progress=False, channels_last=True)
+
+
+def test_no_clean_correct_point_means_no_forward_of_an_empty_batch(sample_batch) -> None:
+    x, y = sample_batch
+    calls = []
+    model = _ViewsItsFeatures().eval()
+    model.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
+    still = attack_points(make_attack("pgd20", 8 / 255), model, x[:4], y[:4],
+                          torch.zeros(4, dtype=torch.bool), 2, torch.device("cpu"),
+                          progress=False)
+    assert calls == [] and not still.any()
+
+
 def test_bn_folding_is_on_by_default_on_cpu_and_switchable(trained, sample_splits, tmp_path):
     x, y = sample_splits.test.tensors()
     kwargs = dict(attacks=["clean", "pgd20"], progress=False)

@@ -13,7 +13,8 @@ from ..attacks import is_compiled
 from ..models.folding import FoldError, fold_batchnorm, max_logit_gap
 from .suite import EvaluationError
 
-__all__ = ["FOLD_CHECK_EXAMPLES", "FOLD_TOLERANCE", "FastForward", "exact_matmuls",
+__all__ = ["FOLD_CHECK_EXAMPLES", "FOLD_TOLERANCE", "FastForward", "channels_last_failure",
+           "exact_matmuls",
            "fold_for_attacks", "has_hooks", "model_device", "probe"]
 
 FOLD_CHECK_EXAMPLES = 64  # inputs on which the BN-folded model must match the original
@@ -49,6 +50,20 @@ class FastForward(nn.Module):
             x = _ToChannelsLast.apply(x)
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self.model(x).float()
+
+
+def channels_last_failure(model: nn.Module, x: Tensor) -> str | None:
+    """None when a forward and an input-gradient backward run on channels_last images, else
+    torch's first error line (a model that ``.view``s a feature map fails there)."""
+    x = x.detach().clone().requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            out = FastForward(model, bf16=False, channels_last=True)(x)
+            torch.autograd.grad(out.float().sum(), x)  # leaves the parameters' .grad alone
+    except RuntimeError as err:
+        return next((line for line in str(err).splitlines() if line.strip()),
+                    type(err).__name__)[:160]
+    return None
 
 
 def has_hooks(model: nn.Module) -> bool:

@@ -24,6 +24,7 @@ from .examples import collect_examples
 from .prepare import (
     FOLD_CHECK_EXAMPLES,
     FastForward,
+    channels_last_failure,
     fold_for_attacks,
     has_hooks,
     model_device,
@@ -291,6 +292,7 @@ def evaluate(
     with held:
         x, y = collect_examples(data, n_examples)
         device = model_device(model)
+        chosen_layout = channels_last is not None
         if channels_last is None:  # on for CPU, except where torch's CPU backward crashes
             from ..build import cpu_channels_last_crashes
 
@@ -306,6 +308,12 @@ def evaluate(
             probe(model, x[:2].to(device))
             target, fold = fold_for_attacks(model, fold_bn, x[:FOLD_CHECK_EXAMPLES].to(device),
                                             hooked)
+            failure = channels_last_failure(target, x[:2].to(device)) if channels_last else None
+            if failure and chosen_layout:
+                raise EvaluationError(
+                    f"the model fails on channels_last images ({failure}); evaluate it with "
+                    "channels_last=False (--channels-last off)")
+            channels_last = channels_last and failure is None  # auto: NCHW for this model
             with monitor.watch(target) if target is not model else contextlib.nullcontext():
                 # built inside eval_mode: a wrapper left in train mode would make torchattacks
                 # "restore" train mode on the whole model after its first attack

@@ -203,6 +203,8 @@ def attack_points(
     """
     still = correct.clone()
     index = correct.nonzero().flatten()  # (M,)
+    if len(index) == 0:  # nothing to attack: the model never sees an empty batch
+        return still
     seed_everything(seed)
     for chunk in tqdm(index.split(batch_size), desc=spec.name, disable=not progress,
                       leave=False):
