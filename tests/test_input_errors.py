@@ -91,6 +91,23 @@ def test_a_negative_eps_is_named_not_taken_for_an_option(ckpt, tmp_path, capsys,
     _one_line_error(capsys, f"eps {eps} must be a finite number >= 0")
 
 
+@pytest.mark.parametrize("sweep, needle", [
+    ("0,300", "--sweep radius 300 is outside 0..255"),
+    ("0.031,0.1", "--sweep radius 0.031 is below 1/255: radii are in 1/255 units, so write 7.9"),
+    ("0,nan", "--sweep radius nan is outside 0..255"),
+])
+def test_sweep_radii_outside_the_pixel_scale_are_refused(ckpt, tmp_path, capsys, no_attacks,
+                                                         sweep, needle) -> None:
+    """--sweep 0,300 used to run PGD at eps 300/255 and report 0%."""
+    assert evaluate_main(_quick(ckpt, tmp_path, "--sweep", sweep)) == 2
+    _one_line_error(capsys, needle)
+
+
+def test_the_api_refuses_sweep_radii_outside_0_1(make_tiny_model, sample_batch) -> None:
+    with pytest.raises(dat.evaluation.EvaluationError, match=r"sweep radii .* \[0, 1\]"):
+        dat.evaluate(make_tiny_model(), sample_batch, attacks=["clean"], sweep=[0, 8])
+
+
 # 3. YAML files
 @pytest.mark.parametrize("text, match", [
     ("train: [1, 2\nmethod: :\n", r"bad.yaml is not valid YAML \(.* at line 2"),

@@ -76,10 +76,19 @@ class _Parser(argparse.ArgumentParser):
 def _radii(text: str) -> list[float]:
     """A sweep list in 1/255 units: ``"0,1,2,4,8,16"``."""
     try:
-        return [float(v) / 255 for v in text.split(",") if v.strip()]
+        values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"--sweep {text!r}: give radii in 1/255 units, e.g. 0,1,2,4,8,16") from None
+    for v in values:
+        if not 0 <= v <= 255:  # also NaN
+            raise argparse.ArgumentTypeError(
+                f"--sweep radius {v:g} is outside 0..255 (1/255 units, e.g. 0,1,2,4,8,16)")
+        if 0 < v < 1:  # below one grey level: a [0, 1]-scale radius such as 0.031
+            raise argparse.ArgumentTypeError(
+                f"--sweep radius {v:g} is below 1/255: radii are in 1/255 units, so write "
+                f"{v * 255:.3g} for {v:g} on the [0, 1] scale")
+    return [v / 255 for v in values]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -281,6 +281,10 @@ def evaluate(
     """
     attacks = list(attacks)
     _validate_args(attacks, eps, batch_size, precision, n_examples)
+    radii = list(DEFAULT_SWEEP) if sweep is True else (list(sweep) if sweep else None)
+    if radii and not all(0 <= r <= 1 for r in radii):  # also NaN
+        raise EvaluationError(f"sweep radii {radii} must lie in [0, 1] (pixel scale), e.g. "
+                              "[0, 2/255, 8/255]")
     if heatmap and heatmap_examples < 1:
         raise EvaluationError(f"heatmap_examples={heatmap_examples} must be >= 1")
     if resume is True and out_dir is None:
@@ -299,7 +303,6 @@ def evaluate(
             channels_last = device.type == "cpu" and not cpu_channels_last_crashes(model)
         channels_last = bool(channels_last)
         fold_bn = device.type == "cpu" if fold_bn is None else bool(fold_bn)
-        radii = list(DEFAULT_SWEEP) if sweep is True else (list(sweep) if sweep else None)
         given_training, before, monitor = model.training, C.buffers_snapshot(model), C.ModeMonitor()
         hooked = has_hooks(model)  # before the monitor adds its own
         branch = bn_branch(model, "main") if has_dual_bn(model) else contextlib.nullcontext()
