@@ -139,6 +139,11 @@ def test_bounds_catch_a_broken_projection(sample_batch) -> None:
     ({"aa": 13.0, "cw": 12.0}, 100, "pass"),  # one example of 100: noise, not a broken AA
     ({"aa": 15.0, "cw": 12.0}, 100, "fail"),  # three examples
     ({"aa": 44.5}, 10000, "skip"),
+    # AA far below every gradient attack: masked gradients (the audit's sin-shattered model)
+    ({"aa": 13.0, "fgsm": 27.0, "pgd20": 27.0, "cw": 27.0}, 1000, "warn"),
+    ({"aa": 50.0, "pgd20": 56.2}, 10000, "warn"),  # the paper's DAT gap, with no CW to check
+    ({"aa": 50.0, "pgd20": 56.2, "cw": 51.5}, 10000, "pass"),  # a sound CW closes it
+    ({"aa": 10.0, "pgd20": 13.0}, 50, "pass"),  # 1.5 examples of 50: within noise
 ])
 def test_aa_must_not_exceed_pgd_or_cw(results, n, status) -> None:
     assert C.check_aa_gap(results, n).status == status

@@ -41,6 +41,7 @@ __all__ = [
 
 STATUSES = ("skip", "pass", "warn", "fail")  # in order of severity
 AA_SLACK = 0.3  # points: AA may exceed min(PGD-100, CW) by at most this much
+AA_BELOW = 5.0  # points: AA below the strongest of FGSM/PGD/CW by more hints at masking
 CW_GAP = 3.0  # points: PGD-20 above CW by more than this hints at gradient masking
 
 
@@ -188,17 +189,32 @@ def check_large_eps(acc: float, num_classes: int) -> Check:
 
 def check_aa_gap(results: dict[str, float], n: int) -> Check:
     """AA must be at most min(PGD-100, CW) + 0.3 points (two examples' worth on small n:
-    AA is not stronger than CW on every single example)."""
+    AA is not stronger than CW on every single example). A warning when AA lies more
+    than 5 points (or two examples' worth) below the strongest FGSM/PGD/CW run: in the
+    paper DAT's PGD-20 exceeds its AA by 6.2 points and PGD-AT's by 3.7, and a sound
+    margin-loss CW closes most of such a gap."""
+    gradient = {k: v for k, v in results.items() if k in ("fgsm", "cw") or
+                (k.startswith("pgd") and k[3:].isdigit())}
+    if "aa" not in results or not gradient:
+        return Check("aa_vs_pgd", "skip", "needs aa together with fgsm, pgd<N> or cw")
+    aa, said = results["aa"], []
     others = {k: results[k] for k in ("pgd100", "cw") if k in results}
-    if "aa" not in results or not others:
-        return Check("aa_vs_pgd", "skip", "needs aa together with pgd100 or cw")
-    bound, slack = min(others.values()), max(AA_SLACK, 200.0 / max(n, 1))
-    if results["aa"] > bound + slack:
-        return Check("aa_vs_pgd", "fail",
-                     f"AA {results['aa']:.2f}% exceeds min({', '.join(others)}) {bound:.2f}% by "
-                     f"more than {slack:.2g} points; the AA run is unreliable")
-    return Check("aa_vs_pgd", "pass",
-                 f"AA {results['aa']:.2f}% <= min({', '.join(others)}) + {slack:.2g}")
+    if others:
+        bound, slack = min(others.values()), max(AA_SLACK, 200.0 / max(n, 1))
+        if aa > bound + slack:
+            return Check("aa_vs_pgd", "fail",
+                         f"AA {aa:.2f}% exceeds min({', '.join(others)}) {bound:.2f}% by more "
+                         f"than {slack:.2g} points; the AA run is unreliable")
+        said.append(f"AA {aa:.2f}% <= min({', '.join(others)}) + {slack:.2g}")
+    best = min(gradient, key=gradient.get)
+    below, limit = gradient[best] - aa, max(AA_BELOW, 200.0 / max(n, 1))
+    if below > limit:
+        return Check("aa_vs_pgd", "warn",
+                     f"AA {aa:.2f}% is {below:.2f} points below the strongest gradient attack "
+                     f"({best} {gradient[best]:.2f}%; > {limit:.2g}): its gradients look "
+                     "masked, so PGD/CW overstate robustness; report AA")
+    said.append(f"AA {below:.2f} points below {best} (<= {limit:.2g})")
+    return Check("aa_vs_pgd", "pass", "; ".join(said))
 
 
 def check_pgd_cw_gap(results: dict[str, float], n: int) -> Check:
