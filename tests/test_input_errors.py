@@ -334,14 +334,33 @@ def test_dat_step_refuses_settings_that_cannot_be_meant(kwargs, match) -> None:
     (lambda x, y: ((x * 255).to(torch.uint8), y), "x.float\\(\\) / 255"),  # NaN weights before
     (lambda x, y: (x, y.float()), "integer labels"),
     (lambda x, y: (x[:1], y[:1]), "at least 2 images"),
+    # used to raise a bare IndexError after the generator's BN statistics had moved
+    (lambda x, y: (x, y + 7), "labels range 7..10 but the model has 10 outputs; labels must"),
+    (lambda x, y: (x, y - 1), "labels range -1..2 but the model has 10 outputs"),
+    (lambda x, y: (x, y[:3]), "one class index per image; got torch.int64 \\(3,\\) for 4"),
 ])
 def test_dat_step_refuses_a_batch_it_cannot_train_on(batch, match) -> None:
     step = _dat_step(steps=1)
     x, y = batch(torch.rand(4, 3, 32, 32), torch.arange(4))
-    before = [p.clone() for p in step.model.parameters()]
+    before = {**_state(step.model, "model."), **_state(step.generator, "generator.")}
     with pytest.raises(ValueError, match=match):
         step(x, y)
-    assert all(torch.equal(a, b) for a, b in zip(before, step.model.parameters(), strict=True))
+    after = {**_state(step.model, "model."), **_state(step.generator, "generator.")}
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN statistics
+
+
+def _state(module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    return {prefix + k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_baseline_steps_refuse_labels_the_model_has_no_output_for() -> None:
+    model = dat.models.create("resnet_tiny", num_classes=10)
+    step = dat.methods.PGDATStep(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=1)
+    before = _state(model, "")
+    with pytest.raises(ValueError, match="PGDATStep: labels range 0..10 but the model has 10"):
+        step(torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 10]))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 @pytest.mark.parametrize("attack", ["pgd", "trades_kl", "eaeg"])

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..attacks import check_unit_range
+from ..attacks import check_unit_range, eval_mode
 
 __all__ = ["MethodStep"]
 
@@ -25,23 +25,43 @@ class MethodStep:
         raise NotImplementedError
 
     def __call__(self, x: Tensor, y: Tensor, x_raw: Tensor | None = None) -> dict[str, float]:
-        return self._checked_floats(lambda: self.run(x, y, x_raw), x, x_raw)
+        return self._checked_floats(lambda: self.run(x, y, x_raw), y, x, x_raw)
 
-    def _checked_floats(self, step, *images: Tensor | None) -> dict[str, float]:
+    def _checked_floats(self, step, y: Tensor, *images: Tensor | None) -> dict[str, float]:
         """``step()``'s stats as floats, after :meth:`check_first_batch` on ``images``."""
-        self.check_first_batch(*images)
+        self.check_first_batch(*images, labels=y)
         stats = {k: float(v) for k, v in step().items()}
         self._range_checked = True  # after the first step that went through
         return stats
 
-    def check_first_batch(self, *images: Tensor | None) -> None:
-        """Refuse images outside [0, 1] (normalised or 0-255) until a first step has gone
-        through: the check waits for the device, so a user's loop pays for it once."""
+    def check_first_batch(self, *images: Tensor | None, labels: Tensor | None = None) -> None:
+        """Refuse images outside [0, 1] (normalised or 0-255), and labels the model has no
+        output for, until a first step has gone through: the checks wait for the device
+        (and ask the model for its output count), so a user's loop pays for them once,
+        and a refused batch changes no weight or BN statistic."""
         if getattr(self, "_range_checked", False):
             return
         for x in images:
             if torch.is_tensor(x) and x.is_floating_point():
                 check_unit_range(x, type(self).__name__)
+        if labels is not None and torch.is_tensor(images[0]):
+            self._check_labels(images[0], labels)
+
+    def _check_labels(self, x: Tensor, y: Tensor) -> None:
+        who = type(self).__name__
+        if not torch.is_tensor(y) or y.is_floating_point() or y.dim() != 1 or len(y) != len(x):
+            shape = tuple(y.shape) if torch.is_tensor(y) else type(y).__name__
+            raise ValueError(f"{who} expects integer labels, one class index per image; got "
+                             f"{getattr(y, 'dtype', '')} {shape} for {len(x)} images")
+        model = getattr(self, "model", None)
+        if model is None or len(y) == 0:
+            return
+        with torch.no_grad(), eval_mode(model):
+            classes = model(x[:1]).shape[-1]
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= classes:
+            raise ValueError(f"{who}: labels range {low}..{high} but the model has {classes} "
+                             f"outputs; labels must be class indices 0..{classes - 1}")
 
     def on_epoch_start(self, epoch: int) -> None:
         """Hook for schedules inside a method (e.g. AWP warm-up)."""

@@ -189,7 +189,7 @@ class DATStep(MethodStep):
 
     def __call__(self, x: Tensor, y: Tensor, x_raw: Tensor | None = None,
                  draws: DATDraws | None = None) -> dict[str, float]:
-        return self._checked_floats(lambda: self.run(x, y, x_raw, draws), x, x_raw)
+        return self._checked_floats(lambda: self.run(x, y, x_raw, draws), y, x, x_raw)
 
     def loss(self, x: Tensor, x_adv: Tensor, x_hat: Tensor | None, x_hat_adv: Tensor | None,
              y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
