@@ -41,7 +41,9 @@ def _train_parser() -> argparse.ArgumentParser:
 
 
 def _resume_config(args: argparse.Namespace):
-    """A resumed run keeps its saved config; ``key=value`` overrides still apply."""
+    """A resumed run keeps its saved config; ``key=value`` overrides still apply. With
+    ``--config`` that file is the config, and the resume refuses any key it may not change
+    (:data:`dat.checkpoint.RESUME_MAY_CHANGE`) instead of ignoring the file."""
     from .checkpoint import find_run_checkpoint, load_for_resume
     from .config import config_from_dict, config_to_yaml, load_config
 
@@ -56,6 +58,8 @@ def _resume_config(args: argparse.Namespace):
 
         check_free(saved.parent, RUN_IN_USE_FIX)  # before a half-written run is read
     overrides = [*args.overrides, f"train.resume={path}"]
+    if args.config:  # the user's own config: the resume refuses what it may not change
+        return load_config(args.config, overrides)
     if saved.is_file():
         return load_config(str(saved), overrides)
     state, _ = load_for_resume(path, warn=lambda msg: None)  # config of the checkpoint itself

@@ -289,6 +289,9 @@ def test_resume_with_another_architecture_or_missing_checkpoint(capsys, tmp_path
     assert "no usable checkpoint" in err
     err = _error_line(capsys, [*out])  # same run name again without --resume
     assert "already holds a run" in err
+    # --config on a resume is the config, checked like overrides (it used to be ignored)
+    err = _error_line(capsys, ["--config", "trades_cifar10_resnet18", "--resume", last, *out])
+    assert "checkpoint does not match this run's" in err and "method.beta: trained with 15" in err
 
 
 def test_a_saturated_or_collapsed_generator_is_reported() -> None:
