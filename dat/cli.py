@@ -102,7 +102,7 @@ def train_main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .distributed import cleanup_distributed
     from .folder_lock import FolderInUse
-    from .trainer import Trainer, TrainingError
+    from .trainer import Terminated, Trainer, TrainingError
 
     args = _train_parser().parse_intermixed_args(argv)  # options may follow key=value
     if args.list_presets:
@@ -125,9 +125,9 @@ def train_main(argv: list[str] | None = None) -> int:
             return 0
         metrics = Trainer(cfg, progress=not args.no_progress).fit()
         cleanup_distributed()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         print(f"\n{_interrupted(cfg, argv)}", file=sys.stderr)
-        return 130
+        return 143 if isinstance(stop, Terminated) else 130  # 128 + SIGTERM / SIGINT
     except (ConfigError, DataError, CheckpointError, FolderInUse) as err:
         print(f"error{_rank_tag()}: {err}", file=sys.stderr)
         return 2

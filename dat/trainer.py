@@ -66,7 +66,12 @@ from .guard import (
 from .models import export_main_branch, has_dual_bn
 from .run_state import CheckpointedRun, TrainState
 
-__all__ = ["EpochIndex", "TrainState", "Trainer", "TrainingError", "train"]
+__all__ = ["EpochIndex", "Terminated", "TrainState", "Trainer", "TrainingError", "train"]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler stopping the job), handled like Ctrl-C: the step in
+    progress finishes and ``last.pt`` is saved; the CLI then exits with status 143."""
 
 
 class TrainingError(RuntimeError):
@@ -226,32 +231,37 @@ class Trainer(CheckpointedRun):
 
     @contextlib.contextmanager
     def _deferred_interrupt(self) -> Iterator[None]:
-        """A Ctrl-C during a step finishes it and saves ``last.pt`` (an exact resume point,
-        like ``train.checkpoint_every``'s); a second one, or one outside a step, stops at
-        once. Main thread of a single process only: under torchrun ranks would disagree."""
-        self._in_step = self._interrupted = False
+        """A Ctrl-C (SIGINT) or a scheduler's SIGTERM during a step finishes it and saves
+        ``last.pt`` (an exact resume point, like ``train.checkpoint_every``'s); a second
+        one, or one outside a step, stops at once. Main thread of a single process only
+        (under torchrun ranks would disagree), and only for signals nobody else handles."""
+        self._in_step, self._interrupted = False, None
+        defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+        ours = [s for s, default in defaults.items() if signal.getsignal(s) is default]
         if (self.dist.enabled or threading.current_thread() is not threading.main_thread()
-                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-            yield  # torchrun, a thread, or someone else's handler (or SIG_IGN): theirs
+                or not ours):
+            yield  # torchrun, a thread, or someone else's handlers (or SIG_IGN): theirs
             return
 
         def handler(signum: int, frame: Any) -> None:
+            stop = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
             if not self._in_step or self._interrupted:
-                raise KeyboardInterrupt
-            self._interrupted = True
+                raise stop
+            self._interrupted = stop
 
-        previous = signal.signal(signal.SIGINT, handler)
+        previous = {s: signal.signal(s, handler) for s in ours}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for s, before in previous.items():
+                signal.signal(s, before)
 
     def _stop_interrupted(self) -> None:
         if self._sum_keys:  # the timing and stats since the last log go into the checkpoint
             self._log()
         self.state.wall_seconds += time.perf_counter() - self._fit_t0  # fit() ends here
         self.save_last()  # again if train.checkpoint_every just saved: now with the time
-        raise KeyboardInterrupt
+        raise self._interrupted
 
     def _batches(self, epoch: int) -> Iterator[Batch]:
         """This epoch's batches; after a resume, consumed ones are regenerated and skipped

@@ -202,6 +202,25 @@ def test_ctrl_c_closes_the_bar_and_prints_a_working_resume_command(tmp_path) -> 
     assert "at epoch 0, step 1 of the epoch" in resumed.stdout
 
 
+SIGTERM_CALLBACK = SIGINT_CALLBACK.replace("signal.SIGINT", "signal.SIGTERM")
+
+
+def test_a_schedulers_sigterm_saves_an_exact_resume_point_and_exits_143(tmp_path) -> None:
+    """SIGTERM (SLURM and others, before their kill -9) used to end the run at once."""
+    (tmp_path / "sigterm_cb.py").write_text(SIGTERM_CALLBACK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    args = [*TINY, "method.name=pgd_at", "train.out_dir=runs", "train.run_name=term",
+            "train.callbacks=[sigterm_cb:ctrl_c]"]
+    cut = subprocess.run([sys.executable, str(REPO / "train.py"), "--no-progress", *args],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert cut.returncode == 143, cut.stderr[-2000:]
+    assert cut.stderr.strip().splitlines()[-1].startswith(
+        "interrupted; continue from the last checkpoint: ")
+    saved = load_checkpoint(tmp_path / "runs" / "term" / "checkpoints" / "last.pt")
+    assert (saved["trainer"]["global_step"], saved["trainer"]["step_in_epoch"]) == (1, 1)
+
+
 def test_summary_labels_the_throughput_as_training() -> None:
     line = _summary({"test": {"clean": 28.4, "pgd20": 18.2}, "test_examples": 500,
                      "evaluated": "best.pt (epoch 4)", "images_per_second": 93.24})
