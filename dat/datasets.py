@@ -178,6 +178,12 @@ def load_imagefolder(root: Path) -> tuple[ImageSet, ImageSet, list[str]]:
     if held is None:
         raise DataError(f"data.root={str(root)!r} has train/ but neither test/ nor val/")
     train, classes = _scan_folder(root / "train")
+    empty = [c for c, n in zip(classes, torch.bincount(train.labels, minlength=len(classes))
+                               .tolist(), strict=True) if n == 0]
+    if empty:  # it would silently become a class the model can never learn
+        raise DataError(f"{root / 'train'} has class folders without images: "
+                        f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}; add "
+                        "images or remove the empty folders")
     if annotations.is_file():  # Tiny-ImageNet as published: flat val/images/ + a label file
         held = root / "val"
         test = _scan_annotated(held, annotations, classes)

@@ -191,6 +191,13 @@ def test_mis_sized_image_gives_a_clear_error(tiny_tree: Path) -> None:
     assert "\n" not in str(info.value)
 
 
+def test_an_empty_class_folder_in_train_is_refused(tiny_tree: Path) -> None:
+    """It used to become an extra class with no images (an 11-class model for 10)."""
+    (tiny_tree / "train" / "zebra").mkdir()
+    with pytest.raises(DataError, match="class folders without images: zebra; add images"):
+        load_dataset(DataConfig(name="imagefolder", root=str(tiny_tree), val_size=3))
+
+
 def test_missing_folders_give_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="data.root=.* does not exist"):
         load_dataset(DataConfig(name="imagefolder", root=str(tmp_path / "nope")))
