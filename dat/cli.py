@@ -71,7 +71,8 @@ def _resume_config(args: argparse.Namespace):
 
 def _summary(metrics: dict) -> str:
     """One line: test accuracies, then training throughput (labelled: not test speed)."""
-    tests = ", ".join(f"{k} {v:.2f}%" for k, v in metrics.get("test", {}).items())
+    tests = (", ".join(f"{k} {v:.2f}%" for k, v in metrics.get("test", {}).items())
+             or "no test attacks")
     return (f"test ({metrics.get('test_examples', 0)} images, {metrics['evaluated']}): {tests}; "
             f"training {metrics['images_per_second']:.1f} images/s")
 
@@ -102,6 +103,7 @@ def train_main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .distributed import cleanup_distributed
     from .folder_lock import FolderInUse
+    from .messages import one_line, one_line_warnings
     from .trainer import Terminated, Trainer, TrainingError
 
     args = _train_parser().parse_intermixed_args(argv)  # options may follow key=value
@@ -123,16 +125,17 @@ def train_main(argv: list[str] | None = None) -> int:
                 check_compatible(state, cfg.model.name, None, config_to_dict(cfg))
             print(config_to_yaml(cfg), end="")
             return 0
-        metrics = Trainer(cfg, progress=not args.no_progress).fit()
+        with one_line_warnings():
+            metrics = Trainer(cfg, progress=not args.no_progress).fit()
         cleanup_distributed()
     except KeyboardInterrupt as stop:
         print(f"\n{_interrupted(cfg, argv)}", file=sys.stderr)
         return 143 if isinstance(stop, Terminated) else 130  # 128 + SIGTERM / SIGINT
     except (ConfigError, DataError, CheckpointError, FolderInUse) as err:
-        print(f"error{_rank_tag()}: {err}", file=sys.stderr)
+        print(f"error{_rank_tag()}: {one_line(err)}", file=sys.stderr)
         return 2
     except TrainingError as err:
-        print(f"error{_rank_tag()}: {err}", file=sys.stderr)
+        print(f"error{_rank_tag()}: {one_line(err)}", file=sys.stderr)
         return 1
     if metrics:  # empty on ranks other than 0 under torchrun
         print(_summary(metrics))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import socket
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -196,6 +197,31 @@ def test_an_empty_class_folder_in_train_is_refused(tiny_tree: Path) -> None:
     (tiny_tree / "train" / "zebra").mkdir()
     with pytest.raises(DataError, match="class folders without images: zebra; add images"):
         load_dataset(DataConfig(name="imagefolder", root=str(tiny_tree), val_size=3))
+
+
+def test_a_corrupt_image_read_in_a_loader_worker_is_one_line(tiny_tree: Path, capsys) -> None:
+    """torch folds the worker's traceback into the error; the CLI prints its last line."""
+    from dat.cli import train_main
+
+    jpeg = (tiny_tree / "train" / "dog").glob("*.jpg").__next__()
+    jpeg.write_bytes(jpeg.read_bytes()[:300])  # the header reads, the pixels do not
+    code = train_main([
+        "--no-progress", "data.name=imagefolder", f"data.root={tiny_tree}", "data.val_size=3",
+        "data.loader=dataloader", "data.num_workers=1", "data.batch_size=4",
+        "model.name=resnet_tiny", "method.name=pgd_at", "train.epochs=1",
+        f"train.out_dir={tiny_tree / 'runs'}", "train.val_every=0", "train.test_attacks=[]"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2
+    assert err.startswith(f"error: cannot read image {jpeg}: ") and "Traceback" not in err
+    assert err.endswith("remove or replace the file")
+
+
+def test_cli_warnings_are_one_line() -> None:
+    from dat.messages import one_line_warnings
+
+    with one_line_warnings():
+        text = warnings.formatwarning("converting non-RGB\nimages", UserWarning, "x.py", 3)
+    assert text == "warning: converting non-RGB images\n"
 
 
 def test_missing_folders_give_clear_errors(tmp_path: Path) -> None:

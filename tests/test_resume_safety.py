@@ -226,6 +226,9 @@ def test_summary_labels_the_throughput_as_training() -> None:
                      "evaluated": "best.pt (epoch 4)", "images_per_second": 93.24})
     assert line == ("test (500 images, best.pt (epoch 4)): clean 28.40%, pgd20 18.20%; "
                     "training 93.2 images/s")
+    empty = _summary({"test": {}, "test_examples": 0, "evaluated": "best.pt (epoch 4)",
+                      "images_per_second": 93.24})  # train.test_attacks=[]
+    assert empty.startswith("test (0 images, best.pt (epoch 4)): no test attacks; training")
 
 
 def test_epoch_end_payload_has_the_1_based_epoch_number(finished) -> None:

@@ -16,6 +16,7 @@ import torch
 
 from ..config import DataConfig
 from ..folder_lock import LOCK_NAME
+from ..messages import one_line, one_line_warnings
 from .loading import load_checkpoint, load_entry_point
 from .progress import PROGRESS_FILE, finished_attacks
 
@@ -279,7 +280,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     except SystemExit as stop:  # --help, or a bad argument already reported in one line
         return stop.code if isinstance(stop.code, int) else 2
     try:
-        return _run(args)
+        with one_line_warnings():
+            return _run(args)
     except KeyboardInterrupt as stop:
         report = getattr(stop, "report", None)  # EvaluationInterrupted: what finished
         if report and report.get("files"):
@@ -296,5 +298,5 @@ def evaluate_main(argv: list[str] | None = None) -> int:
                   "evaluate.py to evaluate again", file=sys.stderr)
         return 130
     except (ValueError, OSError) as err:  # bad input: one line naming the fix, no traceback
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
