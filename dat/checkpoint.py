@@ -37,6 +37,7 @@ __all__ = [
     "load_for_resume",
     "load_model_state",
     "older_copies",
+    "resume_target",
     "restore_rng",
     "save_checkpoint",
 ]
@@ -165,13 +166,26 @@ def _to_stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+def resume_target(path: Path | str) -> Path:
+    """``--resume``'s checkpoint: ``path`` itself, or ``last.pt`` of a run directory or of
+    its ``checkpoints/`` folder."""
+    path = Path(path)
+    if path.is_dir():
+        return path / "last.pt" if path.name == "checkpoints" else path / "checkpoints" / "last.pt"
+    return path
+
+
 def load_for_resume(path: Path | str, keep: int = 2,
                     warn: Callable[[str], None] = _to_stderr) -> tuple[dict, Path]:
-    """Load ``path``, or, when it is missing or corrupt, the newest good older copy."""
-    candidates = [Path(path), *older_copies(path, max(keep, 1))]
+    """Load ``path`` (a run directory means its last.pt), or, when it is missing or
+    corrupt, the newest good older copy."""
+    path = resume_target(path)
+    candidates = [path, *older_copies(path, max(keep, 1))]
     errors = []
     for candidate in candidates:
-        if not candidate.exists() and candidate != Path(path):
+        if not candidate.exists():
+            if candidate == path:
+                errors.append(f"{path} does not exist")
             continue
         try:
             return load_checkpoint(candidate), candidate

@@ -44,13 +44,14 @@ def _resume_config(args: argparse.Namespace):
     """A resumed run keeps its saved config; ``key=value`` overrides still apply. With
     ``--config`` that file is the config, and the resume refuses any key it may not change
     (:data:`dat.checkpoint.RESUME_MAY_CHANGE`) instead of ignoring the file."""
-    from .checkpoint import find_run_checkpoint, load_for_resume
+    from .checkpoint import find_run_checkpoint, load_for_resume, resume_target
     from .config import config_from_dict, config_to_yaml, load_config
 
     path = args.resume
     if path == "auto":
         located = load_config(args.config or DEFAULT_PRESET, args.overrides)
         path = find_run_checkpoint(located.train.out_dir, located.train.run_name)
+    path = resume_target(path)  # a run directory means its last.pt
     saved = Path(path).parent.parent / "config.yaml"
     if Path(path).parent.name == "checkpoints" and os.environ.get("RANK", "0") == "0":
         from .build import RUN_IN_USE_FIX

@@ -69,6 +69,10 @@ class CheckpointedRun:
         trainer calls it before loading data."""
         state, used = ckpt.load_for_resume(path, keep=self.cfg.train.keep_checkpoints,
                                            warn=self._say_error)
+        if "optimizer" not in state or "trainer" not in state:
+            raise ckpt.CheckpointError(
+                f"{used} holds model weights only (a best.pt or an export), not a point to "
+                f"continue training from; resume from {used.parent / 'last.pt'}")
         ckpt.check_compatible(state, self.cfg.model.name, None, config_to_dict(self.cfg))
         return state, used
 
@@ -128,8 +132,9 @@ class CheckpointedRun:
         s = self.state
         try:
             best = ckpt.load_checkpoint(path) if path.is_file() else None
-        except ckpt.CheckpointError as err:
-            self._say_error(f"warning: {err}; the next validation writes a new best.pt")
+        except ckpt.CheckpointError:
+            self._say_error(f"warning: {path} is corrupt or unreadable, so the best weights so "
+                            "far are lost; the next validation writes a new best.pt")
             best = None
         if best is None:
             s.best_val_pgd, s.best_val_clean, s.best_epoch = -1.0, -1.0, 0
@@ -163,4 +168,4 @@ class CheckpointedRun:
             return None
         if t.resume == "auto":
             return ckpt.find_run_checkpoint(t.out_dir, t.run_name)
-        return Path(t.resume)
+        return ckpt.resume_target(t.resume)

@@ -287,6 +287,16 @@ def test_resume_with_another_architecture_or_missing_checkpoint(capsys, tmp_path
     assert "does not match this run's method, optimiser or weight averaging" in err
     err = _error_line(capsys, ["--resume", str(tmp_path / "nowhere" / "last.pt")])
     assert "no usable checkpoint" in err
+    best = tmp_path / "r" / "checkpoints" / "best.pt"
+    err = _error_line(capsys, ["--resume", str(best), *out])  # used to blame the optimiser
+    assert f"{best} holds model weights only" in err and f"resume from {last}" in err
+    # a run directory (or its checkpoints/ folder) means its last.pt
+    assert train_main(["--no-progress", "--resume", str(tmp_path / "r"), *out]) == 0
+    assert f"resumed from {last}" in capsys.readouterr().out
+    best.write_bytes(b"torn")  # best.pt has no older copy: say what is lost, offer none
+    assert train_main(["--no-progress", "--resume", last, *out, "train.epochs=2"]) == 0
+    assert (f"warning: {best} is corrupt or unreadable, so the best weights so far are lost; "
+            "the next validation writes a new best.pt") in capsys.readouterr().err
     err = _error_line(capsys, [*out])  # same run name again without --resume
     assert "already holds a run" in err
     # --config on a resume is the config, checked like overrides (it used to be ignored)
