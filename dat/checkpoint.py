@@ -134,7 +134,8 @@ def unsafe_pickle(err: pickle.UnpicklingError) -> bool:
 
 def unsafe_pickle_message(path: Path | str) -> str:
     return (f"{path} holds objects other than tensors and primitives (a pickle that could run "
-            "code); refusing to load it. Only load checkpoints you trust")
+            "code); refusing to load it. Only load checkpoints you trust; to share weights, "
+            "save model.state_dict() (torch.save) or a .safetensors file instead")
 
 
 def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict:

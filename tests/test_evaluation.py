@@ -496,6 +496,9 @@ def test_resume_refuses_the_progress_of_another_evaluation(trained, sample_split
         evaluate(other, (x[:20], y[:20]), resume=True, **kw)
     with pytest.raises(EvaluationError, match="other examples, seed"):
         evaluate(trained, (x[1:21], y[1:21]), resume=True, seed=1, **kw)
+    with pytest.raises(EvaluationError, match=r"with other precision; pass") as refused:
+        evaluate(trained, (x[:20], y[:20]), resume=True, precision="bf16", **kw)
+    assert "model code" not in str(refused.value)  # bf16 moves the logits: no other cause
     assert evaluate(other, (x[:20], y[:20]), resume="auto", **kw)["reused"] == []  # over
     with pytest.raises(EvaluationError, match="resume=True needs out_dir"):
         evaluate(trained, (x[:20], y[:20]), attacks=["clean"], resume=True, progress=False)

@@ -220,6 +220,21 @@ def test_weights_without_a_state_dict_list_the_keys_found(tmp_path, capsys, no_a
     _one_line_error(capsys, "holds no state dict", "['optimizer', 'epoch']", "model_state_dict")
 
 
+@pytest.mark.parametrize("content", ["torn", "text"])
+def test_a_torn_or_foreign_weights_file_is_named_as_such(make_tiny_model, tmp_path,
+                                                        content) -> None:
+    """These used to end in torch's own words: "[Errno 22] Invalid argument", "101"."""
+    path = tmp_path / "w.pt"
+    if content == "torn":
+        torch.save(make_tiny_model().state_dict(), path)
+        path.write_bytes(path.read_bytes()[:2000])
+    else:
+        path.write_text("epoch,accuracy\n1,0.5\n")
+    with pytest.raises(CheckpointError, match=r"w.pt is not a readable torch file \(.*\): it "
+                                              r"is truncated, or was not written by torch.save"):
+        load_state_file(path)
+
+
 # 8. unwritable --out
 def test_an_unwritable_out_fails_before_any_attack(ckpt, tmp_path, capsys, no_attacks) -> None:
     (tmp_path / "file").write_text("x")

@@ -53,8 +53,11 @@ def _torch_load(path: Path) -> object:
         if unsafe_pickle(err):  # worded as the trainer does
             raise CheckpointError(unsafe_pickle_message(path)) from None
         first = "unreadable pickle data"
-    except Exception as err:  # truncated zip, not a torch file
+    except Exception as err:  # truncated zip, not a torch file at all
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path} is not a readable torch file ({first[:120]}): it is truncated, or was not "
+            "written by torch.save; check the file or save the weights again") from None
     raise CheckpointError(
         f"cannot load {path} with torch.load(weights_only=True): {first[:200]}; save a plain "
         "dict of tensors (model.state_dict()) instead of a pickled object, or check the file")

@@ -127,8 +127,9 @@ class AttackCache:
                                   "it or run without --resume (resume=False)") from None
         differ = sorted(k for k in set(before) | set(self.fingerprint)
                         if before.get(k) != self.fingerprint.get(k))
-        if {"model", "examples"} & set(differ) and "clean_predictions" in differ:
-            differ.remove("clean_predictions")  # implied by the other model or examples
+        if len(differ) > 1 and "clean_predictions" in differ:
+            differ.remove("clean_predictions")  # implied by the other model, examples or
+            # settings (bf16 or BN folding move logits); alone, it means changed model code
         differ = [_WORDS.get(k, k) for k in differ]
         if differ and not strict:
             return {}
