@@ -174,6 +174,7 @@ def test_loader_and_batches_give_the_same_result(trained, sample_splits) -> None
 @pytest.mark.parametrize("kwargs, match", [
     (dict(eps=8.0), "8/255"),
     (dict(attacks=["pgd"]), "unknown attack"),
+    (dict(attacks=["pgd0"]), "pgd<N> with N >= 1"),  # a random start alone: no attack
     (dict(precision="fp16"), "fp32 or bf16"),
 ])
 def test_bad_arguments_name_the_fix(make_tiny_model, sample_batch, kwargs, match) -> None:

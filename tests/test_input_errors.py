@@ -235,6 +235,14 @@ def test_a_torn_or_foreign_weights_file_is_named_as_such(make_tiny_model, tmp_pa
         load_state_file(path)
 
 
+def test_weights_under_two_keys_say_which_is_used(make_tiny_model, tmp_path, capsys) -> None:
+    a, b = make_tiny_model(seed=0).state_dict(), make_tiny_model(seed=1).state_dict()
+    torch.save({"model": a, "ema": b}, tmp_path / "both.pt")
+    state = load_state_file(tmp_path / "both.pt")
+    assert all(torch.equal(state[k], a[k]) for k in a)
+    assert "holds weights under 'model', 'ema'; using 'model'" in capsys.readouterr().err
+
+
 # 8. unwritable --out
 def test_an_unwritable_out_fails_before_any_attack(ckpt, tmp_path, capsys, no_attacks) -> None:
     (tmp_path / "file").write_text("x")

@@ -194,10 +194,13 @@ def _load(args: argparse.Namespace, device: torch.device):
 def _examples(data_cfg: DataConfig, split: str, n: int | None):
     """The split's images, labels and class names; ``n`` picks a class-stratified subset
     (as data.test_subset does), because test folders are often sorted by label."""
-    from ..data import load_dataset, stratified_split
+    from ..data import DataError, load_dataset, stratified_split
 
     data_cfg.test_subset = 0  # evaluate the whole split unless --n-examples says otherwise
-    splits = load_dataset(data_cfg)
+    try:
+        splits = load_dataset(data_cfg)
+    except DataError as err:  # worded for train.py's keys; name this tool's flags too
+        raise DataError(f"{err} (on evaluate.py: --data and --data-root)") from None
     images = splits.test if split == "test" else splits.val
     if n is not None and n < len(images):
         _, chosen = stratified_split(images.labels, n, data_cfg.split_seed)

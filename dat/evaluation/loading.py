@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import inspect
 import pickle
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +97,10 @@ def load_state_file(path: str | Path) -> dict[str, Tensor]:
     state = _torch_load(path)
     if isinstance(state, dict) and not _is_state_dict(state):
         found = [k for k in _STATE_KEYS if _is_state_dict(state.get(k))]
+        if len(found) > 1:  # e.g. raw and EMA weights side by side: say which one is used
+            print(f"note: {path} holds weights under {', '.join(map(repr, found))}; using "
+                  f"{found[0]!r} (save the others on their own to evaluate them)",
+                  file=sys.stderr)
         if found:
             state = state[found[0]]
     if not _is_state_dict(state):

@@ -37,7 +37,7 @@ ALPHA = 2 / 255  # L-inf step of FGSM-free attacks (PGD-N), [0, 1] scale
 CW_STEPS = 100  # PGD steps on the CW margin, as the published DAT evaluation (eval.py)
 CW_ALPHA = 2 / 255  # CW-inf step size (METHOD.md: every evaluation attack uses 2/255)
 BOUNDS_TOL = 1e-6  # float32 round-off allowed beyond eps and [0, 1]
-_PGD_NAME = re.compile(r"^pgd(\d+)$")
+_PGD_NAME = re.compile(r"^pgd([1-9]\d*)$")  # pgd0 would be a random start only
 KNOWN = ("clean", "fgsm", "pgd20", "pgd100", "cw", "aa")
 
 
@@ -120,7 +120,8 @@ def validate_attack_names(names: list[str] | tuple[str, ...]) -> None:
     for name in names:
         if name not in KNOWN and not _PGD_NAME.match(name):
             raise EvaluationError(
-                f"unknown attack {name!r}; use any of {', '.join(KNOWN)} or pgd<N> (e.g. pgd50)"
+                f"unknown attack {name!r}; use any of {', '.join(KNOWN)} or pgd<N> with "
+                "N >= 1 (e.g. pgd50)"
             )
 
 
