@@ -176,7 +176,7 @@ def build_model(cfg: Config, num_classes: int, image_shape: tuple[int, int, int]
     return model
 
 
-RUN_IN_USE_FIX = "wait for it to finish, or choose another train.run_name"
+RUN_IN_USE_FIX = "wait for it to finish or stop it (a new run can take another train.run_name)"
 
 
 def named_run_dir(cfg: Config, resume: Path | None) -> Path | None:
@@ -229,7 +229,11 @@ def prepare_run_dir(cfg: Config, resume: Path | None) -> Path:
             folder_lock.release(key)
             raise ConfigError(f"{run_dir} already holds a run; resume it with --resume auto "
                               "(train.resume=auto) or choose another train.run_name")
-        _set_aside_leftovers(folder)
+        try:
+            _set_aside_leftovers(folder)
+        except OSError:
+            folder_lock.release(key)
+            raise
     return run_dir
 
 

@@ -61,8 +61,8 @@ def _resume_config(args: argparse.Namespace):
     overrides = [*args.overrides, f"train.resume={path}"]
     if args.config:  # the user's own config: the resume refuses what it may not change
         return load_config(args.config, overrides)
-    if saved.is_file():
-        return load_config(str(saved), overrides)
+    if saved.is_file():  # its run_name is the folder's (set on resume): not re-checked
+        return load_config(str(saved), ["train.run_name=", *overrides])
     state, _ = load_for_resume(path, warn=lambda msg: None)  # config of the checkpoint itself
     with tempfile.TemporaryDirectory() as tmp:
         file = Path(tmp) / "config.yaml"
@@ -80,13 +80,13 @@ def _summary(metrics: dict) -> str:
 
 def _interrupted(cfg, argv: list[str] | None) -> str:
     """The Ctrl-C line: the command that resumes, or, with no checkpoint yet, starts over."""
-    from .checkpoint import older_copies
+    from .checkpoint import older_copies, resume_target
 
     if cfg is None or not cfg.train.run_name:  # stopped before the run had a directory
         return f"interrupted before training started; start over: {_command(argv)}"
     last = Path(cfg.train.out_dir) / cfg.train.run_name / "checkpoints" / "last.pt"
     if cfg.train.resume not in ("", "auto"):
-        last = Path(cfg.train.resume)  # _resume_config resolved it
+        last = resume_target(cfg.train.resume)  # a run folder means its last.pt
     if any(p.is_file() for p in (last, *older_copies(last, max(cfg.train.keep_checkpoints, 1)))):
         return f"interrupted; continue from the last checkpoint: python train.py --resume {last}"
     return ("interrupted before the first checkpoint (end of epoch 1, or every "

@@ -281,10 +281,11 @@ def config_to_dict(cfg: Config) -> dict:
 
 
 def config_from_dict(data: dict) -> Config:
-    """Inverse of :func:`config_to_dict`, validated."""
+    """Inverse of :func:`config_to_dict`, validated as a stored config (a run saved before
+    a rule was added still loads: see :func:`validate`)."""
     cfg = _merge(OmegaConf.structured(Config), data, "stored config")
     config: Config = OmegaConf.to_object(cfg)
-    validate(config)
+    validate(config, stored=True)
     return config
 
 
@@ -331,8 +332,13 @@ def _check_model_name(name: str, known: list[str]) -> None:
         raise ConfigError(f"model.name={name!r} is unknown; use one of {known} or timm/<name>")
 
 
-def validate(cfg: Config) -> None:
-    """Raise :class:`ConfigError` with a one-line message naming the fix."""
+def validate(cfg: Config, stored: bool = False) -> None:
+    """Raise :class:`ConfigError` with a one-line message naming the fix.
+
+    ``stored``: the config of a saved run or checkpoint, which skips the ranges and
+    run-name rules of :func:`_check_numbers` (added 2026-11-27), so older runs still
+    resume and evaluate.
+    """
     from .models import list_models
 
     for section in fields(cfg):  # first: a NaN passes every comparison below
@@ -394,12 +400,12 @@ def validate(cfg: Config) -> None:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
         raise ConfigError(f"train.device={t.device!r}; use auto, cpu, cuda or cuda:N")
     _check_train_loop(t, cfg.perf.log_every)
-    _check_numbers(cfg)
+    if not stored:
+        _check_numbers(cfg)
 
 
 # (key, allowed, what to write): numeric ranges validate() checks besides its own
 _RANGES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
-    ("data.batch_size", lambda v: v >= 2, ">= 2: BatchNorm needs two images per batch"),
     ("data.num_workers", lambda v: v >= 0, ">= 0"),
     ("data.crop_padding", lambda v: v >= 0, ">= 0 (0 = no crop)"),
     ("data.split_seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
@@ -422,7 +428,8 @@ _RANGES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
 
 
 def _check_numbers(cfg: Config) -> None:
-    """The ranges of :data:`_RANGES`; list entries; a plain run name."""
+    """The ranges of :data:`_RANGES`; list entries; DAT's batch size; a run name that
+    stays inside ``train.out_dir``."""
     tree = OmegaConf.structured(cfg)
     for key, allowed, what in _RANGES:
         value = OmegaConf.select(tree, key)
@@ -433,10 +440,16 @@ def _check_numbers(cfg: Config) -> None:
         if any(v < (1 if key.endswith("hidden") else 0) for v in values):
             raise ConfigError(f"{key}={list(values)}: every entry must be "
                               f"{'>= 1' if key.endswith('hidden') else '>= 0'}")
-    name = cfg.train.run_name
-    if name in (".", "..") or any(sep in name for sep in ("/", "\\")):
-        raise ConfigError(f"train.run_name={name!r} must be a plain folder name; put the "
-                          "parent folder in train.out_dir")
+    m = cfg.method
+    if (m.name == "dat" and m.recombined_branch and m.amplitude_source == "generator"
+            and cfg.data.batch_size < 2):
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be >= 2 for DAT: the "
+                          "amplitude generator has BatchNorm1d")
+    name = Path(cfg.train.run_name)
+    if name.is_absolute() or ".." in name.parts:  # nested names (ablations/nojs) are fine
+        raise ConfigError(f"train.run_name={cfg.train.run_name!r} must stay inside "
+                          "train.out_dir (no absolute path, no '..'); put the parent folder "
+                          "in train.out_dir")
 
 
 def _check_finite(section: Any, where: str) -> None:

@@ -29,6 +29,20 @@ LOCK_NAME = ".lock"
 _held: dict[str, list[int]] = {}  # resolved folder -> [file descriptor, holders in this process]
 
 
+def _forget_in_child() -> None:
+    """A forked child (DataLoader worker, multiprocessing) drops its copies of the locked
+    descriptors: the lock stays the parent's alone, and ends with the parent."""
+    for fd, _ in _held.values():
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
+
+
 class FolderInUse(ValueError):
     """Another process holds the folder: its run or evaluation is still going."""
 

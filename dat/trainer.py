@@ -152,7 +152,11 @@ class Trainer(CheckpointedRun):
             self._unlock.detach()
         self._synced_at = -1  # global step of the last BN-statistics sync
         if resume is not None:
-            self.resume(resume, loaded)
+            try:
+                self.resume(resume, loaded)
+            except BaseException:  # refused: let go of the folder now, not at collection
+                self._unlock()
+                raise
 
     # -- public helpers -------------------------------------------------------------
     def add_callback(self, callback: Callback | Callable[[Any, str, Any], None]) -> None:

@@ -21,7 +21,10 @@ Fixture names are stable; other test modules rely on them:
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,3 +82,41 @@ def make_warm_model(sample_splits: DatasetSplits) -> Callable[..., nn.Module]:
         return model
 
     return build
+
+
+_HOLDER = '''
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("folder_lock", sys.argv[1])
+lock = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(lock)
+try:
+    lock.acquire(sys.argv[2], "fix")
+except lock.FolderInUse as err:
+    print(err, flush=True)
+    sys.exit(3)
+print("held", flush=True)
+if sys.argv[3] == "hold":
+    sys.stdin.read()
+'''
+
+
+@pytest.fixture
+def lock_elsewhere() -> Iterator[Callable[[Path, str], subprocess.Popen]]:
+    """``lock_elsewhere(folder, "hold" | "try")``: dat.folder_lock in a second process
+    (loaded alone: no torch import, fast). "hold" keeps the lock until killed (all are
+    killed after the test); "try" takes it and exits (0) or prints the refusal (3)."""
+    started: list[subprocess.Popen] = []
+    source = Path(dat.__file__).parent / "folder_lock.py"
+
+    def start(folder: Path, mode: str) -> subprocess.Popen:
+        process = subprocess.Popen([sys.executable, "-c", _HOLDER, str(source), str(folder),
+                                    mode], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   text=True)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()

@@ -144,6 +144,7 @@ def test_bounds_catch_a_broken_projection(sample_batch) -> None:
     ({"aa": 50.0, "pgd20": 56.2}, 10000, "warn"),  # the paper's DAT gap, with no CW to check
     ({"aa": 50.0, "pgd20": 56.2, "cw": 51.5}, 10000, "pass"),  # a sound CW closes it
     ({"aa": 10.0, "pgd20": 13.0}, 50, "pass"),  # 1.5 examples of 50: within noise
+    ({"aa": 40.0, "fgsm": 50.0}, 10000, "skip"),  # one FGSM step is no yardstick for AA
 ])
 def test_aa_must_not_exceed_pgd_or_cw(results, n, status) -> None:
     assert C.check_aa_gap(results, n).status == status

@@ -181,7 +181,7 @@ def _error_line(capsys, argv: list[str]) -> str:
     ("train.max_bad_steps=0", "train.max_bad_steps=0 must be >= 1"),
     ("train.test_attacks=[clean,pgd20,deepfool]", "unknown attack 'deepfool'"),
     # each of these used to pass validation and fail mid-run with a traceback, or run on
-    ("data.batch_size=1", "data.batch_size=1 must be >= 2: BatchNorm needs two images"),
+    ("data.batch_size=1", "data.batch_size=1 must be >= 2 for DAT: the amplitude generator"),
     ("method.attack.eps=nan", "method.attack.eps=nan must be a finite number"),
     ("method.attack.eps=inf", "method.attack.eps=inf must be a finite number"),
     ("optim.lr=inf", "optim.lr=inf must be a finite number"),
@@ -191,12 +191,26 @@ def _error_line(capsys, argv: list[str]) -> str:
     ("data.num_workers=-1", "data.num_workers=-1 must be >= 0"),
     ("data.crop_padding=-1", "data.crop_padding=-1 must be >= 0"),
     ("method.generator.hidden=[0]", "method.generator.hidden=[0]: every entry must be >= 1"),
-    ("train.run_name=../elsewhere", "must be a plain folder name; put the parent folder in"),
+    ("train.run_name=../elsewhere", "must stay inside train.out_dir (no absolute path, no"),
     ("train.test_attacks=pgd20", "train.test_attacks takes a list; write train.test_attacks=["),
 ])
 def test_bad_config_values_give_one_line_errors(capsys, tmp_path, override, expected) -> None:
     err = _error_line(capsys, [*TINY, f"train.out_dir={tmp_path}", override])
     assert expected in err
+
+
+def test_rules_added_later_do_not_lock_out_stored_runs() -> None:
+    """A checkpoint's config passes the rules its run was made under: it still resumes
+    and evaluates (config_from_dict), while a new config gets today's rules."""
+    from dat.config import ConfigError, config_from_dict, config_to_dict
+
+    old = config_to_dict(load_config(None, [*TINY, "method.name=pgd_at"]))
+    old["train"]["run_name"] = "/scratch/ablation"  # accepted before 2026-11-27
+    assert config_from_dict(old).train.run_name == "/scratch/ablation"
+    with pytest.raises(ConfigError, match="must stay inside train.out_dir"):
+        load_config(None, [*TINY, "train.run_name=/scratch/ablation"])
+    assert load_config(None, [*TINY, "train.run_name=ablations/nojs"])  # nested is fine
+    assert load_config(None, [*TINY, "method.name=pgd_at", "data.batch_size=1"])  # BN copes
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -373,47 +387,25 @@ def test_step_guard_rolls_back_every_layout_exactly_in_a_few_kernels(fused) -> N
     assert Count.n < 40 if fused else Count.n > 160, Count.n
 
 
-HOLDER = '''
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("folder_lock", sys.argv[1])
-lock = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(lock)
-try:
-    lock.acquire(sys.argv[2], "fix")
-except lock.FolderInUse as err:
-    print(err, flush=True)
-    sys.exit(3)
-print("held", flush=True)
-if sys.argv[3] == "hold":
-    sys.stdin.read()
-'''
-
-
-def _lock_from_another_process(folder: Path, mode: str) -> subprocess.Popen:
-    """dat.folder_lock in a second process (loaded alone: no torch import, fast)."""
-    return subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(REPO / "dat" / "folder_lock.py"), str(folder), mode],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-
 def test_a_second_process_is_refused_while_a_run_or_an_evaluation_holds_its_folder(
-        capsys, tmp_path, make_tiny_model, sample_batch) -> None:
+        capsys, tmp_path, make_tiny_model, sample_batch, lock_elsewhere) -> None:
     from dat.evaluation import evaluate
     from dat.folder_lock import FolderInUse
 
     run = [*TINY, "method.name=pgd_at", f"train.out_dir={tmp_path}", "train.run_name=r",
            "train.epochs=1", "train.steps_per_epoch=1"]
-    holder = _lock_from_another_process(tmp_path / "r", "hold")
+    holder = lock_elsewhere(tmp_path / "r", "hold")
     assert holder.stdout.readline().strip() == "held"
     err = _error_line(capsys, run)
     assert f"{tmp_path / 'r'} is in use by another process (pid {holder.pid} on " in err
-    assert err.endswith("wait for it to finish, or choose another train.run_name")
+    assert err.endswith("wait for it to finish or stop it (a new run can take another "
+                        "train.run_name)")
     assert not (tmp_path / "r" / "checkpoints").exists()  # nothing was written
     err = _error_line(capsys, ["--resume", "auto", *run])  # not "no checkpoint": it is busy
     assert f"in use by another process (pid {holder.pid} on " in err
 
     report_dir = tmp_path / "report"
-    other = _lock_from_another_process(report_dir, "hold")
+    other = lock_elsewhere(report_dir, "hold")
     assert other.stdout.readline().strip() == "held"
     with pytest.raises(FolderInUse, match=f"pid {other.pid} on .*pass another out_dir"):
         evaluate(make_tiny_model(), sample_batch, attacks=["clean"], out_dir=report_dir,
@@ -425,23 +417,23 @@ def test_a_second_process_is_refused_while_a_run_or_an_evaluation_holds_its_fold
         process.wait()
     assert train_main(["--no-progress", *run]) == 0
     # the finished run let go of its folder: another process may take it now
-    after = _lock_from_another_process(tmp_path / "r", "try")
+    after = lock_elsewhere(tmp_path / "r", "try")
     assert after.communicate(timeout=60)[0].strip() == "held" and after.returncode == 0
     evaluate(make_tiny_model(), sample_batch, attacks=["clean"], out_dir=report_dir,
              progress=False)
     assert (report_dir / "progress.json").is_file()
 
 
-def test_a_run_dropped_before_fit_lets_go_of_its_folder(tmp_path) -> None:
+def test_a_run_dropped_before_fit_lets_go_of_its_folder(tmp_path, lock_elsewhere) -> None:
     cfg = load_config("quickstart", [*TINY, "method.name=pgd_at", f"train.out_dir={tmp_path}",
                                      "train.run_name=r"])
     trainer = Trainer(cfg, progress=False)
-    busy = _lock_from_another_process(tmp_path / "r", "try")
+    busy = lock_elsewhere(tmp_path / "r", "try")
     assert "is in use by another process" in busy.communicate(timeout=60)[0]
     assert busy.returncode == 3
     del trainer
     gc.collect()  # the trainer may sit in a reference cycle
-    free = _lock_from_another_process(tmp_path / "r", "try")
+    free = lock_elsewhere(tmp_path / "r", "try")
     assert free.communicate(timeout=60)[0].strip() == "held"
 
 
@@ -483,3 +475,43 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeyp
         release(key_of(dirs[-1]))
     base = "dat-resnet_tiny-cifar10-sample-20261127-101010"
     assert [d.name for d in dirs] == [base, f"{base}-2", f"{base}-3"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_does_not_keep_the_folder_locked(tmp_path) -> None:
+    """DataLoader workers are forked: their copy of the lock's descriptor used to keep the
+    folder locked after the parent let go (and after a kill -9 of the parent)."""
+    from dat.folder_lock import acquire, release
+
+    key = acquire(tmp_path / "run", "fix")
+    ready, go = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child only waits
+        os.write(go, b"x")
+        time.sleep(5)
+        os._exit(0)
+    assert os.read(ready, 1) == b"x"  # the child runs: its at-fork hook has run
+    try:
+        release(key)
+        release(acquire(tmp_path / "run", "fix"))  # refused before: the child held it
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+
+
+def test_a_refused_resume_lets_go_of_the_folder_at_once(tmp_path, lock_elsewhere) -> None:
+    from dat.checkpoint import CheckpointError
+
+    run = [*TINY, "method.name=pgd_at", f"train.out_dir={tmp_path}", "train.run_name=r",
+           "train.epochs=1", "train.steps_per_epoch=1", "train.val_every=0"]
+    assert train_main(["--no-progress", *run]) == 0
+    last = tmp_path / "r" / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    state["model"].pop(next(iter(state["model"])))  # refused only once the folder is held
+    torch.save(state, last)
+    cfg = load_config(None, [*run, "train.resume=auto"])
+    with pytest.raises(CheckpointError, match="does not fit this model") as refused:
+        Trainer(cfg, progress=False)
+    assert refused.traceback  # the trainer is still referenced from here, yet the folder is free
+    free = lock_elsewhere(tmp_path / "r", "try")
+    assert free.communicate(timeout=60)[0].strip() == "held"

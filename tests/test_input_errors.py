@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import dat
+import dat.evaluation.cli
 import dat.evaluation.runner
 import dat.export
 from dat.config import Config, ConfigError, config_to_dict, load_config
@@ -241,6 +242,21 @@ def test_weights_under_two_keys_say_which_is_used(make_tiny_model, tmp_path, cap
     state = load_state_file(tmp_path / "both.pt")
     assert all(torch.equal(state[k], a[k]) for k in a)
     assert "holds weights under 'model', 'ema'; using 'model'" in capsys.readouterr().err
+
+
+def test_a_refused_evaluation_leaves_the_other_evaluations_files_alone(
+        ckpt, tmp_path, capsys, monkeypatch, lock_elsewhere) -> None:
+    """This process made --out, then another evaluation took it first: the refusal must
+    not clean up (delete) the other one's lock and progress."""
+    out = tmp_path / "eval"
+    holder = lock_elsewhere(out, "hold")
+    assert holder.stdout.readline().strip() == "held"
+    (out / "progress.json").write_text("{}")
+    monkeypatch.setattr(dat.evaluation.cli, "_check_writable", lambda folder: True)
+    assert evaluate_main(_quick(ckpt, tmp_path)) == 2
+    _one_line_error(capsys, f"in use by another process (pid {holder.pid} on ",
+                    "pass another --out")
+    assert (out / ".lock").is_file() and (out / "progress.json").read_text() == "{}"
 
 
 # 8. unwritable --out

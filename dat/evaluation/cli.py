@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..config import DataConfig
-from ..folder_lock import LOCK_NAME
+from ..folder_lock import LOCK_NAME, hold_folder
 from ..messages import one_line, one_line_warnings
 from .loading import load_checkpoint, load_entry_point
 from .progress import PROGRESS_FILE, finished_attacks
@@ -246,17 +246,20 @@ def _run(args: argparse.Namespace) -> int:
     device = _device(args.device)
     out = _out_dir(args)
     created = _check_writable(out)
-    try:
-        report = _evaluate(args, device, out)
-    except BaseException:
-        if created and not finished_attacks(out):  # leave no empty report folder behind
-            try:
-                for name in (PROGRESS_FILE, LOCK_NAME):
-                    (out / name).unlink(missing_ok=True)
-                out.rmdir()
-            except OSError:
-                pass
-        raise
+    # held here too (evaluate takes it again): the clean-up below runs under the lock, and
+    # a refusal (FolderInUse) comes before it, so another evaluation's files stay untouched
+    with hold_folder(out, "wait for it to finish, or pass another --out"):
+        try:
+            report = _evaluate(args, device, out)
+        except BaseException:
+            if created and not finished_attacks(out):  # leave no empty report folder behind
+                try:
+                    for name in (PROGRESS_FILE, LOCK_NAME):
+                        (out / name).unlink(missing_ok=True)
+                    out.rmdir()
+                except OSError:
+                    pass
+            raise
     from .report import format_markdown
 
     print(format_markdown(report))

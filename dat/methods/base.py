@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..attacks import check_unit_range, eval_mode
+from ..attacks import check_unit_range, eval_mode, explain_dtype_mismatch
+from ..models.dual_bn import bn_branch, has_dual_bn
 
 __all__ = ["MethodStep"]
 
@@ -56,7 +58,9 @@ class MethodStep:
         model = getattr(self, "model", None)
         if model is None or len(y) == 0:
             return
-        with torch.no_grad(), eval_mode(model):
+        model = getattr(model, "_orig_mod", model)  # compiled: no extra graph for one image
+        branch = bn_branch(model, "main") if has_dual_bn(model) else contextlib.nullcontext()
+        with explain_dtype_mismatch(model, x, who), torch.no_grad(), eval_mode(model), branch:
             classes = model(x[:1]).shape[-1]
         low, high = int(y.min()), int(y.max())
         if low < 0 or high >= classes:
