@@ -6,6 +6,7 @@ checkpoint stores and restores, so the trainer module keeps only the loop.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,7 @@ class CheckpointedRun:
         """
         state, used = loaded if loaded is not None else self.load_resumable(path)
         ckpt.check_compatible(state, self.cfg.model.name, self.splits.num_classes)
+        self._check_same_validation(state, used)
         ckpt.load_model_state(self.model, state["model"], str(used))
         try:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -147,7 +149,28 @@ class CheckpointedRun:
     def _identity(self) -> dict[str, Any]:
         return {"config": config_to_dict(self.cfg), "num_classes": self.splits.num_classes,
                 "classes": list(self.splits.classes), "dual_bn": has_dual_bn(self.model),
-                "image_shape": list(self.splits.image_shape)}
+                "image_shape": list(self.splits.image_shape),
+                "val_digest": self.val_digest}
+
+    @property
+    def val_digest(self) -> str:
+        """SHA-256 of the validation images and labels that pick best.pt (computed once)."""
+        if getattr(self, "_val_digest", None) is None:
+            x, y = self.val_data
+            h = hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes())
+            h.update(y.detach().cpu().numpy().astype("int64").tobytes())
+            self._val_digest = h.hexdigest()
+        return self._val_digest
+
+    def _check_same_validation(self, state: dict[str, Any], used: Path) -> None:
+        """A resume selects on the same validation images as the run it continues: the
+        split follows the dataset's files, so added or removed images would move it."""
+        saved = state.get("val_digest")  # absent in checkpoints from before 2026-11-27
+        if saved is not None and saved != self.val_digest:
+            raise ckpt.CheckpointError(
+                f"{used} was validated on other images than this run's validation split (the "
+                "dataset's files changed since, or the split rule did); resume with the same "
+                "data, or start a new run with another train.run_name")
 
     def _checkpoint_state(self) -> dict[str, Any]:
         rng = distributed.all_gather_objects(ckpt.capture_rng())  # every rank's, rank 0 first

@@ -515,3 +515,20 @@ def test_a_refused_resume_lets_go_of_the_folder_at_once(tmp_path, lock_elsewhere
     assert refused.traceback  # the trainer is still referenced from here, yet the folder is free
     free = lock_elsewhere(tmp_path / "r", "try")
     assert free.communicate(timeout=60)[0].strip() == "held"
+
+
+def test_a_resume_on_another_validation_split_is_refused(tmp_path, sample_splits) -> None:
+    """The split follows the dataset's files: images added or removed since move it, and
+    best.pt would then compare scores from two validation sets."""
+    from dat.checkpoint import CheckpointError
+    from dat.data import load_dataset
+
+    run = [*TINY, "method.name=pgd_at", f"train.out_dir={tmp_path}", "train.run_name=r",
+           "train.epochs=1", "train.steps_per_epoch=1", "train.val_every=0"]
+    assert train_main(["--no-progress", *run]) == 0
+    cfg = load_config(None, [*run, "train.resume=auto", "train.epochs=2"])
+    changed = load_dataset(cfg.data)
+    changed.val.images = changed.val.images.flip(-1).contiguous()  # other files, same count
+    with pytest.raises(CheckpointError, match="validated on other images than this run's"):
+        Trainer(cfg, splits=changed, progress=False)
+    Trainer(cfg, splits=load_dataset(cfg.data), progress=False)  # the same split resumes
