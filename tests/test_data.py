@@ -195,7 +195,8 @@ def test_mis_sized_image_gives_a_clear_error(tiny_tree: Path) -> None:
 def test_an_empty_class_folder_in_train_is_refused(tiny_tree: Path) -> None:
     """It used to become an extra class with no images (an 11-class model for 10)."""
     (tiny_tree / "train" / "zebra").mkdir()
-    with pytest.raises(DataError, match="class folders without images: zebra; add images"):
+    with pytest.raises(DataError, match="class folders without images: zebra; add images"), \
+            pytest.warns(UserWarning, match="converting non-RGB"):  # the tree's gray image
         load_dataset(DataConfig(name="imagefolder", root=str(tiny_tree), val_size=3))
 
 
