@@ -239,7 +239,8 @@ def prepare_run_dir(cfg: Config, resume: Path | None) -> Path:
 
 def _set_aside_leftovers(folder: Path) -> None:
     """A new run in a folder whose earlier attempt stopped before its first last.pt: move
-    that attempt's best.pt away, so it is never tested or exported as this run's model."""
+    that attempt's checkpoints (its best.pt) away, so none is ever tested or exported as
+    this run's model."""
     leftovers = sorted(p for p in folder.glob("*.pt") if p.is_file())
     if not leftovers:
         return

@@ -5,7 +5,9 @@ evaluations in one folder overwrite each other's ``progress.json`` (the last wri
 An exclusive ``flock`` on ``FOLDER/.lock`` refuses the second process in one line. The
 kernel drops the lock when its holder exits, so a crash or ``kill -9`` leaves nothing
 stale to clean up. Within one process the lock is shared (a notebook may resume the run
-it built), and where ``fcntl`` does not exist (Windows) nothing is locked.
+it built), forked children (DataLoader workers) drop their copy, and where ``fcntl`` does
+not exist (Windows) nothing is locked. On NFS the lock holds across machines only where
+the mount supports locks (not with ``nolock``).
 """
 
 from __future__ import annotations
