@@ -8,7 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dat.evaluation import amplitude_phase_table, evaluate, fourier_heatmap, swap_spectra
+from dat.evaluation import (
+    EvaluationError,
+    amplitude_phase_table,
+    evaluate,
+    fourier_heatmap,
+    swap_spectra,
+)
 from dat.evaluation.diagnostics import fourier_basis
 from dat.spectral import decompose
 
@@ -94,3 +100,28 @@ def test_evaluate_writes_diagnostics(make_warm_model, sample_batch, tmp_path) ->
     for name in ("amplitude_phase.png", "fourier_heatmap.png", "report.md"):
         assert (tmp_path / name).stat().st_size > 0
     assert "x'_pha" in (tmp_path / "report.md").read_text()
+
+
+def test_heatmap_cells_sit_on_their_frequencies_for_odd_sizes_too() -> None:
+    from dat.evaluation.report import heatmap_extent
+
+    assert heatmap_extent(32, 32) == (-16.5, 15.5, 15.5, -16.5)  # -16 .. 15
+    assert heatmap_extent(5, 5) == (-2.5, 2.5, 2.5, -2.5)  # -2 .. 2 (was -3.5 .. 2.5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(diagnostics="aa"), "diagnostics need a per-batch attack"),
+    (dict(diagnostics="pgd2O"), "unknown attack 'pgd2O'"),
+    (dict(heatmap=True, heatmap_norm=float("nan")), "heatmap_norm=nan must be a finite"),
+])
+def test_bad_diagnostics_are_refused_before_any_attack(make_tiny_model, sample_batch,
+                                                       monkeypatch, kwargs, match) -> None:
+    import dat.evaluation.runner as runner
+
+    def no_attack(*args, **kw):
+        raise AssertionError("an attack ran before the refusal")
+
+    monkeypatch.setattr(runner, "attack_points", no_attack)
+    with pytest.raises(EvaluationError, match=match):
+        evaluate(make_tiny_model(), sample_batch, attacks=["clean", "pgd20"],
+                 progress=False, **kwargs)

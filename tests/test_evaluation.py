@@ -656,6 +656,18 @@ def test_two_evaluations_of_the_same_examples_are_compared_pairwise(
     evaluate(trained, (x[:50], y[:50]), attacks=["clean"], progress=False, check_examples=16,
              out_dir=tmp_path / "d")
     assert compare(tmp_path / "d", tmp_path / "b")["n"] == 50
+    # the same model, examples and settings in two folders: nothing to compare
+    evaluate(trained, (x[:50], y[:50]), attacks=["clean", "fgsm"], out_dir=tmp_path / "e", **kw)
+    with pytest.raises(EvaluationError, match="same model on the same examples with the same"):
+        compare(tmp_path / "a", tmp_path / "e")
+    # other settings are compared, and said: bf16 against fp32 of the same model
+    evaluate(trained, (x[:50], y[:50]), attacks=["clean", "fgsm"], precision="bf16",
+             out_dir=tmp_path / "f", **kw)
+    capsys.readouterr()
+    json_out = tmp_path / "new" / "folder" / "c.json"  # its folder is made
+    assert compare_main([str(tmp_path / "a"), str(tmp_path / "f"), "--json", str(json_out)]) == 0
+    assert "differ in precision (fp32 vs bf16)" in capsys.readouterr().out
+    assert json.loads(json_out.read_text())["settings_differ"] == {"precision": ["fp32", "bf16"]}
 
 
 def test_the_paired_interval_stays_honest_with_few_discordant_points() -> None:

@@ -82,6 +82,10 @@ def _row(name: str, a: Tensor, b: Tensor) -> dict:
             "only_a": only_a, "only_b": only_b, "p_value": mcnemar_exact(only_a, only_b)}
 
 
+# evaluation settings besides the attacks' own; a difference in them is part of A - B
+_SETTINGS = ("precision", "seed", "device", "channels_last", "fold_bn")
+
+
 def compare(folder_a: str | Path, folder_b: str | Path) -> dict:
     """Paired comparison of two evaluations of the same examples, per attack both ran
     with the same settings, plus ``worst_case`` over those attacks."""
@@ -89,8 +93,9 @@ def compare(folder_a: str | Path, folder_b: str | Path) -> dict:
     if a["fingerprint"]["examples"] != b["fingerprint"]["examples"]:
         raise EvaluationError("the two evaluations used other examples; evaluate both on the "
                               "same data, --split and --n-examples")
-    if a["fingerprint"] == b["fingerprint"] and a["attacks"] == b["attacks"]:
-        raise EvaluationError("both folders hold the same evaluation; pass two evaluations")
+    if a["fingerprint"] == b["fingerprint"]:  # deterministic: the numbers can only agree
+        raise EvaluationError("both folders evaluate the same model on the same examples with "
+                              "the same settings; pass the evaluations of two models")
     n = _count(a)
     masks_a, masks_b = _masks(a, n), _masks(b, n)
     common, skipped = [], []
@@ -111,8 +116,10 @@ def compare(folder_a: str | Path, folder_b: str | Path) -> dict:
             worst_a &= masks_a[k]
             worst_b &= masks_b[k]
         rows.append(_row(f"worst_case ({', '.join(attacks)})", worst_a, worst_b))
+    differ = {k: [a["fingerprint"].get(k), b["fingerprint"].get(k)] for k in _SETTINGS
+              if a["fingerprint"].get(k) != b["fingerprint"].get(k)}
     return {"n": n, "a": str(folder_a), "b": str(folder_b), "rows": rows,
-            "not_compared": skipped}
+            "not_compared": skipped, "settings_differ": differ}
 
 
 def _count(saved: dict) -> int:
@@ -138,6 +145,10 @@ def format_comparison(result: dict) -> str:
                      f"| {r['p_value']:.3g} |")
     if result["not_compared"]:
         lines += ["", "Not compared: " + ", ".join(result["not_compared"])]
+    if result.get("settings_differ"):
+        said = ", ".join(f"{k} ({a} vs {b})" for k, (a, b) in result["settings_differ"].items())
+        lines += ["", f"Note: the evaluations also differ in {said}; the differences above "
+                      "include that."]
     return "\n".join(lines) + "\n"
 
 
@@ -151,12 +162,19 @@ def compare_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = compare(args.a, args.b)
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     except (EvaluationError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(format_comparison(result), end="")
+    print(format_comparison(result), end="")  # shown even if the JSON cannot be written
+    if args.json:
+        from ..checkpoint import atomic_write_text
+
+        try:
+            atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")  # makes folders
+        except OSError as err:
+            print(f"error: cannot write --json {args.json} ({err.strerror or err}); pass a "
+                  "writable path", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -52,7 +52,7 @@ def amplitude_phase_table(
     spec = make_attack(attack, eps)
     device = torch.device(device) if device is not None else x.device
     seed_everything(seed)
-    counts = torch.zeros(4)  # correct on: x, x', x'_amp, x'_pha
+    counts = torch.zeros(4, dtype=torch.float64)  # correct on: x, x', x'_amp, x'_pha
     for xb, yb in tqdm(list(zip(x.split(batch_size), y.split(batch_size), strict=True)),
                        desc=f"amplitude/phase ({attack})", disable=not progress, leave=False):
         xb, yb = xb.to(device), yb.to(device)

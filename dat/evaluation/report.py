@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["format_markdown", "log_tensorboard", "write_report"]
+__all__ = ["format_markdown", "heatmap_extent", "log_tensorboard", "write_report"]
 
 _MARK = {"pass": "PASS", "warn": "WARN", "fail": "FAIL", "skip": "skip"}
 
@@ -151,12 +151,17 @@ def _plots(report: dict, out: Path) -> dict[str, str]:
     return files
 
 
+def heatmap_extent(h: int, w: int) -> tuple[float, float, float, float]:
+    """imshow extent (left, right, bottom, top) putting cell (i, j) of an h x w heat map at
+    frequency (i - h // 2, j - w // 2), for odd sizes too."""
+    return (-(w // 2) - 0.5, w - w // 2 - 0.5, h - h // 2 - 0.5, -(h // 2) - 0.5)
+
+
 def _heatmap(hm: dict, out: Path, plt) -> str:
     err = hm["error_rate"]
     h, w = len(err), len(err[0])
     fig, ax = plt.subplots(figsize=(4.5, 4))
-    image = ax.imshow(err, cmap="jet", vmin=0, vmax=100,
-                      extent=(-w // 2 - 0.5, w - w // 2 - 0.5, h - h // 2 - 0.5, -h // 2 - 0.5))
+    image = ax.imshow(err, cmap="jet", vmin=0, vmax=100, extent=heatmap_extent(h, w))
     fig.colorbar(image, ax=ax, label="error rate (%)")
     ax.set(xlabel="frequency v", ylabel="frequency u",
            title=f"Fourier heat map (L2 norm {hm['norm']})")

@@ -287,6 +287,14 @@ def evaluate(
                               "[0, 2/255, 8/255]")
     if heatmap and heatmap_examples < 1:
         raise EvaluationError(f"heatmap_examples={heatmap_examples} must be >= 1")
+    if heatmap and not 0 < heatmap_norm < float("inf"):  # also NaN
+        raise EvaluationError(f"heatmap_norm={heatmap_norm} must be a finite L2 norm > 0 "
+                              "(per channel, [0, 1] pixels; e.g. 4.0)")
+    if diagnostics not in (None, False, True):  # refused now, not after every attack ran
+        validate_attack_names([diagnostics])
+        if diagnostics in ("clean", "aa"):
+            raise EvaluationError(f"diagnostics need a per-batch attack (fgsm, pgd20, cw, ...), "
+                                  f"not {diagnostics!r}")
     if resume is True and out_dir is None:
         raise EvaluationError("resume=True needs out_dir, the folder whose progress.json holds "
                               "the finished attacks")
