@@ -48,7 +48,14 @@ __all__ = [
 
 
 class Callback:
-    """Base class: override the events you need; each receives the trainer."""
+    """Base class: override the events you need; each receives the trainer.
+
+    ``before_checkpoint = True`` runs its ``epoch_end`` before the epoch's ``last.pt`` is
+    saved (built-in validation runs first either way): a run stopped inside it resumes
+    from the previous checkpoint and runs it again, instead of skipping that epoch.
+    """
+
+    before_checkpoint = False
 
     def on_train_start(self, trainer: Trainer) -> None: ...
     def on_step_start(self, trainer: Trainer) -> None: ...
@@ -246,6 +253,8 @@ class AutoAttackCallback(Callback):
     your own with ``trainer.add_callback(AutoAttackCallback(every=5, n=200))``.
     """
 
+    before_checkpoint = True  # a stop during AutoAttack repeats the epoch, AA included
+
     def __init__(self, every: int = 10, n: int = 500) -> None:
         if every < 1 or n < 1:
             raise ValueError(f"AutoAttackCallback(every={every}, n={n}): both must be >= 1")
@@ -254,13 +263,24 @@ class AutoAttackCallback(Callback):
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
         if (epoch + 1) % self.every or not trainer.dist.is_main:
             return
+        from .data import stratified_split
         from .evaluation import evaluate
 
         x, y = trainer.val_data
-        report = evaluate(trainer.eval_model(), (x[: self.n], y[: self.n]),
-                          attacks=["clean", "aa"], eps=trainer.cfg.method.attack.eps,
-                          batch_size=trainer.cfg.data.eval_batch_size, checks=False,
-                          progress=False)
+        if len(y) == 0:
+            print("note: AutoAttackCallback: no validation images (data.val_size=0); "
+                  "skipped", file=sys.stderr)
+            return
+        if self.n < len(y):  # a class-stratified subset: validation data is sorted by class
+            keep = stratified_split(y, self.n, seed=0)[1]
+            x, y = x[keep], y[keep]
+        device = trainer.device
+        # evaluate() seeds the global generators: training must not see that
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            report = evaluate(trainer.eval_model(), (x, y), attacks=["clean", "aa"],
+                              eps=trainer.cfg.method.attack.eps,
+                              batch_size=trainer.cfg.data.eval_batch_size, checks=False,
+                              progress=False)
         entry = {"epoch": epoch + 1, "n": report["n"], **report["results"]}
         path = trainer.run_dir / "autoattack.json"
         history = json.loads(path.read_text()) if path.is_file() else []

@@ -163,7 +163,12 @@ class Trainer(CheckpointedRun):
         """Register a :class:`Callback` or a plain ``fn(trainer, event, payload)``."""
         if not isinstance(callback, Callback):
             callback = FunctionCallback(callback)
-        self.callbacks.append(callback)
+        if callback.before_checkpoint:  # just before the built-in CheckpointCallback
+            at = next((i for i, cb in enumerate(self.callbacks)
+                       if isinstance(cb, CheckpointCallback)), len(self.callbacks))
+            self.callbacks.insert(at, callback)
+        else:
+            self.callbacks.append(callback)
 
     def eval_model(self) -> torch.nn.Module:
         """The model to validate and export: the weight average when there is one."""

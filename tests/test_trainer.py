@@ -192,16 +192,39 @@ def test_autoattack_callback_records_reference_aa_on_validation_images(tmp_path)
     from dat.callbacks import AutoAttackCallback, autoattack_every_10_epochs, load_callback
 
     assert load_callback("dat.callbacks:autoattack_every_10_epochs") is autoattack_every_10_epochs
-    cfg = load_config(None, [*TINY, "train.epochs=2", "train.steps_per_epoch=2",
+    cfg = load_config(None, [*TINY, "train.epochs=3", "train.steps_per_epoch=2",
                              "method.name=pgd_at", "method.attack.init=uniform",
                              f"train.out_dir={tmp_path}", "train.run_name=aa"])
     trainer = Trainer(cfg, progress=False)
     trainer.add_callback(AutoAttackCallback(every=2, n=12))
+    names = [type(cb).__name__ for cb in trainer.callbacks]
+    # before last.pt is saved: a stop inside AutoAttack repeats the epoch, AA included
+    assert names.index("AutoAttackCallback") == names.index("CheckpointCallback") - 1
     trainer.fit()
     history = json.loads((trainer.run_dir / "autoattack.json").read_text())
-    assert [h["epoch"] for h in history] == [2]  # every=2: only after the second epoch
+    assert [h["epoch"] for h in history] == [2]  # every=2: after the second epoch only
     entry = history[0]
     assert entry["n"] == 12 and 0.0 <= entry["aa"] <= entry["clean"] <= 100.0
+    # AutoAttack seeds the global generators; training must not notice: the weights equal
+    # a run without the callback (epoch 3's used to differ)
+    plain = Trainer(load_config(None, [*TINY, "train.epochs=3", "train.steps_per_epoch=2",
+                                       "method.name=pgd_at", "method.attack.init=uniform",
+                                       f"train.out_dir={tmp_path}", "train.run_name=plain"]),
+                    progress=False)
+    plain.fit()
+    for key, value in plain.model.state_dict().items():
+        assert torch.equal(value, trainer.model.state_dict()[key]), key
+
+
+def test_autoattack_callback_without_validation_images_says_so(capsys) -> None:
+    from types import SimpleNamespace
+
+    from dat.callbacks import AutoAttackCallback
+
+    trainer = SimpleNamespace(dist=SimpleNamespace(is_main=True),
+                              val_data=(torch.empty(0, 3, 32, 32), torch.empty(0).long()))
+    AutoAttackCallback(every=1, n=8).on_epoch_end(trainer, 0)  # used to crash the run
+    assert "no validation images (data.val_size=0); skipped" in capsys.readouterr().err
 
 
 def test_perf_compile_compiles_the_trained_model(tmp_path, monkeypatch) -> None:
