@@ -441,6 +441,9 @@ def _check_numbers(cfg: Config) -> None:
             raise ConfigError(f"{key}={list(values)}: every entry must be "
                               f"{'>= 1' if key.endswith('hidden') else '>= 0'}")
     m = cfg.method
+    if m.awp_gamma > 0 and m.name != "dat":  # it used to be ignored without a word
+        raise ConfigError(f"method.awp_gamma={m.awp_gamma:g} is implemented for method.name=dat "
+                          f"only, not {m.name}; set method.awp_gamma=0 (or use DAT + AWP)")
     if (m.name == "dat" and m.recombined_branch and m.amplitude_source == "generator"
             and cfg.data.batch_size < 2):
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be >= 2 for DAT: the "
