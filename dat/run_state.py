@@ -7,6 +7,7 @@ checkpoint stores and restores, so the trainer module keeps only the loop.
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,11 +48,20 @@ class CheckpointedRun:
         Call it on every rank: BN statistics and RNG states are gathered, rank 0 writes.
         """
         self.sync_buffers()
+        self.count_wall_time()  # a kill after this save keeps the time spent until it
         state, path = self._checkpoint_state(), self.run_dir / "checkpoints" / "last.pt"
         if self.dist.is_main:
             ckpt.save_checkpoint(state, path, keep=self.cfg.train.keep_checkpoints)
         distributed.barrier()
         return path
+
+    def count_wall_time(self) -> None:
+        """Add the time since the last count (or since fit() started) to
+        ``state.wall_seconds``, which is summed over resumes."""
+        now, since = time.perf_counter(), getattr(self, "_fit_t0", None)
+        if since is not None:
+            self.state.wall_seconds += now - since
+            self._fit_t0 = now
 
     def save_best(self) -> Path:
         """``best.pt``: the evaluated weights (averaged if enabled) with the config."""

@@ -219,7 +219,8 @@ class Trainer(CheckpointedRun):
                 self._train_epochs()
         finally:  # also on Ctrl-C or an error: no bar redrawn below the message
             self._bar.close()
-        self.state.wall_seconds += time.perf_counter() - self._fit_t0
+        self.count_wall_time()
+        self._fit_t0 = None  # the final test is not training time
         return self._finish()
 
     def _train_epochs(self) -> None:
@@ -268,7 +269,7 @@ class Trainer(CheckpointedRun):
     def _stop_interrupted(self) -> None:
         if self._sum_keys:  # the timing and stats since the last log go into the checkpoint
             self._log()
-        self.state.wall_seconds += time.perf_counter() - self._fit_t0  # fit() ends here
+        self.count_wall_time()  # fit() ends here
         self.save_last()  # again if train.checkpoint_every just saved: now with the time
         raise self._interrupted
 

@@ -231,6 +231,15 @@ def test_summary_labels_the_throughput_as_training() -> None:
     assert empty.startswith("test (0 images, best.pt (epoch 4)): no test attacks; training")
 
 
+def test_epoch_end_checkpoints_keep_the_time_spent(finished) -> None:
+    """wall_seconds used to be counted only when fit() ended: a run killed later resumed
+    with the time of its earlier sessions only."""
+    out, _ = finished
+    saved = load_checkpoint(out / "demo" / "checkpoints" / "last.pt")["trainer"]
+    metrics = json.loads((out / "demo" / "metrics.json").read_text())
+    assert 0 < saved["wall_seconds"] <= metrics["wall_seconds"] + 0.01
+
+
 def test_epoch_end_payload_has_the_1_based_epoch_number(finished) -> None:
     out, payloads = finished
     assert payloads == [0, 1]  # the documented 0-based index, unchanged for old callbacks
