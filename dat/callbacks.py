@@ -193,7 +193,8 @@ class CheckpointCallback(Callback):
 
 
 class TensorBoardCallback(Callback):
-    """Scalars (every step stat, lr, images/s, validation), image grids, test numbers.
+    """Scalars (every step stat, lr, images/s, validation), image grids, test numbers, all
+    at the global step.
 
     Rank 0 only under torchrun (scalars are means over ranks; images are rank 0's).
     """
@@ -205,7 +206,11 @@ class TensorBoardCallback(Callback):
         from torch.utils.tensorboard import SummaryWriter
 
         if trainer.dist.is_main:
-            self.writer = SummaryWriter(str(trainer.run_dir / "tb"))
+            # a resume after a hard stop (kill -9, torchrun) repeats steps logged since the
+            # last checkpoint: purge_step hides those older events, so no step appears twice
+            step = trainer.state.global_step
+            self.writer = SummaryWriter(str(trainer.run_dir / "tb"),
+                                        purge_step=step + 1 if step else None)
 
     def on_step_end(self, trainer: Trainer, stats: dict[str, Tensor]) -> None:
         every, step = trainer.cfg.train.image_every, trainer.state.global_step
@@ -229,10 +234,10 @@ class TensorBoardCallback(Callback):
         if self.writer is None:
             return
         val = trainer.state.last_val
-        if val.get("epoch") == epoch + 1:
+        if val.get("epoch") == epoch + 1:  # at the global step, like train/* and test/*
             for key, value in val.items():
                 if key != "epoch":
-                    self.writer.add_scalar(f"val/{key}", value, epoch + 1)
+                    self.writer.add_scalar(f"val/{key}", value, trainer.state.global_step)
         self.writer.flush()
 
     def on_train_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:

@@ -55,6 +55,13 @@ class CheckpointedRun:
         distributed.barrier()
         return path
 
+    def weights_kind(self) -> str:
+        """Which weights :meth:`eval_model` gives now: "ema", "swa" or "raw" (SWA before
+        ``train.swa_start``, or no averaging)."""
+        averager = self.averager
+        return self.cfg.train.weight_averaging if averager is not None and averager.active \
+            else "raw"
+
     def count_wall_time(self) -> None:
         """Add the time since the last count (or since fit() started) to
         ``state.wall_seconds``, which is summed over resumes."""
@@ -67,7 +74,8 @@ class CheckpointedRun:
         """``best.pt``: the evaluated weights (averaged if enabled) with the config."""
         self.sync_buffers()
         state = {"model": self.eval_model().state_dict(), **self._identity(),
-                 "epoch": self.state.best_epoch, "val": dict(self.state.last_val)}
+                 "epoch": self.state.best_epoch, "val": dict(self.state.last_val),
+                 "weights": self.weights_kind()}
         path = self.run_dir / "checkpoints" / "best.pt"
         if self.dist.is_main:
             ckpt.save_checkpoint(state, path)

@@ -412,8 +412,11 @@ class Trainer(CheckpointedRun):
         model = copy.deepcopy(self.eval_model())
         if not best.is_file():
             return model, "final weights (no validation ran)"
-        ckpt.load_model_state(model, ckpt.load_checkpoint(best)["model"], str(best))
-        return model, f"best.pt (epoch {self.state.best_epoch})"
+        saved = ckpt.load_checkpoint(best)
+        ckpt.load_model_state(model, saved["model"], str(best))
+        kind = saved.get("weights")  # absent in best.pt files from before 2026-11-27
+        return model, f"best.pt (epoch {self.state.best_epoch}" + (
+            f", {kind} weights)" if kind else ")")
 
     def _finish(self) -> dict[str, Any]:
         from .evaluation import evaluate
@@ -456,6 +459,7 @@ class Trainer(CheckpointedRun):
             "steps": s.global_step, "bad_steps": s.bad_steps,
             "wall_seconds": round(s.wall_seconds, 2),
             "images_per_second": round(s.images_seen / max(s.step_seconds, 1e-9), 1),
+            "weight_averaging": self.cfg.train.weight_averaging,
             "method": self.cfg.method.name, "model": self.cfg.model.name,
             "dataset": self.cfg.data.name, "device": str(self.device),
             "world_size": self.dist.world_size, "global_batch": self.global_batch,

@@ -47,6 +47,9 @@ def pause(trainer, event, payload):
     """Signal, then sleep right after step DAT_PAUSE_AT (so the test can kill -9 us)."""
     at = os.environ.get("DAT_PAUSE_AT")
     if event == "step_end" and at and trainer.state.global_step == int(at):
+        for callback in trainer.callbacks:  # what TensorBoard logged so far is on disk
+            if getattr(callback, "writer", None) is not None:
+                callback.writer.flush()
         open(os.environ["DAT_READY"], "w").close()
         time.sleep(300)
 '''
@@ -86,8 +89,8 @@ def test_kill_minus_nine_then_resume_is_bit_identical(tmp_path: Path) -> None:
     straight = _cli([*common, "train.run_name=straight"], tmp_path)
     ready = tmp_path / "ready"
     killed = _cli([*common, "train.run_name=killed"], tmp_path,
-                  DAT_PAUSE_AT="5", DAT_READY=str(ready))
-    _wait_for(ready, killed)  # step 5 done; last.pt is from step 4 (mid-epoch 2)
+                  DAT_PAUSE_AT="6", DAT_READY=str(ready))
+    _wait_for(ready, killed)  # steps 5 and 6 done (5 logged); last.pt is from step 4
     os.kill(killed.pid, signal.SIGKILL)
     killed.communicate()
     assert killed.returncode == -signal.SIGKILL
@@ -105,6 +108,13 @@ def test_kill_minus_nine_then_resume_is_bit_identical(tmp_path: Path) -> None:
     for key in ("model", "optimizer", "method"):  # method: the AAG and its optimiser
         assert _state_equal(a[key], b[key]), key
     assert a["trainer"]["history"] == b["trainer"]["history"]
+    # TensorBoard: step 5, logged before the kill, is replaced rather than shown twice
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "runs/killed/tb"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == 6
 
 
 class _PoisonedStep:

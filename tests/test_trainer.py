@@ -76,6 +76,10 @@ def test_a_tiny_run_writes_every_artefact(tiny_run) -> None:
     assert saved["test_examples"] == 40
     assert all(0 <= v <= 100 for v in saved["test"].values())
     assert (saved["best_epoch"], saved["steps"], saved["bad_steps"]) == (1, 4, 0)
+    # which weights were tested: the EMA average, said in metrics.json and in best.pt
+    assert saved["evaluated"] == "best.pt (epoch 1, ema weights)"
+    assert saved["weight_averaging"] == "ema"
+    assert load_checkpoint(run / "checkpoints" / "best.pt")["weights"] == "ema"
     assert saved["images_per_second"] > 0 and saved["wall_seconds"] > 0
     assert set(saved["val"]) == {"epoch", "clean", "pgd2"} and saved["test_checks"]
     report = json.loads((run / "test" / "report.json").read_text())  # the full test report
