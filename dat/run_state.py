@@ -126,8 +126,8 @@ class CheckpointedRun:
         if note:
             self._say_error(f"note: {note}")
         if self.dist.is_main:
-            print(f"resumed from {used} at epoch {self.state.epoch}, "
-                  f"step {self.state.step_in_epoch} of the epoch")
+            print(f"resumed from {used} in epoch {self.state.epoch + 1} (1-based, as in "
+                  f"metrics.json), after {self.state.step_in_epoch} of its steps")
             if self.state.epoch >= self.cfg.train.epochs:
                 print(f"note: the run already completed all {self.state.epoch} epochs; "
                       "nothing to train, re-running the final test (to train longer, "

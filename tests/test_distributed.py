@@ -129,7 +129,7 @@ def test_a_two_process_run_resumes_as_one_process(two_rank_run, tmp_path, capsys
     r0 = torch.load(two_rank_run / "rank0.pt", weights_only=True)
     assert _equal(trainer.model.state_dict(), r0["model"])
     metrics = trainer.fit()
-    assert "at epoch 1, step 0 of the epoch" in capsys.readouterr().out
+    assert "in epoch 2 (1-based, as in metrics.json), after 0 of its" in capsys.readouterr().out
     assert (metrics["epochs"], metrics["steps"], metrics["world_size"]) == (2, 2 * STEPS, 1)
     assert [v["epoch"] for v in metrics["val_history"]] == [1, 2]
     assert metrics["val_history"][0] == r0["val"]  # the 2-process validation is kept

@@ -99,7 +99,7 @@ def test_kill_minus_nine_then_resume_is_bit_identical(tmp_path: Path) -> None:
     resumed = _cli(["--resume", "runs/killed/checkpoints/last.pt"], tmp_path)
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-2000:]
-    assert "at epoch 1, step 1 of the epoch" in out  # mid-epoch 2, one batch consumed
+    assert "in epoch 2 (1-based, as in metrics.json), after 1 of its" in out
     straight_out, straight_err = straight.communicate(timeout=300)
     assert straight.returncode == 0, straight_err[-2000:]
     a = load_checkpoint(tmp_path / "runs/straight/checkpoints/last.pt")

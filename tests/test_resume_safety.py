@@ -199,7 +199,7 @@ def test_ctrl_c_closes_the_bar_and_prints_a_working_resume_command(tmp_path) -> 
                               *command[2:], "train.callbacks=[]"], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "at epoch 0, step 1 of the epoch" in resumed.stdout
+    assert "in epoch 1 (1-based, as in metrics.json), after 1 of its" in resumed.stdout
 
 
 SIGTERM_CALLBACK = SIGINT_CALLBACK.replace("signal.SIGINT", "signal.SIGTERM")
