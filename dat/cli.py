@@ -88,7 +88,10 @@ def _interrupted(cfg, argv: list[str] | None) -> str:
     if cfg.train.resume not in ("", "auto"):
         last = resume_target(cfg.train.resume)  # a run folder means its last.pt
     if any(p.is_file() for p in (last, *older_copies(last, max(cfg.train.keep_checkpoints, 1)))):
-        return f"interrupted; continue from the last checkpoint: python train.py --resume {last}"
+        how = (" (under torchrun: your torchrun command with --resume)"
+               if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "")
+        return (f"interrupted; continue from the last checkpoint: python train.py --resume "
+                f"{last}{how}")
     return ("interrupted before the first checkpoint (end of epoch 1, or every "
             f"train.checkpoint_every steps), nothing to resume; start over: {_command(argv)}")
 
@@ -130,7 +133,8 @@ def train_main(argv: list[str] | None = None) -> int:
             metrics = Trainer(cfg, progress=not args.no_progress).fit()
         cleanup_distributed()
     except KeyboardInterrupt as stop:
-        print(f"\n{_interrupted(cfg, argv)}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun: once, from rank 0
+            print(f"\n{_interrupted(cfg, argv)}", file=sys.stderr)
         return 143 if isinstance(stop, Terminated) else 130  # 128 + SIGTERM / SIGINT
     except (ConfigError, DataError, CheckpointError, FolderInUse) as err:
         print(f"error{_rank_tag()}: {one_line(err)}", file=sys.stderr)
