@@ -207,13 +207,12 @@ def _new_run_name(cfg: Config) -> str:
 def prepare_run_dir(cfg: Config, resume: Path | None) -> Path:
     """Create (or, on resume, reuse) ``out_dir/run_name`` and lock it for this process
     (:func:`dat.folder_lock.acquire`; the caller releases it); fill in a default run_name."""
-    if resume is not None and resume.parent.name == "checkpoints":
-        run_dir = resume.parent.parent
-        cfg.train.run_name = run_dir.name
-    else:
-        if not cfg.train.run_name:
-            cfg.train.run_name = _new_run_name(cfg)
+    run_dir = named_run_dir(cfg, resume)
+    if run_dir is None:
+        cfg.train.run_name = _new_run_name(cfg)
         run_dir = Path(cfg.train.out_dir) / cfg.train.run_name
+    elif resume is not None and resume.parent.name == "checkpoints":
+        cfg.train.run_name = run_dir.name
     try:
         ensure_writable(run_dir / "checkpoints")
     except OSError as err:

@@ -435,11 +435,10 @@ def _check_numbers(cfg: Config) -> None:
         value = OmegaConf.select(tree, key)
         if not allowed(value):
             raise ConfigError(f"{key}={value} must be {what}")
-    for key, values in (("method.generator.hidden", cfg.method.generator.hidden),
-                        ("optim.milestones", cfg.optim.milestones)):
-        if any(v < (1 if key.endswith("hidden") else 0) for v in values):
-            raise ConfigError(f"{key}={list(values)}: every entry must be "
-                              f"{'>= 1' if key.endswith('hidden') else '>= 0'}")
+    for key, values, low in (("method.generator.hidden", cfg.method.generator.hidden, 1),
+                             ("optim.milestones", cfg.optim.milestones, 0)):
+        if any(v < low for v in values):
+            raise ConfigError(f"{key}={list(values)}: every entry must be >= {low}")
     m = cfg.method
     if m.awp_gamma > 0 and m.name != "dat":  # it used to be ignored without a word
         raise ConfigError(f"method.awp_gamma={m.awp_gamma:g} is implemented for method.name=dat "

@@ -55,12 +55,12 @@ def _owner() -> str:
             f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {command or 'python'}")
 
 
-def _read_owner(path: Path) -> str:
+def _in_use(folder: Path | str, fix: str) -> FolderInUse:
+    """The refusal, naming the holder as its lock file records it."""
+    owner = "owner unknown"
     with contextlib.suppress(OSError):
-        text = path.read_text(errors="replace").strip()
-        if text:
-            return text
-    return "owner unknown"
+        owner = (Path(folder) / LOCK_NAME).read_text(errors="replace").strip() or owner
+    return FolderInUse(f"{folder} is in use by another process ({owner}); {fix}")
 
 
 def key_of(folder: Path | str) -> str:
@@ -89,8 +89,7 @@ def acquire(folder: Path | str, fix: str) -> str:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise FolderInUse(f"{folder} is in use by another process ({_read_owner(path)}); "
-                          f"{fix}") from None
+        raise _in_use(folder, fix) from None
     except OSError as err:  # a file system without locks: run unlocked rather than not at all
         os.close(fd)
         print(f"note: cannot lock {folder} ({err.strerror or err}); nothing stops a second "
@@ -116,8 +115,7 @@ def check_free(folder: Path | str, fix: str) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise FolderInUse(f"{folder} is in use by another process ({_read_owner(path)}); "
-                          f"{fix}") from None
+        raise _in_use(folder, fix) from None
     except OSError:
         pass
     finally:
