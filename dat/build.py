@@ -222,24 +222,23 @@ def prepare_run_dir(cfg: Config, resume: Path | None) -> Path:
     # held until the trainer lets go (dat.folder_lock): a second process is refused here,
     # before it can look for last.pt or write anything
     key = folder_lock.acquire(run_dir, RUN_IN_USE_FIX)
-    if resume is None:
-        folder = run_dir / "checkpoints"
-        if any(folder.glob("last*.pt")):  # last.pt, or an older copy a resume falls back to
-            folder_lock.release(key)
-            raise ConfigError(f"{run_dir} already holds a run; resume it with --resume auto "
-                              "(train.resume=auto) or choose another train.run_name")
-        try:
-            _set_aside_leftovers(folder)
-        except OSError:
-            folder_lock.release(key)
-            raise
+    try:
+        if resume is None:
+            _start_fresh(run_dir)
+    except BaseException:  # refused: the folder is free again
+        folder_lock.release(key)
+        raise
     return run_dir
 
 
-def _set_aside_leftovers(folder: Path) -> None:
-    """A new run in a folder whose earlier attempt stopped before its first last.pt: move
-    that attempt's checkpoints (its best.pt) away, so none is ever tested or exported as
-    this run's model."""
+def _start_fresh(run_dir: Path) -> None:
+    """A new run: refuse a folder that holds a resumable run; move the checkpoints of an
+    attempt that stopped before its first last.pt (its best.pt) away, so none is ever
+    tested or exported as this run's model."""
+    folder = run_dir / "checkpoints"
+    if any(folder.glob("last*.pt")):  # last.pt, or an older copy a resume falls back to
+        raise ConfigError(f"{run_dir} already holds a run; resume it with --resume auto "
+                          "(train.resume=auto) or choose another train.run_name")
     leftovers = sorted(p for p in folder.glob("*.pt") if p.is_file())
     if not leftovers:
         return
