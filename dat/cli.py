@@ -154,12 +154,14 @@ def _presets() -> str:
     from .config import CONFIG_DIR
 
     lines = []
-    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+    paths = sorted(CONFIG_DIR.glob("*.yaml"))
+    width = max(len(p.stem) for p in paths)
+    for path in paths:
         header = itertools.takewhile(lambda line: line.startswith("#"),
                                      path.read_text().splitlines())
         text = " ".join(line.lstrip("#").strip() for line in header)
         sentence = text.split(". ", 1)[0].rstrip(".")
-        lines.append(f"{path.stem:<26} {sentence}")
+        lines.append(f"{path.stem:<{width}} {sentence}")
     return "\n".join(lines)
 
 

@@ -107,7 +107,7 @@ class MethodConfig:
     outer: str = "dat"  # loss of each branch: dat (EAEG + TRADES form) | pgd_at | trades
     recombined_padding: int = 3  # random crop padding of x_hat (published: 3)
     recombined_branch: bool = True  # false: baseline (EAEG adversarial training only)
-    awp_gamma: float = 0.0  # adversarial weight perturbation size (0 = off; paper: 0.005)
+    awp_gamma: float = 0.0  # weight perturbation size, every method (0 = off; paper: 0.005)
     awp_warmup: int = 0  # epochs before AWP starts
 
 
@@ -417,6 +417,8 @@ _RANGES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
     ("method.generator.weight_decay", lambda v: v >= 0, ">= 0"),
     ("method.recombined_padding", lambda v: v >= 0, ">= 0"),
     ("method.awp_warmup", lambda v: v >= 0, ">= 0"),
+    ("method.awp_gamma", lambda v: v < 1,
+     "< 1: a fraction of each layer's weight norm (AWP recipes: 0.005 or 0.01)"),
     ("optim.momentum", lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.9"),
     ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
     ("optim.gamma", lambda v: v > 0, "> 0, e.g. 0.1"),
@@ -440,9 +442,6 @@ def _check_numbers(cfg: Config) -> None:
         if any(v < low for v in values):
             raise ConfigError(f"{key}={list(values)}: every entry must be >= {low}")
     m = cfg.method
-    if m.awp_gamma > 0 and m.name != "dat":  # it used to be ignored without a word
-        raise ConfigError(f"method.awp_gamma={m.awp_gamma:g} is implemented for method.name=dat "
-                          f"only, not {m.name}; set method.awp_gamma=0 (or use DAT + AWP)")
     if (m.name == "dat" and m.recombined_branch and m.amplitude_source == "generator"
             and cfg.data.batch_size < 2):
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be >= 2 for DAT: the "

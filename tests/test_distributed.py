@@ -51,6 +51,7 @@ TINY = [
     "train.val_pgd_steps=2", "method.attack.steps=2", "perf.log_every=1",
     "train.image_every=0", "train.test_attacks=[clean]", "train.checkpoint_every=2",
     "optim.lr_scaling=linear", "optim.schedule=constant",
+    "method.awp_gamma=0.01",  # AWP's proxy gradients are averaged too, or replicas drift
 ]
 
 PROBE = '''

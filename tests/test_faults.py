@@ -203,7 +203,7 @@ def _error_line(capsys, argv: list[str]) -> str:
     ("method.generator.hidden=[0]", "method.generator.hidden=[0]: every entry must be >= 1"),
     ("train.run_name=../elsewhere", "must stay inside train.out_dir (no absolute path, no"),
     ("train.test_attacks=pgd20", "train.test_attacks takes a list; write train.test_attacks=["),
-    ("method.name=trades method.awp_gamma=0.005", "awp_gamma=0.005 is implemented for"),
+    ("method.name=trades method.awp_gamma=5", "method.awp_gamma=5.0 must be < 1: a fraction"),
 ])
 def test_bad_config_values_give_one_line_errors(capsys, tmp_path, override, expected) -> None:
     err = _error_line(capsys, [*TINY, f"train.out_dir={tmp_path}", *override.split()])

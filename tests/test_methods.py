@@ -108,3 +108,93 @@ def test_eps_in_pixel_units_is_rejected() -> None:
     model = create_model("resnet_tiny")
     with pytest.raises(ValueError, match="0-255 units"):
         PGDATStep(model, torch.optim.SGD(model.parameters(), lr=0.1), eps=8)
+
+
+def _by_hand_awp_then_sgd(model, loss_of, gamma: float, lr: float) -> dict[str, torch.Tensor]:
+    """AWP written out from the paper, then one plain SGD step: the expected new weights.
+
+    v_l = gamma * ||w_l|| * d_l / ||d_l|| with d = one SGD ascent step (lr 0.01) of a copy;
+    the gradient is taken at w + v, and v is removed again after the step.
+    """
+    import copy
+
+    proxy = copy.deepcopy(model)
+    proxy.zero_grad()
+    loss_of(proxy).backward()
+    weights = dict(model.named_parameters())
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in moved.named_parameters():
+            if p.dim() > 1:
+                d = 0.01 * dict(proxy.named_parameters())[name].grad  # ascent direction
+                p.add_(gamma * weights[name].norm() / d.norm() * d)
+    moved.zero_grad()
+    loss_of(moved).backward()
+    return {name: (w - lr * dict(moved.named_parameters())[name].grad).detach()
+            for name, w in weights.items()}
+
+
+def _method_loss(name: str, x, x_adv, y):
+    import torch.nn.functional as F
+
+    from dat.losses import trades_loss
+
+    def loss_of(model):
+        model.train()
+        if name == "pgd_at":
+            return F.cross_entropy(model(x_adv), y)
+        if name == "trades":
+            return trades_loss(model(x), model(x_adv), y, 6.0)[0]
+        return mart_loss(model(x), model(x_adv), y, 6.0)[0]
+    return loss_of
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_awp_step_is_sgd_at_the_perturbed_weights(name, train_batch) -> None:
+    """Each baseline with AWP takes its gradient at w + v (v from the method's own loss on
+    the step's adversarial images) and ends at w - lr * grad: no perturbation is left."""
+    import copy
+
+    x, y = train_batch[0][:16], train_batch[1][:16]
+    torch.manual_seed(0)
+    model = create_model("resnet_tiny", num_classes=10)
+    before = copy.deepcopy(model)
+    step = BASELINES[name](model, torch.optim.SGD(model.parameters(), lr=0.5), steps=2,
+                           awp_gamma=0.02, keep_images=16, **({} if name == "pgd_at"
+                                                              else {"beta": 6.0}))
+    assert step.awp_on and "awp_gamma=0.02" in repr(step)
+    step.run(x, y)
+    x_adv = step.last_images()["x_adv"]
+    expected = _by_hand_awp_then_sgd(before, _method_loss(name, x, x_adv, y), 0.02, 0.5)
+    plain = _by_hand_awp_then_sgd(before, _method_loss(name, x, x_adv, y), 0.0, 0.5)
+    for key, w in model.named_parameters():
+        torch.testing.assert_close(w.detach(), expected[key], rtol=1e-4, atol=1e-5)
+    moved = max((expected[k] - plain[k]).abs().max() for k in expected)
+    assert moved > 1e-3  # AWP changed this update measurably (not a no-op test)
+
+
+def test_awp_waits_for_its_warmup_epoch_and_comes_from_the_config(train_batch) -> None:
+    import copy
+
+    x, y = train_batch[0][:16], train_batch[1][:16]
+    cfg = _cfg("trades", "method.awp_gamma=0.005", "method.awp_warmup=2")
+    model = create_model("resnet_tiny", num_classes=10)
+    step = create(cfg, model, torch.optim.SGD(model.parameters(), lr=0.1),
+                  num_classes=10, image_shape=(3, 32, 32))
+    assert step.awp is not None and step.awp.gamma == 0.005 and not step.awp_on
+    seen = []
+    for epoch in range(4):
+        step.on_epoch_start(epoch)
+        seen.append(step.awp_on)
+    assert seen == [False, False, True, True]
+    step.on_epoch_start(0)  # off in warm-up: the same update as TRADES without AWP
+    twin = copy.deepcopy(model)
+    plain = TRADESStep(twin, torch.optim.SGD(twin.parameters(), lr=0.1), steps=3, beta=6.0)
+    torch.manual_seed(1)
+    step.run(x, y)
+    torch.manual_seed(1)
+    plain.run(x, y)
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="awp_warmup=-1 must be >= 0"):
+        PGDATStep(model, None, awp_gamma=0.01, awp_warmup=-1)

@@ -96,3 +96,51 @@ def test_print_config_prints_the_resolved_config_and_trains_nothing(capsys, monk
     assert capsys.readouterr().out == (tmp_path / "printed.yaml").read_text()
     assert train_main(["--print-config", "method.attack.eps=8"]) == 2  # still validated
     assert "write method.attack.eps=8/255" in capsys.readouterr().err
+
+
+BASELINE_PRESETS = [p for p in ALL if p.stem.startswith(("pgd_at_", "trades_", "mart_"))]
+
+
+@pytest.mark.parametrize("path", BASELINE_PRESETS, ids=[p.stem for p in BASELINE_PRESETS])
+def test_baseline_preset_builds_its_method_and_trains(path):
+    from dat.methods import BaselineStep, create
+
+    torch.manual_seed(0)
+    cfg = load_config(str(path), ["model.name=resnet_tiny", "method.attack.steps=1"])
+    model = dat.models.create("resnet_tiny")
+    step = create(cfg, model, torch.optim.SGD(model.parameters(), lr=0.1), num_classes=10,
+                  image_shape=(3, 32, 32))
+    assert isinstance(step, BaselineStep) and path.stem.startswith(cfg.method.name)
+    assert (step.awp is not None) == ("_awp_" in path.stem)
+    images = (torch.rand(8, 3, 32, 32) * 255).to(torch.uint8)
+    stats = step(images.float() / 255, torch.arange(8))
+    assert all(v == v for v in stats.values()) and "loss" in stats
+
+
+AWP_PROBE = '''
+SEEN = []
+
+def probe(trainer, event, payload):
+    if event == "step_end":
+        SEEN.append((trainer.state.epoch, trainer.method.awp_on))
+'''
+
+
+def test_trades_awp_from_the_cli_switches_awp_on_after_its_warmup(tmp_path, monkeypatch):
+    from dat.cli import train_main
+
+    (tmp_path / "awp_probe.py").write_text(AWP_PROBE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    argv = ["--no-progress", "--config", "trades_awp_cifar10_resnet18",
+            "data.name=cifar10-sample", "model.name=resnet_tiny", "data.batch_size=16",
+            "train.epochs=2", "train.steps_per_epoch=2", "method.awp_warmup=1",
+            "method.attack.steps=1", "train.val_examples=20", "train.val_pgd_steps=1",
+            "data.test_subset=20", "train.test_attacks=[clean]", "train.image_every=0",
+            f"train.out_dir={tmp_path}/runs", "train.run_name=awp",
+            "train.callbacks=[awp_probe:probe]"]
+    assert train_main(argv) == 0
+    import awp_probe
+
+    assert awp_probe.SEEN == [(0, False), (0, False), (1, True), (1, True)]
+    saved = load_config(str(tmp_path / "runs" / "awp" / "config.yaml"))
+    assert (saved.method.name, saved.method.awp_gamma) == ("trades", 0.005)

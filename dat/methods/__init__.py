@@ -53,7 +53,8 @@ def create(
     common = dict(eps=m.attack.eps, alpha=m.attack.alpha, steps=m.attack.steps,
                   label_smoothing=m.label_smoothing, autocast_dtype=autocast_dtype,
                   keep_images=8 if cfg.train.image_every > 0 else 0,
-                  compile_attacks=cfg.perf.compile_attacks)
+                  compile_attacks=cfg.perf.compile_attacks, awp_gamma=m.awp_gamma,
+                  awp_warmup=m.awp_warmup)
     if m.name == "pgd_at":
         return PGDATStep(model, optimizer, init=m.attack.init, **common)
     if m.name == "trades":

@@ -56,12 +56,14 @@ class AWP:
         loss = -loss_fn(self.proxy)  # descend on -loss = ascend on the loss
         self.proxy_optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.proxy_optimizer.step()
+        self.proxy_optimizer.step()  # where torchrun's hook averages the proxy's gradients
         deltas = []
         with torch.no_grad():
             for w, p in self._pairs():
-                diff = p - w
-                deltas.append(self.gamma * diff * (w.norm() / (diff.norm() + _TINY)))
+                # The step moved p by -proxy_lr * grad (of -loss): use -grad itself, since
+                # p - w loses most of its digits when the step is small next to the weight.
+                up = torch.zeros_like(w) if p.grad is None else -p.grad
+                deltas.append(self.gamma * up * (w.norm() / (up.norm() + _TINY)))
         return deltas
 
     @torch.no_grad()

@@ -54,11 +54,15 @@ class MARTStep(BaselineStep):
         with self._autocast(x):
             x_adv = pgd(self.model, x, y, self.eps, self.alpha, self.steps, start=start,
                         compile_mode=self.compile_attacks)
-            self.model.train()
-            clean_logits = self.model(x)
-            adv_logits = self.model(x_adv)
-        loss, bce, kl = mart_loss(clean_logits, adv_logits, y, self.beta, self.label_smoothing)
-        self._update(loss)
+
+        def loss_of(model: nn.Module) -> tuple[Tensor, ...]:
+            model.train()
+            with self._autocast(x):
+                clean_logits, adv_logits = model(x), model(x_adv)
+            return (*mart_loss(clean_logits, adv_logits, y, self.beta, self.label_smoothing),
+                    clean_logits, adv_logits)
+
+        loss, bce, kl, clean_logits, adv_logits = self._train_on(loss_of)
         self._keep(x=x, x_adv=x_adv)
         return {"loss": loss.detach(), "bce": bce.detach(), "kl": kl.detach(),
                 "acc_clean": accuracy(clean_logits, y), "acc_adv": accuracy(adv_logits, y)}

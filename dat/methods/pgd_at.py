@@ -7,12 +7,14 @@ Also home of :class:`BaselineStep`, the small shared frame of the baseline metho
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attacks import check_compile_mode, eval_mode, pgd
+from .awp import AWP
 from .base import MethodStep
 
 __all__ = ["BaselineStep", "PGDATStep", "accuracy"]
@@ -34,17 +36,22 @@ class BaselineStep(MethodStep):
     autocast; losses are computed in float32. With ``keep_images=n`` the first n clean and
     adversarial images of the last batch are kept for :meth:`last_images` (TB grids).
     ``compile_attacks`` runs each attack step as one compiled graph
-    (:func:`dat.attacks.compiled_step`).
+    (:func:`dat.attacks.compiled_step`). ``awp_gamma`` > 0 adds adversarial weight
+    perturbation (:class:`dat.methods.awp.AWP`) from epoch ``awp_warmup`` on: the
+    adversarial examples come from the unperturbed model, the update is the method's loss
+    at the perturbed weights (the AWP authors' AT-AWP / TRADES-AWP / MART-AWP).
     """
 
     def __init__(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, *, eps: float = 8 / 255,
         alpha: float = 2 / 255, steps: int = 10, label_smoothing: float = 0.0,
         autocast_dtype: torch.dtype | None = None, keep_images: int = 0,
-        compile_attacks: str = "off",
+        compile_attacks: str = "off", awp_gamma: float = 0.0, awp_warmup: int = 0,
     ) -> None:
         if eps > 1 or alpha > 1:
             raise ValueError(f"eps={eps:g} / alpha={alpha:g} look like 0-255 units; divide by 255")
+        if awp_warmup < 0:
+            raise ValueError(f"awp_warmup={awp_warmup} must be >= 0 (epochs before AWP starts)")
         self.model, self.optimizer = model, optimizer
         self.eps, self.alpha, self.steps = eps, alpha, steps  # L-inf, [0, 1] pixel scale
         self.label_smoothing = label_smoothing
@@ -53,16 +60,31 @@ class BaselineStep(MethodStep):
         self.compile_attacks = compile_attacks  # dat.attacks.compiled_step's mode
         self.keep_images = keep_images
         self._images: dict[str, Tensor] = {}
+        self.awp = AWP(model, awp_gamma) if awp_gamma > 0 else None  # checks gamma >= 0
+        self.awp_warmup, self.awp_on = awp_warmup, awp_gamma > 0 and awp_warmup <= 0
 
     def _autocast(self, x: Tensor) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype)
 
-    def _update(self, loss: Tensor) -> None:
+    def on_epoch_start(self, epoch: int) -> None:
+        self.awp_on = self.awp is not None and epoch >= self.awp_warmup
+
+    def _train_on(self, loss_of: Callable[[nn.Module], tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+        """One optimiser step on ``loss_of(model)[0]``; returns ``loss_of(model)``.
+
+        With AWP on, the loss (and the step's gradient) is taken at the weights AWP moved
+        uphill of that same loss, and the move is undone after the optimiser step.
+        """
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        perturbed = (self.awp.perturbed(lambda m: loss_of(m)[0]) if self.awp_on
+                     else contextlib.nullcontext())
+        with perturbed:
+            out = loss_of(self.model)
+            out[0].backward()
+            self.optimizer.step()
+        return out
 
     def _keep(self, **images: Tensor) -> None:
         if self.keep_images > 0:
@@ -74,8 +96,9 @@ class BaselineStep(MethodStep):
         return dict(self._images) if self.keep_images > 0 else None
 
     def __repr__(self) -> str:
+        awp = f", awp_gamma={self.awp.gamma:g}" if self.awp is not None else ""
         return (f"{type(self).__name__}(eps={self.eps:.4g}, alpha={self.alpha:.4g}, "
-                f"steps={self.steps}, label_smoothing={self.label_smoothing})")
+                f"steps={self.steps}, label_smoothing={self.label_smoothing}{awp})")
 
 
 class PGDATStep(BaselineStep):
@@ -100,10 +123,14 @@ class PGDATStep(BaselineStep):
                         compile_mode=self.compile_attacks)  # (B, C, H, W)
             with torch.no_grad(), eval_mode(self.model):
                 clean_logits = self.model(x)
-            self.model.train()
-            logits = self.model(x_adv)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
-        self._update(loss)
+
+        def loss_of(model: nn.Module) -> tuple[Tensor, Tensor]:
+            model.train()
+            with self._autocast(x):
+                logits = model(x_adv)
+            return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing), logits
+
+        loss, logits = self._train_on(loss_of)
         self._keep(x=x, x_adv=x_adv)
         return {"loss": loss.detach(), "acc_clean": accuracy(clean_logits, y),
                 "acc_adv": accuracy(logits, y)}

@@ -30,12 +30,15 @@ class TRADESStep(BaselineStep):
         with self._autocast(x):
             x_adv = trades_kl(self.model, x, self.eps, self.alpha, self.steps,
                               compile_mode=self.compile_attacks)  # (B, C, H, W)
-            self.model.train()
-            clean_logits = self.model(x)
-            adv_logits = self.model(x_adv)
-        loss, ce, kl = trades_loss(clean_logits, adv_logits, y, self.beta,
-                                   label_smoothing=self.label_smoothing)
-        self._update(loss)
+
+        def loss_of(model: nn.Module) -> tuple[Tensor, ...]:
+            model.train()
+            with self._autocast(x):
+                clean_logits, adv_logits = model(x), model(x_adv)
+            return (*trades_loss(clean_logits, adv_logits, y, self.beta,
+                                 label_smoothing=self.label_smoothing), clean_logits, adv_logits)
+
+        loss, ce, kl, clean_logits, adv_logits = self._train_on(loss_of)
         self._keep(x=x, x_adv=x_adv)
         return {"loss": loss.detach(), "ce": ce.detach(), "kl": kl.detach(),
                 "acc_clean": accuracy(clean_logits, y), "acc_adv": accuracy(adv_logits, y)}
