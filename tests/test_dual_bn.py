@@ -18,6 +18,7 @@ from dat.models import (
     create,
     export_main_branch,
     fused_split,
+    has_dual_bn,
     set_bn_branch,
 )
 
@@ -206,6 +207,18 @@ def test_unknown_branch_and_models_without_bn_give_clear_errors() -> None:
     assert "\n" not in str(info.value)
     with pytest.raises(ValueError, match="unknown BN branch"):
         set_bn_branch(create("resnet_tiny", dual_bn=True), "both")
+
+
+def test_a_lazy_bn_is_converted_once_it_has_seen_a_batch() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4),
+                          nn.Sequential(nn.LazyBatchNorm2d()))
+    with pytest.raises(ValueError, match=r"2\.0 is a LazyBatchNorm2d that has not seen a batch"):
+        convert_dual_bn(model)
+    assert not has_dual_bn(model)  # the first BN was not converted either
+    x = torch.rand(4, 3, 8, 8)
+    before = model.eval()(x)
+    convert_dual_bn(model)
+    assert has_dual_bn(model) and torch.equal(model(x), before)
 
 
 def test_converting_twice_is_a_no_op(make_tiny_model) -> None:

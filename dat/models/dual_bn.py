@@ -169,6 +169,10 @@ def convert_dual_bn(model: nn.Module) -> nn.Module:
     """
     if isinstance(model, _BatchNorm):
         raise ValueError("convert_dual_bn expects a model that contains BatchNorm, not a bare BN")
+    for name, m in model.named_modules():  # before any change: no half-converted model
+        if isinstance(m, _BatchNorm) and getattr(m, "has_uninitialized_params", bool)():
+            raise ValueError(f"{name} is a {type(m).__name__} that has not seen a batch yet; "
+                             "run one forward (e.g. model(x[:2])) before convert_dual_bn")
     if not _replace_bn(model):
         raise ValueError(
             f"{type(model).__name__} has no BatchNorm layer, so it cannot get two BN branches; "
