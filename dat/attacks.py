@@ -30,6 +30,7 @@ from .models.dual_bn import bn_branch
 
 __all__ = [
     "ATTACK_COMPILE_MODES",
+    "as_class_indices",
     "check_compile_mode",
     "check_images",
     "check_radius",
@@ -242,6 +243,15 @@ def check_images(x: Tensor, who: str = "the attack") -> None:
                          "images with x.float() / 255")
 
 
+def as_class_indices(y: Tensor) -> Tensor:
+    """Integer labels of any integer dtype (uint8, int32 from numpy) as int64, which the
+    losses index with; other values pass through unchanged for the callers' checks."""
+    if torch.is_tensor(y) and not y.is_floating_point() and y.dtype not in (torch.long,
+                                                                            torch.bool):
+        return y.long()
+    return y
+
+
 _DTYPE_ERROR = re.compile(r"type|Half|Float|Double|Long")  # torch's dtype mismatch texts
 UNIT_RANGE_TOL = 1e-4  # float noise of augmentations around [0, 1]
 
@@ -294,19 +304,23 @@ def pgd(
     model: nn.Module, x: Tensor, y: Tensor, eps: float = 8 / 255, alpha: float = 2 / 255,
     steps: int = 10, random_start: bool = True, loss: str = "ce",
     label_smoothing: float = 0.0, branch: str | None = None, start: Tensor | None = None,
-    compile_mode: str = "off",
+    compile_mode: str = "off", check_range: bool = True,
 ) -> Tensor:
     """Madry et al. PGD: ascend CE (or the CW margin, ``loss="cw"``) from a uniform start.
 
     ``start`` overrides the random start (an initial perturbation in [-eps, eps]).
     ``compile_mode`` (off | default | reduce-overhead | max-autotune) runs each step as
-    one compiled graph (:func:`compiled_step`).
+    one compiled graph (:func:`compiled_step`). ``check_range`` refuses images outside
+    [0, 1] (normalised ones would leave the eps-ball); it waits for the device once, so
+    loops that checked their data already pass False.
     """
     if loss not in ("ce", "cw"):
         raise ValueError(f"unknown PGD loss {loss!r}; use 'ce' or 'cw'")
     check_radius(eps, alpha, steps)
     check_images(x, "pgd")
-    x = x.detach()
+    if check_range:
+        check_unit_range(x, "pgd")
+    x, y = x.detach(), as_class_indices(y)
     if start is not None:
         x_adv = project(x + start, x, eps)
     elif random_start:
@@ -323,14 +337,16 @@ def trades_kl(
     model: nn.Module, x: Tensor, eps: float = 8 / 255, alpha: float = 2 / 255,
     steps: int = 10, init_std: float = 0.001, target_logits: Tensor | None = None,
     branch: str | None = None, noise: Tensor | None = None, compile_mode: str = "off",
+    check_range: bool = True,
 ) -> Tensor:
     """TRADES inner maximisation: ascend KL(p(x) || p(x')) from a 0.001 Gaussian start.
 
     The target p(x) is computed once (eval mode) unless ``target_logits`` is given.
+    ``compile_mode`` and ``check_range`` as in :func:`pgd`.
     """
     return eaeg(model, x, None, eps, alpha, steps, beta=1.0, init_std=init_std,
                 target_logits=target_logits, branch=branch, noise=noise,
-                compile_mode=compile_mode)
+                compile_mode=compile_mode, check_range=check_range)
 
 
 def eaeg(
@@ -338,7 +354,7 @@ def eaeg(
     alpha: float = 2 / 255, steps: int = 5, beta: float = 15.0,
     label_smoothing: float = 0.0, init_std: float = 0.001,
     target_logits: Tensor | None = None, branch: str | None = None,
-    noise: Tensor | None = None, compile_mode: str = "off",
+    noise: Tensor | None = None, compile_mode: str = "off", check_range: bool = True,
 ) -> Tensor:
     """DAT's efficient adversarial example generation (EAEG).
 
@@ -346,12 +362,14 @@ def eaeg(
     steps from ``x + init_std * N(0, I)``. The KL target p(x) does not change during
     the attack, so it is computed once (the published code recomputes it every step).
     With ``y=None`` the CE term is dropped (TRADES). ``noise`` injects the start draw.
-    ``compile_mode`` as in :func:`pgd`.
+    ``compile_mode`` and ``check_range`` as in :func:`pgd`.
     """
     check_radius(eps, alpha, steps)
     who = "eaeg" if y is not None else "trades_kl"
     check_images(x, who)
-    x = x.detach()
+    if check_range:
+        check_unit_range(x, who)
+    x, y = x.detach(), as_class_indices(y)
     with explain_dtype_mismatch(model, x, who):
         if target_logits is None:
             with torch.no_grad(), eval_mode(model), _branch(model, branch):

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .attacks import eval_mode, pgd
+from .attacks import check_unit_range, eval_mode, pgd
 from .config import ConfigError
 from .distributed import all_reduce_sum
 from .models import bn_branch, has_dual_bn
@@ -128,6 +128,8 @@ def robust_accuracy(
     the ranks in turn (batch ``i`` to rank ``i % world``) and the correct counts summed,
     so every rank gets the same numbers as one process would; call it on every rank.
     """
+    if len(x):
+        check_unit_range(x, "robust_accuracy")  # once, not per batch (each would sync)
     device = next(model.parameters()).device
     forked = [device] if device.type == "cuda" else []
     rank, world = _rank_and_world()
@@ -141,7 +143,7 @@ def robust_accuracy(
             torch.manual_seed(seed + i)
             xb, yb = xb.to(device), yb.to(device)
             counts[0] += _count_correct(model, xb, yb)
-            x_adv = pgd(model, xb, yb, eps, alpha, steps)  # (B, C, H, W)
+            x_adv = pgd(model, xb, yb, eps, alpha, steps, check_range=False)  # (B, C, H, W)
             counts[1] += _count_correct(model, x_adv, yb)
     clean, robust = all_reduce_sum(counts).tolist()
     n = max(len(y), 1)

@@ -9,6 +9,7 @@ same seed on a given device (CUDA's x / 255 can differ from the CPU's in the las
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,14 +58,16 @@ class DatasetSplits:
         return self.train.image_shape
 
 
-def stratified_split(labels: Tensor, size: int, seed: int,
-                     keep_every_class: bool = False) -> tuple[Tensor, Tensor]:
+def stratified_split(labels: Tensor, size: int, seed: int, keep_every_class: bool = False,
+                     hold_every_class: bool = False) -> tuple[Tensor, Tensor]:
     """``(keep, held)`` indices: ``held`` has ``size`` items, each class in proportion to
     its share of ``labels`` (equal shares on a balanced set; on an imbalanced one the
     subset keeps the set's class mix, so its accuracy estimates the whole set's).
 
     ``keep_every_class``: leave at least one image of every class in ``keep`` (a
-    validation split must not take a rare class out of training).
+    validation split must not take a rare class out of training). ``hold_every_class``:
+    put at least one image of every class in ``held`` when ``size`` allows (a training
+    subset must not drop a rare class whose share rounds to zero).
     """
     if size <= 0:
         return torch.arange(len(labels)), torch.empty(0, dtype=torch.int64)
@@ -75,9 +78,17 @@ def stratified_split(labels: Tensor, size: int, seed: int,
     if size > int(cap.sum()):
         raise DataError(f"data.val_size={size} would take every image of some class out of "
                         f"training; lower it to at most {int(cap.sum())}")
+    quotas = _quotas(counts, cap, size)
+    if hold_every_class and bool(((quotas == 0) & (cap > 0)).any()):
+        ones = (cap > 0).long()
+        rest = size - int(ones.sum())
+        if rest == 0:
+            quotas = ones
+        elif rest > 0:  # one each, the rest in proportion
+            quotas = ones + _quotas(counts - ones, cap - ones, rest)
     gen = torch.Generator().manual_seed(seed)
     held = []
-    for c, q in zip(classes.tolist(), _quotas(counts, cap, size).tolist(), strict=True):
+    for c, q in zip(classes.tolist(), quotas.tolist(), strict=True):
         idx = (labels == c).nonzero().flatten()
         held.append(idx[torch.randperm(len(idx), generator=gen)[:q]])
     held_idx = torch.cat(held).sort().values
@@ -129,8 +140,14 @@ def load_dataset(cfg: DataConfig) -> DatasetSplits:
                                   keep_every_class=True)
     train, val = train.subset(keep), train.subset(held)
     if 0 < cfg.train_subset < len(train):
-        _, chosen = stratified_split(train.labels, cfg.train_subset, cfg.split_seed)
+        _, chosen = stratified_split(train.labels, cfg.train_subset, cfg.split_seed,
+                                     hold_every_class=True)
         train = train.subset(chosen)
+        missing = len(classes) - len(train.labels.unique())
+        if missing:
+            warnings.warn(f"data.train_subset={cfg.train_subset} is smaller than the "
+                          f"{len(classes)} classes: {missing} classes get no training image; "
+                          "raise it to at least the number of classes", stacklevel=2)
     if len(train) < 2:  # BatchNorm needs two images per batch
         raise DataError(f"only {len(train)} training image(s) left after holding out "
                         f"data.val_size={cfg.val_size} (and data.train_subset); lower them")

@@ -4,25 +4,47 @@ Each reader returns ``(train, test, classes)`` as :class:`ImageSet` objects; the
 validation split and the loaders live in :mod:`dat.data`. Problems a user can fix
 (missing folders, mixed image sizes, no network) raise :class:`DataError` with a
 one-line message that names the fix.
+
+ImageFolder trees are read like torchvision's ImageFolder (sorted class folders,
+``os.walk`` that follows linked folders), except that:
+
+- hidden names (``.ipynb_checkpoints/``, macOS ``._*`` and ``.DS_Store``) are skipped,
+  so they neither become classes nor stop the run;
+- other skipped files (unknown suffixes, files outside class folders) are counted in one
+  warning, like the non-RGB conversions: nothing is dropped silently (text and annotation
+  files such as Tiny-ImageNet's ``*_boxes.txt`` are not counted);
+- 16-bit and 32-bit integer images are scaled by 1/257 (0..65535 to 0..255, clipped) and
+  float images in [0, 1] by 255 before becoming RGB (PIL would clip or zero them); float
+  images outside [0, 1] are refused;
+- the test split is ``test/<class>/``, or ``val/<class>/`` when there is no test/, or when
+  test/ has no class folder of train/ (an unlabelled ``test/images/`` beside a labelled
+  val/, as many datasets are published); the switch is announced in a warning.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import socket
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
 __all__ = ["DataError", "ImageSet", "load_cifar", "load_imagefolder", "load_sample"]
 
 SAMPLE_PATH = Path(__file__).resolve().parent / "assets" / "cifar10_sample.npz"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+                  ".ppm", ".pgm", ".pbm", ".pnm"}
 DOWNLOAD_TIMEOUT = 30.0  # seconds per socket operation: an offline machine fails fast
 
 # torchvision's layout: (folder, train files, test files, label key, meta file, names key)
@@ -76,13 +98,29 @@ class ImageSet:
         return images.float().div_(255), self.labels
 
 
+def _to_rgb(img: PILImage, path: str) -> np.ndarray:
+    """``img`` as uint8 (H, W, 3). PIL's own conversion clips 16-bit images to 255 and zeroes
+    float ones, so those are scaled here: integer modes by 1/257, floats in [0, 1] by 255."""
+    if img.mode.startswith("I"):  # I;16, I;16B, ... and I: 0..65535 -> 0..255, rounded
+        gray = np.clip((np.asarray(img).astype(np.int64) + 128) // 257, 0, 255)
+    elif img.mode == "F":
+        values = np.asarray(img, dtype=np.float32)
+        if not np.isfinite(values).all() or values.min() < 0 or values.max() > 1:
+            raise DataError(f"{path} is a float image with values outside [0, 1]; scale it "
+                            "to [0, 1] or save it as an 8- or 16-bit PNG")
+        gray = (values * 255).round()
+    else:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return np.repeat(gray.astype(np.uint8)[..., None], 3, axis=2)
+
+
 def _read_image(path: str, shape: tuple[int, int, int] | None = None) -> Tensor:
     """One image as uint8 (3, H, W); non-RGB modes are converted (noticed at scan time)."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
-            arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+            arr = _to_rgb(img, path)
     except OSError as err:
         raise DataError(f"cannot read image {path}: {err}; remove or replace the file") from None
     if shape is not None and arr.shape[:2] != shape[1:]:
@@ -94,7 +132,8 @@ def _read_image(path: str, shape: tuple[int, int, int] | None = None) -> Tensor:
 
 
 def _check_headers(files: list[str], folder: Path) -> tuple[int, int, int]:
-    """Read every header (no decoding): all images must share one size; note non-RGB ones."""
+    """Read every header: all images must share one size; note non-RGB ones. Only float
+    images are decoded, so that one outside [0, 1] stops the run now, not mid-epoch."""
     from PIL import Image
 
     size, converted = None, {}
@@ -102,6 +141,8 @@ def _check_headers(files: list[str], folder: Path) -> tuple[int, int, int]:
         try:
             with Image.open(f) as img:
                 this, mode = img.size, img.mode  # (W, H)
+                if mode == "F":
+                    _to_rgb(img, f)
         except OSError as err:
             raise DataError(f"cannot read image {f}: {err}; remove or replace the file") from None
         size = size or (this, f)
@@ -118,20 +159,87 @@ def _check_headers(files: list[str], folder: Path) -> tuple[int, int, int]:
     return (3, size[0][1], size[0][0])
 
 
+def _hidden(name: str) -> bool:
+    """Names starting with "." are metadata (.ipynb_checkpoints, macOS ._* and .DS_Store)."""
+    return name.startswith(".")
+
+
+def _class_folders(folder: Path) -> list[str]:
+    """Sorted names of the sub-folders of ``folder`` that are not hidden."""
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not _hidden(p.name))
+
+
+def _walk_error(err: OSError) -> None:
+    """os.walk skips unreadable folders silently; stop instead."""
+    raise DataError(f"cannot list {err.filename}: {err.strerror}; fix its permissions")
+
+
+def _walk_files(folder: Path) -> list[Path]:
+    """Every non-hidden file under ``folder``, sorted as ``Path`` objects. Linked folders are
+    followed (as torchvision does; ``Path.rglob`` skips them), but not a link to a folder
+    above itself, ``folder`` or any parent of it (a loop, or images read twice)."""
+    real = Path(os.path.realpath(folder))
+    files, above = [], {str(folder): {str(p) for p in (real, *real.parents)}}
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=_walk_error, followlinks=True):
+        chain, kept = above.pop(dirpath), []
+        for name in dirnames:
+            real = os.path.realpath(os.path.join(dirpath, name))
+            if not _hidden(name) and real not in chain:
+                kept.append(name)
+                above[os.path.join(dirpath, name)] = chain | {real}
+        dirnames[:] = kept
+        files += [Path(dirpath, f) for f in filenames if not _hidden(f)]
+    return sorted(files)
+
+
+def _suffix_counts(counts: Counter[str]) -> str:
+    """``.txt 10, .csv 2``: the most common suffixes first."""
+    items = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return ", ".join(f"{ext or '(no suffix)'} {n}" for ext, n in items)
+
+
+# annotation and text files that datasets ship beside images (Tiny-ImageNet: *_boxes.txt)
+_NOT_IMAGES = {".txt", ".csv", ".json", ".xml", ".md", ".yaml", ".yml", ".mat", ".npy", ".npz"}
+
+
+def _note_skipped(folder: Path, others: Counter[str], loose: Counter[str]) -> None:
+    """One warning counting the files that are not read and may be images in a format not
+    listed (.heic, .jp2, ...), so that none vanishes silently; annotation files are not
+    counted."""
+    others = Counter({k: n for k, n in others.items() if k not in _NOT_IMAGES})
+    loose = Counter({k: n for k, n in loose.items() if k not in _NOT_IMAGES})
+    parts = []
+    if others:
+        parts.append(f"{others.total()} files that are not images ({_suffix_counts(others)})")
+    if loose:
+        parts.append(f"{loose.total()} files outside class folders ({_suffix_counts(loose)})")
+    if parts:
+        warnings.warn(f"{folder}: skipped {' and '.join(parts)}", stacklevel=4)
+
+
 def _scan_folder(folder: Path, classes: list[str] | None = None) -> tuple[ImageSet, list[str]]:
-    found = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    found = _class_folders(folder)
     classes = classes or found
     if not classes:
         raise DataError(f"{folder} has no class sub-folders; expected {folder}/<class>/<image>")
     unknown = set(found) - set(classes)
     if unknown:
-        raise DataError(f"{folder} has classes {sorted(unknown)} that train/ lacks")
-    files, labels = [], []
+        raise DataError(f"{folder} has classes {sorted(unknown)} that train/ lacks; rename or "
+                        f"remove those folders so {folder.name}/'s classes are a subset of "
+                        "train/'s")
+    files, labels, others = [], [], Counter[str]()
     for label, name in enumerate(classes):
-        for p in sorted((folder / name).rglob("*")):
+        if not (folder / name).is_dir():
+            continue
+        for p in _walk_files(folder / name):
             if p.suffix.lower() in IMAGE_SUFFIXES:
                 files.append(str(p))
                 labels.append(label)
+            else:
+                others[p.suffix.lower()] += 1
+    loose = Counter(p.suffix.lower() for p in folder.iterdir()
+                    if not p.is_dir() and not _hidden(p.name))
+    _note_skipped(folder, others, loose)
     if not files:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {folder}")
     shape = _check_headers(files, folder)
@@ -161,6 +269,24 @@ def _scan_annotated(folder: Path, annotations: Path, classes: list[str]) -> Imag
     return ImageSet(torch.tensor(labels, dtype=torch.int64), files=files, image_shape=shape)
 
 
+def _held_out_folder(root: Path, classes: list[str]) -> Path:
+    """``test/``; ``val/`` when there is no test/, or when test/ has no class folder of
+    train/ but val/ does (an unlabelled ``test/images/`` beside a labelled val/)."""
+    test, val = root / "test", root / "val"
+    if not test.is_dir():
+        return val
+    in_test = _class_folders(test)
+    if set(in_test) & set(classes):
+        return test
+    if val.is_dir() and set(_class_folders(val)) & set(classes):
+        warnings.warn(f"{test} has no class folder of train/ (unlabelled?), so {val} is the "
+                      "test split", stacklevel=3)
+        return val
+    raise DataError(f"{test} has no class folder of train/ (it has {in_test[:5]}); put its "
+                    f"images in {test}/<class>/ named as in train/, or add labelled "
+                    f"{val}/<class>/ images")
+
+
 def load_imagefolder(root: Path) -> tuple[ImageSet, ImageSet, list[str]]:
     """``root/train/<class>/*`` plus ``root/test/`` (or ``root/val/``) as the held-out set.
 
@@ -174,9 +300,9 @@ def load_imagefolder(root: Path) -> tuple[ImageSet, ImageSet, list[str]]:
             "train/<class>/* and val/<class>/* or test/<class>/*"
         )
     annotations = root / "val" / "val_annotations.txt"
-    held = next((root / s for s in ("test", "val") if (root / s).is_dir()), None)
-    if held is None:
-        raise DataError(f"data.root={str(root)!r} has train/ but neither test/ nor val/")
+    if not any((root / s).is_dir() for s in ("test", "val")):
+        raise DataError(f"data.root={str(root)!r} has train/ but neither test/ nor val/; add "
+                        f"{root / 'test'}/<class>/ images, or {root / 'val'}/<class>/")
     train, classes = _scan_folder(root / "train")
     empty = [c for c, n in zip(classes, torch.bincount(train.labels, minlength=len(classes))
                                .tolist(), strict=True) if n == 0]
@@ -188,6 +314,7 @@ def load_imagefolder(root: Path) -> tuple[ImageSet, ImageSet, list[str]]:
         held = root / "val"
         test = _scan_annotated(held, annotations, classes)
     else:
+        held = _held_out_folder(root, classes)
         test, _ = _scan_folder(held, classes)
     if test.image_shape != train.image_shape:
         raise DataError(

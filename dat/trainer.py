@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -67,6 +68,8 @@ from .models import export_main_branch, has_dual_bn
 from .run_state import CheckpointedRun, TrainState
 
 __all__ = ["EpochIndex", "Terminated", "TrainState", "Trainer", "TrainingError", "train"]
+
+VAL_SHARE_WARN = 0.25  # warn when validation holds out more of the training folder
 
 
 class Terminated(KeyboardInterrupt):
@@ -206,8 +209,26 @@ class Trainer(CheckpointedRun):
         finally:
             self._unlock()
 
+    def _say_data(self) -> None:
+        """One line on what the run trains, selects and tests on (a renamed or hidden class
+        folder, or a validation split that ate the data, shows here), and a warning when
+        the validation split holds out most of the training folder."""
+        s, d = self.splits, self.cfg.data
+        used = len(self.val_data[1])
+        where = f" {d.root}" if d.name == "imagefolder" else ""
+        print(f"data: {d.name}{where}, {len(s.classes)} classes, {len(s.train):,} training / "
+              f"{len(s.val):,} validation ({used:,} used) / {len(s.test):,} test images, "
+              f"{'x'.join(map(str, s.image_shape))}")
+        folder = len(s.train) + len(s.val) if d.train_subset == 0 else None
+        if folder and len(s.val) > VAL_SHARE_WARN * folder:
+            warnings.warn(f"data.val_size={d.val_size} holds out {len(s.val) / folder:.0%} of "
+                          f"the {folder:,} training images, and validation uses {used:,} of "
+                          "them; lower data.val_size (e.g. to train.val_examples)",
+                          stacklevel=2)
+
     def _fit(self, first: int) -> dict[str, Any]:
         if self.dist.is_main:
+            self._say_data()
             ckpt.atomic_write_text(self.run_dir / "config.yaml", config_to_yaml(self.cfg))
         self._emit("on_train_start")
         total = self.cfg.train.epochs * self.steps_per_epoch

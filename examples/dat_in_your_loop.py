@@ -53,10 +53,11 @@ def main() -> None:
     x_test, y_test = splits.test.tensors()
     net = timm.create_model(args.model, pretrained=False, num_classes=10)
     model = nn.Sequential(T.Normalize((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)), net)
+    if not args.plain:  # DAT
+        model = dat.models.convert_dual_bn(model)  # DAT: 2nd BN set, before the optimizer
     optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=5e-4)
 
     if not args.plain:  # DAT
-        model = dat.models.convert_dual_bn(model)  # DAT: 2nd BN set for recombined images
         generator = dat.AmplitudeGenerator(num_classes=10, image_shape=(3, 32, 32))  # DAT
         dat_step = dat.DATStep(model, generator, optimizer, steps=args.attack_steps,  # DAT
                                label_smoothing=0.0)  # DAT: 0.5 in the published code

@@ -72,8 +72,24 @@ def test_train_subset_is_stratified_and_keeps_the_validation_split(sample_splits
     assert _keys(small.train.images) <= _keys(sample_splits.train.images)
 
 
+def test_a_training_subset_keeps_a_rare_class(tmp_path: Path) -> None:
+    """A class whose proportional share rounds to zero used to vanish from train_subset
+    (200 + 200 + 2 images, subset 50: the rare class got none); now it keeps one."""
+    _png_tree(tmp_path, {"train": ["a", "b"], "test": ["a", "b", "c"]}, per_class=100)
+    _png_tree(tmp_path, {"train": ["c"]}, per_class=2)
+    splits = load_dataset(DataConfig(name="imagefolder", root=str(tmp_path), val_size=3,
+                                     train_subset=50))
+    counts = splits.train.labels.bincount(minlength=3).tolist()
+    assert sum(counts) == 50 and counts[2] == 1 and abs(counts[0] - counts[1]) <= 1
+    with pytest.warns(UserWarning, match="train_subset=2 is smaller than the 3 classes: 1 "
+                                         "classes get no training image"):
+        load_dataset(DataConfig(name="imagefolder", root=str(tmp_path), val_size=3,
+                                train_subset=2))
+
+
 def test_a_split_that_leaves_one_training_image_is_refused() -> None:
-    with pytest.raises(DataError, match="only 1 training image"):
+    with pytest.raises(DataError, match="only 1 training image"), \
+            pytest.warns(UserWarning, match="train_subset=1 is smaller than the 10 classes"):
         load_dataset(DataConfig(name="cifar10-sample", train_subset=1))
     with pytest.raises(DataError, match="val_size=4999 would take every image of some class"):
         load_dataset(DataConfig(name="cifar10-sample", val_size=4999))
@@ -229,8 +245,112 @@ def test_missing_folders_give_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="data.root=.* does not exist"):
         load_dataset(DataConfig(name="imagefolder", root=str(tmp_path / "nope")))
     (tmp_path / "train" / "a").mkdir(parents=True)
-    with pytest.raises(DataError, match="neither test/ nor val/"):
+    with pytest.raises(DataError, match="neither test/ nor val/; add .*/test/<class>/ images"):
         load_dataset(DataConfig(name="imagefolder", root=str(tmp_path)))
+
+
+def _png_tree(root: Path, layout: dict[str, list[str]], per_class: int = 2) -> None:
+    """``root/<split>/<class>/<i>.png``: 8x8 RGB images of distinct colours."""
+    for split, classes in layout.items():
+        for c, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                image = Image.new("RGB", (8, 8), (40 * c, 20 * i, 99))
+                image.save(root / split / name / f"{i}.png")
+
+
+def _load_noting(root: Path, **kwargs) -> tuple:
+    """``load_dataset`` of the ImageFolder at ``root`` and the warnings it gave."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = load_dataset(DataConfig(name="imagefolder", root=str(root), val_size=0, **kwargs))
+    return s, [str(w.message) for w in caught]
+
+
+def test_16_bit_and_float_images_are_scaled_to_8_bits(tmp_path: Path) -> None:
+    """PIL's own RGB conversion made a 16-bit PNG nearly all 255 and a float TIFF all 0."""
+    v = np.arange(64, dtype=np.int32).reshape(8, 8) * 4  # the 8-bit values 0..252
+    wide = v * 257
+    wide[0, :2] = (-5, 70000)  # mode I is clipped: 0 and 255
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            (tmp_path / split / name).mkdir(parents=True)
+        Image.fromarray((v * 257).astype(np.uint16)).save(tmp_path / split / "a" / "16.png")
+        Image.fromarray(wide).save(tmp_path / split / "b" / "32.tif")
+        Image.fromarray((v / 255).astype(np.float32)).save(tmp_path / split / "b" / "f.tif")
+    s, notes = _load_noting(tmp_path)
+    assert any("converting non-RGB images to RGB (1 F, 1 I, 1 I;16)" in n for n in notes)
+    want = torch.from_numpy(v.astype(np.uint8)).expand(3, 8, 8)
+    clipped = want.clone()
+    clipped[:, 0, :2] = torch.tensor([0, 255], dtype=torch.uint8)
+    images = {Path(f).name: s.test[i][0] for i, f in enumerate(s.test.files)}
+    assert images["16.png"].dtype == torch.uint8 and torch.equal(images["16.png"], want)
+    assert torch.equal(images["f.tif"], want) and torch.equal(images["32.tif"], clipped)
+    Image.fromarray(np.full((8, 8), 2.0, np.float32)).save(tmp_path / "train" / "b" / "bad.tif")
+    with pytest.raises(DataError, match=r"bad.tif is a float image with values outside \[0, 1\]"):
+        _load_noting(tmp_path)
+
+
+def test_hidden_folders_and_files_are_skipped(tmp_path: Path) -> None:
+    """.ipynb_checkpoints/ became class 0 and shifted every label; macOS ._* stopped the run."""
+    _png_tree(tmp_path, {"train": ["cat", "dog"], "test": ["cat", "dog"]})
+    for split in ("train", "test"):
+        _png_tree(tmp_path, {f"{split}/.ipynb_checkpoints": ["x"]})
+        (tmp_path / split / ".ipynb_checkpoints" / "0.png").write_bytes(b"")
+        (tmp_path / split / ".DS_Store").write_bytes(b"\0")
+        for png in (tmp_path / split).glob("[!.]*/*.png"):
+            (png.parent / f"._{png.name}").write_bytes(b"\0\5\26\7 AppleDouble")
+    _png_tree(tmp_path, {"train/dog/.thumbnails": ["y"]})
+    s, notes = _load_noting(tmp_path)
+    assert s.classes == ["cat", "dog"] and s.train.labels.tolist() == [0, 0, 1, 1]
+    assert s.test.labels.tolist() == [0, 0, 1, 1] and not notes
+    assert all("/." not in f for f in s.train.files + s.test.files)
+
+
+def test_images_in_linked_sub_folders_are_read_without_looping(tmp_path: Path) -> None:
+    """Path.rglob skipped linked folders silently; a link to a parent must not loop."""
+    _png_tree(tmp_path / "data", {"train": ["cat", "dog"], "test": ["cat", "dog"]})
+    _png_tree(tmp_path / "elsewhere", {"more": ["cats"]}, per_class=3)
+    (tmp_path / "data" / "train" / "cat" / "linked").symlink_to(tmp_path / "elsewhere" / "more")
+    (tmp_path / "data" / "train" / "cat" / "loop").symlink_to(tmp_path / "data" / "train")
+    (tmp_path / "elsewhere" / "more" / "cats" / "back").symlink_to(tmp_path / "elsewhere")
+    s, _ = _load_noting(tmp_path / "data")
+    assert s.train.labels.tolist() == [0] * 5 + [1] * 2
+    assert sum("/cat/linked/cats/" in f for f in s.train.files) == 3
+    assert not any("/loop/" in f for f in s.train.files)
+
+
+def test_skipped_files_are_counted_in_one_warning(tmp_path: Path) -> None:
+    """Files that are not read (wrong suffix, no class folder) used to vanish silently."""
+    _png_tree(tmp_path, {"train": ["cat", "dog"], "test": ["cat", "dog"]})
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "dog" / "new.jfif", format="JPEG")
+    for name in ("cat/a.heic", "cat/b.heic", "dog/scan.jp2", "dog/README", "cat.jpg",
+                 "cat/cat_boxes.txt", "dog/labels.csv"):  # annotation files: not counted
+        (tmp_path / "train" / name).write_text("not read")
+    s, notes = _load_noting(tmp_path)
+    assert s.train.files[-1].endswith("new.jfif") and len(s.train) == 5
+    assert notes == [f"{tmp_path / 'train'}: skipped 4 files that are not images (.heic 2, "
+                     "(no suffix) 1, .jp2 1) and 1 files outside class folders (.jpg 1)"]
+
+
+def test_an_unlabelled_test_folder_beside_a_labelled_val_folder(tmp_path: Path) -> None:
+    """val/<class>/ + an unlabelled test/images/ (a common layout) failed on class 'images'."""
+    _png_tree(tmp_path, {"train": ["cat", "dog"], "test": ["images"]})
+    with pytest.raises(DataError, match=r"test has no class folder of train/ \(it has \['images'\]"
+                       r"\); put its images in .*, or add labelled .*/val/<class>/ images"):
+        _load_noting(tmp_path)
+    _png_tree(tmp_path, {"val": ["cat", "dog"]}, per_class=3)
+    s, notes = _load_noting(tmp_path)
+    assert s.test.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert notes == [f"{tmp_path / 'test'} has no class folder of train/ (unlabelled?), so "
+                     f"{tmp_path / 'val'} is the test split"]
+
+
+def test_test_classes_that_train_lacks_name_the_fix(tmp_path: Path) -> None:
+    _png_tree(tmp_path, {"train": ["dog"], "test": ["cat", "dog"]})
+    with pytest.raises(DataError, match=r"test has classes \['cat'\] that train/ lacks; rename "
+                       r"or remove those folders so test/'s classes are a subset of train/'s"):
+        _load_noting(tmp_path)
 
 
 # ---------------------------------------------------------------- torchvision binaries

@@ -73,6 +73,43 @@ def _downsampled(splits, part: str, n: int | None = None) -> tuple[Tensor, Tenso
     return F.avg_pool2d(x[:n], 4).contiguous(), y[:n]  # (n, 3, 8, 8): real images, tiny
 
 
+@pytest.mark.parametrize("classes", [2, 3, 5])
+def test_aa_on_fewer_than_10_classes_runs_the_cascade_fitted_to_them(sample_splits,
+                                                                      classes) -> None:
+    """The standard 9 target classes do not exist there: pyautoattack crashed with an
+    IndexError once a point survived APGD-CE (at the end of a training run's final test).
+    The result equals pyautoattack called directly with every other class as a target."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    x_train, y_train = _downsampled(sample_splits, "train")
+    keep = y_train < classes
+    x_train, y_train = x_train[keep], y_train[keep]
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, classes))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for idx in torch.randperm(len(y_train)).split(128):
+        loss = F.cross_entropy(model(x_train[idx] * 4 - 2), y_train[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    x, y = _downsampled(sample_splits, "test")
+    pick = torch.nonzero(y < classes).flatten()[::8][:16]  # spread over the classes
+    x, y = x[pick], y[pick]
+    eps = 1 / 255  # small: points survive APGD-CE, so the targeted attacks run
+    report = evaluate(model, (x, y), attacks=["clean", "aa"], eps=eps, seed=3, progress=False)
+    aa = AutoAttack(model, norm="Linf", eps=eps, version="standard", device="cpu", seed=3)
+    aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = classes - 1
+    aa.attacks_to_run = [a for a in aa.attacks_to_run if a != "apgd-t" or classes >= 4]
+    _, y_adv = aa.run_standard_evaluation(x, y, batch_size=500)
+    info = report["attacks"]["aa"]
+    assert report["results"]["aa"] == 100.0 * int((y_adv == y).sum()) / len(y)
+    assert 0 < report["results"]["aa"] <= report["results"]["clean"]
+    assert list(info["breakdown"])[1:] == info["attacks"] == aa.attacks_to_run
+    assert ("apgd-t" in info["attacks"]) == (classes >= 4)
+    assert info["target_classes"] == classes - 1
+    assert f"{classes} classes: {classes - 1} target classes" in format_markdown(report)
+
+
 def test_aa_equals_pyautoattack_called_directly(sample_splits, tmp_path, monkeypatch) -> None:
     torch.set_num_threads(1)
     x_train, y_train = _downsampled(sample_splits, "train")
@@ -412,6 +449,12 @@ def test_n_examples_of_a_class_sorted_tuple_is_stratified(sample_splits):
     assert ys.tolist() == [0] * 7 + [1]
     with pytest.raises(EvaluationError, match="matching the images"):
         collect_examples((x[:10], torch.zeros(12, dtype=torch.int64)), 4)
+    dataset = torch.utils.data.TensorDataset(x[:10], y[:10])  # used to fail inside torch.cat
+    with pytest.raises(EvaluationError, match=r"TensorDataset \(single samples\); pass "
+                                              r"DataLoader\(data, batch_size=500\)"):
+        collect_examples(dataset)
+    xs, _ = collect_examples(torch.utils.data.DataLoader(dataset, batch_size=4))
+    assert torch.equal(xs, x[:10])
 
 
 def test_ctrl_c_in_the_sweep_returns_and_writes_the_finished_attacks(trained, sample_splits,
@@ -562,6 +605,8 @@ class _Wrapped(nn.Module):
     (lambda m: m.half(), "parameters are torch.float16; evaluate it in float32"),
     (lambda m: nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)),
      "fails on images of shape \\(3, 32, 32\\) \\(mat1 and mat2"),
+    (lambda m: dat.models.create("timm/vit_tiny_patch16_224", num_classes=10),  # asserts
+     "fails on images of shape \\(3, 32, 32\\) \\(Input height \\(32\\) doesn't match"),
 ])
 def test_a_model_that_cannot_be_evaluated_is_named_before_any_attack(make_tiny_model,
                                                                       sample_batch, build,

@@ -177,6 +177,35 @@ def test_ctrl_c_before_an_attack_finishes_points_to_saved_progress(ckpt, tmp_pat
     _one_line_error(capsys, "attacks finished so far are in", "progress.json", "--resume")
 
 
+def test_a_checkpoint_on_data_with_other_class_folders_is_refused(make_tiny_model, tmp_path,
+                                                                  capsys, no_attacks) -> None:
+    """Labels are sorted folder indices: one renamed folder shifted them all, and the
+    accuracy dropped from 52% to 28% without a word."""
+    classes = ["zz_airplane", *dat.data.load_dataset(
+        dat.config.DataConfig(name="cifar10-sample")).classes[1:]]
+    path = tmp_path / "best.pt"
+    _checkpoint(make_tiny_model().eval(), path)
+    saved = torch.load(path, weights_only=False)
+    torch.save({**saved, "classes": classes}, path)
+    assert evaluate_main(_quick(path, tmp_path)) == 2
+    _one_line_error(capsys, "trained on 10 classes and the data has 10, which differ from "
+                    "label 0 on (['zz_airplane', 'automobile'] vs ['airplane', 'automobile'])",
+                    "--data-root")
+
+
+def test_a_run_folder_evaluates_its_best_checkpoint(make_tiny_model, tmp_path, capsys) -> None:
+    run = tmp_path / "runs" / "demo"
+    (run / "checkpoints").mkdir(parents=True)
+    _checkpoint(make_tiny_model().eval(), run / "checkpoints" / "best.pt")
+    assert evaluate_main(["--checkpoint", str(run), "--attacks", "clean", "--n-examples", "8",
+                          "--no-progress", "--no-checks"]) == 0
+    assert (run / "checkpoints" / "eval_best" / "report.json").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert evaluate_main(["--checkpoint", str(empty), "--out", str(tmp_path / "e")]) == 2
+    _one_line_error(capsys, "is a folder without checkpoints/best.pt or last.pt")
+
+
 # 6. entry points that need arguments
 def test_an_entry_point_needing_arguments_is_refused(tmp_path, capsys, no_attacks) -> None:
     assert evaluate_main(["--model", "dat.models:create", "--out", str(tmp_path / "e")]) == 2
@@ -210,6 +239,29 @@ def test_weights_under_common_keys_load(make_tiny_model, tmp_path) -> None:
         torch.save({key: state, "optimizer": {"lr": 0.1}, "epoch": 3}, tmp_path / "w.pt")
         loaded = load_state_file(tmp_path / "w.pt")
         assert loaded.keys() == state.keys()
+
+
+def test_split_bn_weights_load_into_a_single_bn_builder_as_its_main_branch(
+        make_warm_model, make_tiny_model, tmp_path, capsys, sample_batch) -> None:
+    """A DAT model's own state dict (two BN branches) used to fail with 30 unexpected keys
+    when its builder makes the plain model; it now gets both branches and runs the main."""
+    dual = make_warm_model(dual_bn=True).eval()  # main BN statistics warmed, aux not
+    torch.save(dual.state_dict(), tmp_path / "dual.pt")
+    (tmp_path / "net.py").write_text(
+        "import dat\n\n\ndef build():\n    return dat.models.create('resnet_tiny', 10)\n")
+    model = load_entry_point(f"{tmp_path / 'net.py'}:build", tmp_path / "dual.pt")
+    assert "got them too (convert_dual_bn) and is evaluated on the main branch" in (
+        capsys.readouterr().err)
+    x = sample_batch[0][:4]
+    with torch.no_grad(), dat.models.bn_branch(dual, "aux"):
+        aux = dual(x)
+    with torch.no_grad():
+        assert torch.equal(model(x), dat.models.export_main_branch(dual)(x))
+        assert not torch.allclose(model(x), aux)
+    other = make_tiny_model(dual_bn=True, num_classes=5).state_dict()  # not this model
+    torch.save(other, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="unexpected"):
+        load_entry_point(f"{tmp_path / 'net.py'}:build", tmp_path / "other.pt")
 
 
 def test_weights_without_a_state_dict_list_the_keys_found(tmp_path, capsys, no_attacks) -> None:
@@ -418,6 +470,85 @@ def test_attacks_name_the_fix_for_images_of_the_wrong_type(attack) -> None:
                                          "torch.float32 parameters; pass x.to\\(torch.float32\\)"):
         run(x.bfloat16())
     assert run(x.double().float()).dtype == torch.float32  # the matching dtype still runs
+
+
+@pytest.mark.parametrize("attack", ["pgd", "trades_kl", "eaeg"])
+def test_attacks_refuse_normalised_images_unless_told_not_to_check(attack) -> None:
+    """Normalised images used to come back up to 1.17 away from x with eps 8/255 (the box
+    [x - eps, x + eps] clipped to [0, 1] inverts below 0), without a word."""
+    from dat import attacks
+
+    model = dat.models.create("resnet_tiny").eval()
+    x, y = torch.rand(4, 3, 32, 32), torch.arange(4)
+    run = {"pgd": lambda x, **kw: attacks.pgd(model, x, y, steps=1, **kw),
+           "trades_kl": lambda x, **kw: attacks.trades_kl(model, x, steps=1, **kw),
+           "eaeg": lambda x, **kw: attacks.eaeg(model, x, y, steps=1, **kw)}[attack]
+    with pytest.raises(ValueError, match=f"{attack} expects images in \\[0, 1\\].*drop "
+                                         "Normalize"):
+        run((x - 0.5) / 0.25)
+    assert (run(x) - x).abs().max() <= 8 / 255 + 1e-6
+    assert run(x, check_range=False).shape == x.shape  # a loop that checked its data
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.int16])
+def test_labels_of_any_integer_dtype_train_every_step_and_attack(dtype) -> None:
+    """int32 labels (from numpy) used to end in torch's "expected target dtype to be Long",
+    after TRADES had already moved its BN statistics; MART failed on uint8 too."""
+    from dat.attacks import pgd
+    from dat.methods import MARTStep, PGDATStep, TRADESStep
+
+    x, y = torch.rand(4, 3, 32, 32), torch.arange(4).to(dtype)
+    for cls in (PGDATStep, TRADESStep, MARTStep):
+        model = dat.models.create("resnet_tiny")
+        stats = cls(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=1)(x, y)
+        assert stats["loss"] == stats["loss"], cls.__name__
+    assert _dat_step(steps=1)(x, y)["loss"] > 0
+    model = dat.models.create("resnet_tiny").eval()
+    torch.manual_seed(0)
+    x_adv = pgd(model, x, y, steps=2)
+    torch.manual_seed(0)
+    assert torch.equal(x_adv, pgd(model, x, y.long(), steps=2))
+
+
+def test_an_optimizer_built_before_convert_dual_bn_is_refused() -> None:
+    """convert_dual_bn replaces every BN: an optimizer made before it updated the old
+    layers, and the model's BN weights never trained (the shipped example did this)."""
+    from dat.generator import AmplitudeGenerator
+    from dat.methods import DATStep, TRADESStep
+
+    model = dat.models.create("resnet_tiny")
+    early = torch.optim.SGD(model.parameters(), lr=0.1)
+    dat.models.convert_dual_bn(model)
+    gen = AmplitudeGenerator(10, (3, 32, 32))
+    # 12 BatchNorms: 24 old tensors held, 48 new ones (main and aux) missed
+    with pytest.raises(ValueError, match="DATStep: the optimizer misses 48 of the model's 62 "
+                                         "trainable tensors and holds 24 tensors that are no "
+                                         "longer in the model.*after dat.models.convert_dual_bn"):
+        DATStep(model, gen, early)
+    DATStep(model, gen, torch.optim.SGD(model.parameters(), lr=0.1))  # built after: fine
+    plain = dat.models.create("resnet_tiny")
+    head_only = torch.optim.SGD(plain.linear.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="TRADESStep: the optimizer misses .*requires_grad_"):
+        TRADESStep(plain, head_only)
+    for name, p in plain.named_parameters():
+        p.requires_grad_(name.startswith("linear."))  # frozen on purpose: accepted
+    TRADESStep(plain, head_only)
+
+
+def test_a_batch_of_one_or_an_unbatched_image_is_refused_before_bn_moves() -> None:
+    from dat.methods import MARTStep, PGDATStep, TRADESStep
+
+    for cls in (PGDATStep, TRADESStep, MARTStep):
+        model = dat.models.create("timm/resnet10t")  # 1x1 feature maps at 32x32 before BN
+        step = cls(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=1)
+        before = _state(model, "")
+        with pytest.raises(ValueError, match=f"{cls.__name__} got a batch of 1 image\\(s\\); "
+                                             "BatchNorm trains on batches of at least 2"):
+            step(torch.rand(1, 3, 32, 32), torch.tensor([3]))
+        with pytest.raises(ValueError, match="expects a batch of images \\(B, C, H, W\\), got "
+                                             "shape \\(3, 32, 32\\); add the batch dimension"):
+            step(torch.rand(3, 32, 32), torch.tensor([3]))
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 def test_a_model_that_casts_its_own_input_is_still_attacked() -> None:

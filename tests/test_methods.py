@@ -198,3 +198,33 @@ def test_awp_waits_for_its_warmup_epoch_and_comes_from_the_config(train_batch) -
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="awp_warmup=-1 must be >= 0"):
         PGDATStep(model, None, awp_gamma=0.01, awp_warmup=-1)
+
+
+@pytest.mark.parametrize("gamma", [-0.01, float("nan"), 1.0, 5.0])
+def test_an_awp_gamma_outside_0_1_is_refused_not_ignored(gamma) -> None:
+    """The Python API refuses what the config refuses: a negative or NaN gamma used to
+    turn AWP off without a word, and gamma >= 1 moves each layer by its own norm."""
+    from dat.methods import DATStep
+    from dat.methods.awp import AWP
+
+    model = create_model("resnet_tiny")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for build in (*BASELINES.values(), lambda m, o, **kw: DATStep(m, None, o, split_bn=False,
+                                                                  recombined_branch=False, **kw)):
+        with pytest.raises(ValueError, match=r"awp_gamma=.* must be in \[0, 1\)"):
+            build(model, opt, awp_gamma=gamma)
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
+        AWP(model, gamma)
+
+
+def test_awp_moves_conv_and_linear_weights_only_not_a_vits_tokens() -> None:
+    """As in the AWP authors' code: 'weight' tensors of 2+ dims (a ViT's cls_token and
+    pos_embed are parameters of 2+ dims too, and stay put)."""
+    from dat.methods.awp import AWP
+
+    model = create_model("timm/vit_tiny_patch16_224", num_classes=10, img_size=32)
+    names = [n for n, w in model.named_parameters()
+             if any(w is pw for pw, _ in AWP(model, 0.01)._pairs())]
+    assert names and all("weight" in n for n in names)
+    assert not any("cls_token" in n or "pos_embed" in n for n in names)
+    assert any(n.endswith("patch_embed.proj.weight") for n in names)

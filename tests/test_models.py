@@ -82,6 +82,20 @@ def test_timm_models_through_the_registry(name: str) -> None:
         assert model.eval()(torch.rand(2, 3, 32, 32)).shape == (2, 7)
 
 
+def test_pretrained_timm_weights_are_refused_with_the_way_to_wrap_them() -> None:
+    """``pretrained=True`` used to collide with our own pretrained=False in a TypeError."""
+    import timm
+
+    from dat.models import TimmClassifier
+
+    with pytest.raises(ValueError, match=r"never downloads.*dat.models.TimmClassifier\(net"):
+        create("timm/resnet10t", num_classes=7, pretrained=True)
+    net = timm.create_model("resnet10t", pretrained=False, num_classes=7)  # as the fix says
+    model = TimmClassifier(net, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)).eval()
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 32, 32)).shape == (2, 7)
+
+
 def test_none_keyword_arguments_are_ignored() -> None:
     torch.manual_seed(0)
     a = create("resnet_tiny", width=None)

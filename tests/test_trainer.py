@@ -125,12 +125,18 @@ def test_callbacks_see_every_event_in_loop_order(tiny_run) -> None:
     assert config_events == names  # the callback named in the config saw the same events
 
 
-def test_a_dat_run_exports_a_plain_single_bn_model(tmp_path) -> None:
+def test_a_dat_run_exports_a_plain_single_bn_model(tmp_path, capsys) -> None:
+    """Also: the run says what data it uses, and warns when validation ate the data."""
     cfg = load_config(None, [*TINY, "method.name=dat", "train.steps_per_epoch=2",
-                             "train.test_attacks=[clean]", f"train.out_dir={tmp_path}"])
+                             "train.test_attacks=[clean]", f"train.out_dir={tmp_path}",
+                             "data.val_size=2000"])
     trainer = Trainer(cfg, progress=False)
     assert any(".aux." in k for k in trainer.model.state_dict())
-    trainer.fit()
+    with pytest.warns(UserWarning, match="data.val_size=2000 holds out 40% of the 5,000 "
+                                         "training images, and validation uses 40 of them"):
+        trainer.fit()
+    assert ("data: cifar10-sample, 10 classes, 3,000 training / 2,000 validation (40 used) / "
+            "40 test images, 3x32x32") in capsys.readouterr().out
     weights = load_file(trainer.run_dir / "model.safetensors")
     assert not any(".aux." in k or ".main." in k for k in weights)
     create("resnet_tiny", num_classes=10).load_state_dict(weights)  # strict

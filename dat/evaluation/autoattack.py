@@ -32,13 +32,30 @@ class AutoAttackResult:
     bounds: BoundsStats | None = None
 
 
-def autoattack_info(eps: float, seed: int) -> dict:
-    """Implementation, version and settings, for the report."""
+STANDARD_TARGETS = 9  # target classes of APGD-T and FAB-T in the standard version
+
+
+def _attacks_for(num_classes: int) -> list[str]:
+    """The standard cascade; without APGD-T below 4 classes (its targeted DLR loss divides
+    by the 3rd and 4th largest logits, and the reference code would index past the end)."""
+    return ["apgd-ce", *(["apgd-t"] if num_classes >= 4 else []), "fab-t", "square"]
+
+
+def autoattack_info(eps: float, seed: int, num_classes: int = 10) -> dict:
+    """Implementation, version and settings, for the report. Below 10 classes the targeted
+    attacks use every other class as a target (the standard 9 do not exist)."""
     import pyautoattack
 
-    return {"implementation": "pyautoattack.AutoAttack (reference), version='standard'",
+    info = {"implementation": "pyautoattack.AutoAttack (reference), version='standard'",
             "version": pyautoattack.__version__, "eps": eps, "norm": "Linf", "seed": seed,
-            "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"]}
+            "attacks": _attacks_for(num_classes)}
+    if num_classes <= STANDARD_TARGETS:
+        targets = num_classes - 1
+        info["target_classes"] = targets
+        info["adapted"] = (f"{num_classes} classes: {targets} target classes (standard: "
+                           f"{STANDARD_TARGETS})" + ("; no APGD-T (needs 4+ classes)"
+                                                     if num_classes < 4 else ""))
+    return info
 
 
 class _Capture(logging.Handler):
@@ -94,7 +111,7 @@ def _breakdown(counts: dict[str, int], order: list[str], n: int, robust: int) ->
 def run_autoattack(
     model: nn.Module, x: Tensor, y: Tensor, eps: float, batch_size: int,
     device: torch.device, seed: int = 0, progress: bool = True,
-    attacked: Tensor | None = None,
+    attacked: Tensor | None = None, num_classes: int = 10,
 ) -> AutoAttackResult:
     """Standard L-inf AutoAttack on all of ``x`` (its own clean filter and cascade).
 
@@ -102,11 +119,16 @@ def run_autoattack(
     accuracy after each sub-attack and the warnings of AutoAttack's own checks.
     ``attacked`` (N,) bool: the points AA attacks (classified correctly); only they count
     in the bounds check (the others come back unchanged). None: every point.
+    ``num_classes``: the model's output count; below 10 the cascade is fitted to it as
+    :func:`autoattack_info` says (the reference code would crash there).
     """
     from pyautoattack import AutoAttack
 
     x = x.contiguous(memory_format=torch.contiguous_format)  # (N, C, H, W), NCHW only
     aa = AutoAttack(model, norm="Linf", eps=eps, version="standard", device=device, seed=seed)
+    if num_classes <= STANDARD_TARGETS:
+        aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = num_classes - 1
+        aa.attacks_to_run = _attacks_for(num_classes)
     counts: dict[str, int] = {}
     handler, logger = _Capture(), logging.getLogger(_LOGGER)
     logger.addHandler(handler)

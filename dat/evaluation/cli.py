@@ -17,7 +17,7 @@ import torch
 from ..config import DataConfig
 from ..folder_lock import LOCK_NAME, hold_folder
 from ..messages import one_line, one_line_warnings
-from .loading import load_checkpoint, load_entry_point
+from .loading import checkpoint_file, load_checkpoint, load_entry_point
 from .progress import PROGRESS_FILE, finished_attacks
 
 __all__ = ["build_parser", "evaluate_main", "parse_eps"]
@@ -176,11 +176,11 @@ def _check_writable(out: Path) -> bool:
 
 
 def _load(args: argparse.Namespace, device: torch.device):
-    """(model, DataConfig) for --checkpoint or --model."""
+    """(model, DataConfig, class names it was trained on or None) for --checkpoint or --model."""
+    trained_on = None
     if args.checkpoint:
         loaded = load_checkpoint(args.checkpoint, device=device)
-        data = loaded.config.data
-        model = loaded.model
+        data, model, trained_on = loaded.config.data, loaded.model, loaded.classes
     else:
         if args.data is None:
             args.data = "cifar10"
@@ -188,7 +188,21 @@ def _load(args: argparse.Namespace, device: torch.device):
         data = DataConfig()
     data.name = args.data or data.name
     data.root = args.data_root or data.root
-    return model, data
+    return model, data, trained_on
+
+
+def _check_same_classes(trained_on: list[str] | None, found: list[str]) -> None:
+    """Refuse data whose class folders differ from the run's: labels are folder indices in
+    sorted order, so one renamed folder shifts every label and the accuracy silently."""
+    if trained_on is None or list(trained_on) == list(found):
+        return
+    pairs = enumerate(zip(trained_on, found, strict=False))
+    first = next((i for i, (a, b) in pairs if a != b), min(len(trained_on), len(found)))
+    raise ValueError(
+        f"the checkpoint was trained on {len(trained_on)} classes and the data has "
+        f"{len(found)}, which differ from label {first} on ({trained_on[first:first + 2]} vs "
+        f"{found[first:first + 2]}); evaluate it on data with the class folders it was "
+        "trained on (--data / --data-root)")
 
 
 def _examples(data_cfg: DataConfig, split: str, n: int | None):
@@ -212,8 +226,9 @@ def _evaluate(args: argparse.Namespace, device: torch.device, out: Path) -> dict
     """Load the model and examples, run the attacks, write the report to ``out``."""
     from .runner import evaluate
 
-    model, data_cfg = _load(args, device)
+    model, data_cfg, trained_on = _load(args, device)
     x, y, classes = _examples(data_cfg, args.split, args.n_examples)
+    _check_same_classes(trained_on, classes)
     return evaluate(
         model, (x, y), attacks=[a.strip() for a in args.attacks.split(",") if a.strip()],
         eps=args.eps, batch_size=args.batch_size, precision=args.precision,
@@ -243,6 +258,8 @@ def _outputs(model: torch.nn.Module, x: torch.Tensor) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.weights and not args.model:
         raise ValueError("--weights goes with --model; a --checkpoint holds its own weights")
+    if args.checkpoint:
+        args.checkpoint = str(checkpoint_file(args.checkpoint))  # a run folder: its best.pt
     device = _device(args.device)
     out = _out_dir(args)
     created = _check_writable(out)

@@ -29,6 +29,9 @@ def collect_examples(data, n_examples: int | None = None) -> tuple[Tensor, Tenso
     order (test sets are often sorted by class: the first N could be one class); of a
     loader, the first N it yields (shuffle it, or pass a tuple).
     """
+    if isinstance(data, torch.utils.data.Dataset):  # iterating it gives single samples
+        raise EvaluationError(f"data is a {type(data).__name__} (single samples); pass "
+                              "DataLoader(data, batch_size=500) or a tuple (x, y) of tensors")
     in_memory = isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0])
     if in_memory:
         xs, ys = [data[0]], [torch.as_tensor(data[1])]

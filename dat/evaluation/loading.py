@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import Config, config_from_dict
-from ..models import create
+from ..models import convert_dual_bn, create, has_dual_bn
 
 __all__ = ["CheckpointError", "LoadedCheckpoint", "load_checkpoint", "load_entry_point",
            "load_state_file"]
@@ -41,6 +41,7 @@ class LoadedCheckpoint:
     num_classes: int
     dual_bn: bool
     image_shape: tuple[int, int, int] = (3, 32, 32)  # (C, H, W) the model was trained on
+    classes: list[str] | None = None  # class names in label order, when the run stored them
 
 
 def _torch_load(path: Path) -> object:
@@ -153,7 +154,22 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
     model = create(cfg.model.name, num_classes=num_classes, dual_bn=dual)
     _load_strict(model, state, f"{path} vs {cfg.model.name} ({num_classes} classes)")
     shape = tuple(ckpt.get("image_shape") or (3, 32, 32))
-    return LoadedCheckpoint(model.to(device).eval(), cfg, num_classes, dual, shape)
+    classes = ckpt.get("classes")
+    classes = [str(c) for c in classes] if isinstance(classes, (list, tuple)) else None
+    return LoadedCheckpoint(model.to(device).eval(), cfg, num_classes, dual, shape, classes)
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """``path``, or for a run folder its ``checkpoints/best.pt`` (else ``last.pt``), the
+    weights the run's own final test used."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for name in ("best.pt", "last.pt"):
+        if (path / "checkpoints" / name).is_file():
+            return path / "checkpoints" / name
+    raise CheckpointError(f"{path} is a folder without checkpoints/best.pt or last.pt; pass "
+                          "a checkpoint file (a run folder's checkpoints/best.pt)")
 
 
 def _import(spec: str):
@@ -202,5 +218,21 @@ def load_entry_point(spec: str, weights: str | Path | None = None,
     if not isinstance(model, nn.Module):
         raise CheckpointError(f"{spec} returned {type(model).__name__}, not a torch nn.Module")
     if weights is not None:
-        _load_strict(model, _strip_prefixes(load_state_file(weights)), f"{weights} vs {spec}")
+        state = _strip_prefixes(load_state_file(weights))
+        if _needs_two_branches(model, state):
+            convert_dual_bn(model)
+            print(f"note: {weights} holds DAT's two BatchNorm branches; the model from {spec} "
+                  "got them too (convert_dual_bn) and is evaluated on the main branch",
+                  file=sys.stderr)
+        _load_strict(model, state, f"{weights} vs {spec}")
     return model.to(device).eval()
+
+
+def _needs_two_branches(model: nn.Module, state: dict[str, Tensor]) -> bool:
+    """True when ``state`` is a split-BN (DAT) state dict of this single-BN model: every
+    key matches once ``.main.`` / ``.aux.`` are read as one BatchNorm."""
+    if has_dual_bn(model) or not any(".main." in k for k in state):
+        return False
+    own = set(model.state_dict())
+    single = {k.replace(".main.", ".", 1) for k in state if ".aux." not in k}
+    return single == own

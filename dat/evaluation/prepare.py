@@ -106,8 +106,8 @@ def probe(model: nn.Module, x: Tensor) -> None:
             out = model(x)
     except torch.cuda.OutOfMemoryError:
         raise  # not the model's fault: lower batch_size
-    except RuntimeError as err:
-        if weight is not None and weight.dtype != x.dtype:
+    except (RuntimeError, AssertionError, ValueError) as err:  # timm's ViT: AssertionError
+        if isinstance(err, RuntimeError) and weight is not None and weight.dtype != x.dtype:
             raise EvaluationError(
                 f"the model's parameters are {weight.dtype}; evaluate it in float32 "
                 "(model.float()) and pass precision='bf16' (--precision bf16) for attacks "

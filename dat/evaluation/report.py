@@ -22,6 +22,8 @@ def _results_table(report: dict) -> list[str]:
         settings = ", ".join(
             f"{k}={info[k] * 255:.3g}/255" if k == "alpha" else f"{k}={info[k]}"
             for k in keys if k in info)
+        if "adapted" in info:
+            settings = ", ".join(filter(None, (settings, info["adapted"])))
         if name == "worst_case":
             impl, settings = "per example: any attack succeeds", ""
         lines.append(f"| {name} | {acc:.2f} | {interval} | {impl} | {settings} |")

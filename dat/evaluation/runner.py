@@ -130,7 +130,7 @@ class _Run:
         return mask
 
     def autoattack(self, eps: float) -> AutoAttackResult:
-        settings = autoattack_info(eps, self.seed)
+        settings = autoattack_info(eps, self.seed, self.num_classes)
         saved = (self.cache.get("aa", settings, len(self.x)) if self.cache is not None
                  else None)
         if saved is not None:
@@ -141,7 +141,8 @@ class _Run:
         start = time.perf_counter()
         with _gradient_attack("aa"):
             res = run_autoattack(self.net, self.x, self.y, eps, self.batch_size, self.device,
-                                 self.seed, self.progress, attacked=self.clean)
+                                 self.seed, self.progress, attacked=self.clean,
+                                 num_classes=self.num_classes)
         self.bounds["aa"] = res.bounds
         self.info["aa"] = {**settings, "breakdown": res.breakdown, "batch_size": self.batch_size,
                            "seconds": round(time.perf_counter() - start, 3)}

@@ -23,9 +23,17 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["AWP"]
+__all__ = ["AWP", "check_awp_gamma"]
 
 _TINY = 1e-20  # guards the relative scale against an all-zero ascent direction
+
+
+def check_awp_gamma(gamma: float) -> None:
+    """One-line ValueError unless 0 <= gamma < 1 (NaN included): a silently ignored or
+    weight-sized perturbation is never meant."""
+    if not 0 <= gamma < 1:
+        raise ValueError(f"awp_gamma={gamma} must be in [0, 1): a fraction of each layer's "
+                         "weight norm (AWP recipes: 0.005 or 0.01; 0 = off)")
 
 
 class AWP:
@@ -33,21 +41,23 @@ class AWP:
 
     Args:
         model: the classifier being trained (perturbed in place, restored after).
-        gamma: relative size of the perturbation per layer (paper: 0.005 for DAT/TRADES).
+        gamma: relative size of the perturbation per layer, in [0, 1) (paper: 0.005 for
+            DAT/TRADES, 0.01 for PGD-AT).
         proxy_lr: learning rate of the proxy's ascent step (AWP reference code: 0.01).
     """
 
     def __init__(self, model: nn.Module, gamma: float = 0.005, proxy_lr: float = 0.01) -> None:
-        if gamma < 0:
-            raise ValueError(f"AWP gamma={gamma} must be >= 0")
+        check_awp_gamma(gamma)
         self.model, self.gamma = model, gamma
         self.proxy = copy.deepcopy(model)
         self.proxy_optimizer = torch.optim.SGD(self.proxy.parameters(), lr=proxy_lr)
 
     def _pairs(self) -> list[tuple[Tensor, Tensor]]:
-        """(model weight, proxy weight) for every perturbed tensor (conv / linear)."""
-        return [(w, p) for w, p in zip(self.model.parameters(), self.proxy.parameters(),
-                                       strict=True) if w.dim() > 1]
+        """(model weight, proxy weight) for every perturbed tensor: the weights of 2+ dims
+        (conv / linear), as in the AWP authors' code; not biases, BN, or a ViT's tokens."""
+        return [(w, p) for (name, w), p in zip(self.model.named_parameters(),
+                                               self.proxy.parameters(), strict=True)
+                if w.dim() > 1 and "weight" in name]
 
     def compute(self, loss_fn: Callable[[nn.Module], Tensor]) -> list[Tensor]:
         """The perturbation (one tensor per weight) that increases ``loss_fn(model)``."""

@@ -6,12 +6,34 @@ import contextlib
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..attacks import check_unit_range, eval_mode, explain_dtype_mismatch
+from ..attacks import as_class_indices, check_unit_range, eval_mode, explain_dtype_mismatch
 from ..models.dual_bn import bn_branch, has_dual_bn
 
-__all__ = ["MethodStep"]
+__all__ = ["MethodStep", "check_optimizer"]
+
+
+def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer | None, who: str) -> None:
+    """One-line ValueError when ``optimizer`` would leave trainable weights of ``model``
+    untouched: most often it was built before ``convert_dual_bn`` replaced the BatchNorms,
+    so it updates the old layers while the model's BN weights never train."""
+    if optimizer is None:
+        return
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    params = list(model.parameters())
+    missing = [p for p in params if p.requires_grad and id(p) not in held]
+    if not missing:
+        return
+    stale = len(held - {id(p) for p in params})
+    why = (f"and holds {stale} tensors that are no longer in the model: it was built before "
+           "the model's layers were replaced; build the optimizer after "
+           "dat.models.convert_dual_bn(model)" if stale else
+           "; pass them all (model.parameters()), or freeze the ones you mean to keep "
+           "with p.requires_grad_(False)")
+    raise ValueError(f"{who}: the optimizer misses {len(missing)} of the model's "
+                     f"{sum(p.requires_grad for p in params)} trainable tensors {why}")
 
 
 class MethodStep:
@@ -27,10 +49,13 @@ class MethodStep:
         raise NotImplementedError
 
     def __call__(self, x: Tensor, y: Tensor, x_raw: Tensor | None = None) -> dict[str, float]:
+        y = as_class_indices(y)
         return self._checked_floats(lambda: self.run(x, y, x_raw), y, x, x_raw)
 
     def _checked_floats(self, step, y: Tensor, *images: Tensor | None) -> dict[str, float]:
-        """``step()``'s stats as floats, after :meth:`check_first_batch` on ``images``."""
+        """``step()``'s stats as floats, after :meth:`check_first_batch` on ``images`` (and
+        the batch size on every call: a last batch of 1 comes at an epoch's end)."""
+        self._check_batch_shape(images[0])
         self.check_first_batch(*images, labels=y)
         stats = {k: float(v) for k, v in step().items()}
         self._range_checked = True  # after the first step that went through
@@ -48,6 +73,25 @@ class MethodStep:
                 check_unit_range(x, type(self).__name__)
         if labels is not None and torch.is_tensor(images[0]):
             self._check_labels(images[0], labels)
+
+    def _check_batch_shape(self, x: Tensor | None) -> None:
+        """(B, C, H, W) images, and B >= 2 for a model with BatchNorm (no host sync)."""
+        if not torch.is_tensor(x):
+            return
+        if x.dim() != 4:
+            raise ValueError(f"{type(self).__name__} expects a batch of images (B, C, H, W), "
+                             f"got shape {tuple(x.shape)}" + (
+                                 "; add the batch dimension with x[None]" if x.dim() == 3
+                                 else ""))
+        model = getattr(self, "model", None)
+        if len(x) >= 2 or model is None:
+            return
+        if getattr(self, "_has_bn", None) is None:
+            self._has_bn = any(isinstance(m, _BatchNorm) for m in model.modules())
+        if self._has_bn:
+            raise ValueError(f"{type(self).__name__} got a batch of {len(x)} image(s); "
+                             "BatchNorm trains on batches of at least 2 images: drop or merge "
+                             "a last batch of 1 (DataLoader(..., drop_last=True))")
 
     def _check_labels(self, x: Tensor, y: Tensor) -> None:
         who = type(self).__name__

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attacks import (
+    as_class_indices,
     check_compile_mode,
     check_radius,
     eaeg,
@@ -32,8 +33,8 @@ from ..losses import js_divergence, trades_loss
 from ..mixing import flip_crop
 from ..models.dual_bn import bn_branch, fused_split, has_dual_bn
 from ..spectral import decompose, mix_amplitude, spectrum_norm
-from .awp import AWP
-from .base import MethodStep
+from .awp import AWP, check_awp_gamma
+from .base import MethodStep, check_optimizer
 from .dat_parts import DATDraws, _GradReverse, generator_health
 
 __all__ = ["DATDraws", "DATStep", "generator_health"]
@@ -109,6 +110,10 @@ class DATStep(MethodStep):
         check_radius(eps, alpha, steps)
         if not 0 <= mu <= 1:
             raise ValueError(f"mu={mu} must be in [0, 1] (lam ~ U(0, mu))")
+        check_awp_gamma(awp_gamma)
+        if awp_warmup < 0:
+            raise ValueError(f"awp_warmup={awp_warmup} must be >= 0 (epochs before AWP starts)")
+        check_optimizer(model, optimizer, "DATStep")
         self.model, self.optimizer = model, optimizer
         self.beta, self.omega, self.label_smoothing = beta, omega, label_smoothing
         self.eps, self.alpha, self.steps = eps, alpha, steps
@@ -189,6 +194,7 @@ class DATStep(MethodStep):
 
     def __call__(self, x: Tensor, y: Tensor, x_raw: Tensor | None = None,
                  draws: DATDraws | None = None) -> dict[str, float]:
+        y = as_class_indices(y)
         return self._checked_floats(lambda: self.run(x, y, x_raw, draws), y, x, x_raw)
 
     def loss(self, x: Tensor, x_adv: Tensor, x_hat: Tensor | None, x_hat_adv: Tensor | None,
@@ -239,7 +245,7 @@ class DATStep(MethodStep):
         """The inner maximisation of ``outer`` (losses summed per sample, so batchable)."""
         std = self.init_std if self.attack_init == "gaussian" else self.eps
         common = dict(eps=self.eps, alpha=self.alpha, steps=self.steps, branch=branch,
-                      compile_mode=self.compile_attacks)
+                      compile_mode=self.compile_attacks, check_range=False)  # checked once
         with self._amp():
             if self.outer == "pgd_at":
                 return pgd(self.model, x, y, loss="ce", label_smoothing=self.label_smoothing,

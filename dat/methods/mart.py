@@ -53,7 +53,7 @@ class MARTStep(BaselineStep):
         start = 0.001 * torch.randn_like(x) if self.init == "gaussian" else None
         with self._autocast(x):
             x_adv = pgd(self.model, x, y, self.eps, self.alpha, self.steps, start=start,
-                        compile_mode=self.compile_attacks)
+                        compile_mode=self.compile_attacks, check_range=False)
 
         def loss_of(model: nn.Module) -> tuple[Tensor, ...]:
             model.train()

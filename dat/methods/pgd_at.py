@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attacks import check_compile_mode, eval_mode, pgd
-from .awp import AWP
-from .base import MethodStep
+from .awp import AWP, check_awp_gamma
+from .base import MethodStep, check_optimizer
 
 __all__ = ["BaselineStep", "PGDATStep", "accuracy"]
 
@@ -52,6 +52,8 @@ class BaselineStep(MethodStep):
             raise ValueError(f"eps={eps:g} / alpha={alpha:g} look like 0-255 units; divide by 255")
         if awp_warmup < 0:
             raise ValueError(f"awp_warmup={awp_warmup} must be >= 0 (epochs before AWP starts)")
+        check_awp_gamma(awp_gamma)
+        check_optimizer(model, optimizer, type(self).__name__)
         self.model, self.optimizer = model, optimizer
         self.eps, self.alpha, self.steps = eps, alpha, steps  # L-inf, [0, 1] pixel scale
         self.label_smoothing = label_smoothing
@@ -60,7 +62,7 @@ class BaselineStep(MethodStep):
         self.compile_attacks = compile_attacks  # dat.attacks.compiled_step's mode
         self.keep_images = keep_images
         self._images: dict[str, Tensor] = {}
-        self.awp = AWP(model, awp_gamma) if awp_gamma > 0 else None  # checks gamma >= 0
+        self.awp = AWP(model, awp_gamma) if awp_gamma > 0 else None
         self.awp_warmup, self.awp_on = awp_warmup, awp_gamma > 0 and awp_warmup <= 0
 
     def _autocast(self, x: Tensor) -> contextlib.AbstractContextManager:
@@ -119,8 +121,8 @@ class PGDATStep(BaselineStep):
         start = 0.001 * torch.randn_like(x) if self.init == "gaussian" else None
         with self._autocast(x):
             x_adv = pgd(self.model, x, y, self.eps, self.alpha, self.steps, start=start,
-                        label_smoothing=self.label_smoothing,
-                        compile_mode=self.compile_attacks)  # (B, C, H, W)
+                        label_smoothing=self.label_smoothing, compile_mode=self.compile_attacks,
+                        check_range=False)  # (B, C, H, W); checked on the first batch
             with torch.no_grad(), eval_mode(self.model):
                 clean_logits = self.model(x)
 

@@ -29,7 +29,8 @@ class TRADESStep(BaselineStep):
     def run(self, x: Tensor, y: Tensor, x_raw: Tensor | None = None) -> dict[str, Tensor]:
         with self._autocast(x):
             x_adv = trades_kl(self.model, x, self.eps, self.alpha, self.steps,
-                              compile_mode=self.compile_attacks)  # (B, C, H, W)
+                              compile_mode=self.compile_attacks,
+                              check_range=False)  # (B, C, H, W); checked on the first batch
 
         def loss_of(model: nn.Module) -> tuple[Tensor, ...]:
             model.train()

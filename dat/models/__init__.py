@@ -13,11 +13,13 @@ from .dual_bn import (
 from .folding import FoldError, fold_batchnorm
 from .normalize import Normalize
 from .registry import create, list_models, register
+from .timm_models import TimmClassifier
 
 __all__ = [
     "DualBatchNorm",
     "FoldError",
     "Normalize",
+    "TimmClassifier",
     "bn_branch",
     "convert_dual_bn",
     "create",

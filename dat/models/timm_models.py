@@ -36,6 +36,12 @@ def create_timm(
 
     if not timm.is_model(name):
         raise ValueError(f"unknown timm model {name!r}; see timm.list_models() for names")
+    if kwargs.pop("pretrained", False):
+        raise ValueError(
+            f"create('timm/{name}') builds random weights and never downloads; for pretrained "
+            f"ones build net = timm.create_model('{name}', pretrained=True, num_classes=...) "
+            "yourself and wrap it: dat.models.TimmClassifier(net, mean, std), with the mean "
+            "and std the weights were trained with (ImageNet's for most)")
     Normalize(mean, std, channels=in_chans)  # fail before building the network
     net = timm.create_model(
         name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs
