@@ -115,6 +115,7 @@ class Trainer(CheckpointedRun):
         loaded = self.load_resumable(resume) if resume is not None else None
         seed_everything(cfg.train.seed)  # the same on every rank: identical initial weights
         self.splits = splits if splits is not None else load_dataset(cfg.data)
+        self._own_splits = splits is not None  # the caller's: not read by data.* settings
         check_labels(self.splits)
         self.model = build_model(cfg, self.splits.num_classes, self.splits.image_shape,
                                  self.device)
@@ -215,12 +216,14 @@ class Trainer(CheckpointedRun):
         the validation split holds out most of the training folder."""
         s, d = self.splits, self.cfg.data
         used = len(self.val_data[1])
-        where = f" {d.root}" if d.name == "imagefolder" else ""
-        print(f"data: {d.name}{where}, {len(s.classes)} classes, {len(s.train):,} training / "
+        name = "your splits" if self._own_splits else d.name + (
+            f" {d.root}" if d.name == "imagefolder" else "")
+        print(f"data: {name}, {len(s.classes)} classes, {len(s.train):,} training / "
               f"{len(s.val):,} validation ({used:,} used) / {len(s.test):,} test images, "
               f"{'x'.join(map(str, s.image_shape))}")
-        folder = len(s.train) + len(s.val) if d.train_subset == 0 else None
-        if folder and len(s.val) > VAL_SHARE_WARN * folder:
+        held_out = not self._own_splits and d.val_size > 0 and d.train_subset == 0
+        folder = len(s.train) + len(s.val)
+        if held_out and len(s.val) > VAL_SHARE_WARN * folder:
             warnings.warn(f"data.val_size={d.val_size} holds out {len(s.val) / folder:.0%} of "
                           f"the {folder:,} training images, and validation uses {used:,} of "
                           "them; lower data.val_size (e.g. to train.val_examples)",

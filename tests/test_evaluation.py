@@ -107,7 +107,8 @@ def test_aa_on_fewer_than_10_classes_runs_the_cascade_fitted_to_them(sample_spli
     assert list(info["breakdown"])[1:] == info["attacks"] == aa.attacks_to_run
     assert ("apgd-t" in info["attacks"]) == (classes >= 4)
     assert info["target_classes"] == classes - 1
-    assert f"{classes} classes: {classes - 1} target classes" in format_markdown(report)
+    targets = f"{classes - 1} target class" + ("es" if classes > 2 else " ")
+    assert f"{classes} classes: {targets}" in format_markdown(report)
 
 
 def test_aa_equals_pyautoattack_called_directly(sample_splits, tmp_path, monkeypatch) -> None:
@@ -454,6 +455,14 @@ def test_n_examples_of_a_class_sorted_tuple_is_stratified(sample_splits):
                                               r"DataLoader\(data, batch_size=500\)"):
         collect_examples(dataset)
     xs, _ = collect_examples(torch.utils.data.DataLoader(dataset, batch_size=4))
+    assert torch.equal(xs, x[:10])
+
+    class Batches(torch.utils.data.IterableDataset):  # yields whole batches: accepted
+        def __iter__(self):
+            yield x[:6], y[:6]
+            yield x[6:10], y[6:10]
+
+    xs, _ = collect_examples(Batches())
     assert torch.equal(xs, x[:10])
 
 

@@ -178,7 +178,7 @@ def test_ctrl_c_before_an_attack_finishes_points_to_saved_progress(ckpt, tmp_pat
 
 
 def test_a_checkpoint_on_data_with_other_class_folders_is_refused(make_tiny_model, tmp_path,
-                                                                  capsys, no_attacks) -> None:
+                                                                  capsys) -> None:
     """Labels are sorted folder indices: one renamed folder shifted them all, and the
     accuracy dropped from 52% to 28% without a word."""
     classes = ["zz_airplane", *dat.data.load_dataset(
@@ -190,7 +190,8 @@ def test_a_checkpoint_on_data_with_other_class_folders_is_refused(make_tiny_mode
     assert evaluate_main(_quick(path, tmp_path)) == 2
     _one_line_error(capsys, "trained on 10 classes and the data has 10, which differ from "
                     "label 0 on (['zz_airplane', 'automobile'] vs ['airplane', 'automobile'])",
-                    "--data-root")
+                    "--data-root", "--ignore-class-names")
+    assert evaluate_main(_quick(path, tmp_path, "--ignore-class-names")) == 0  # only renamed
 
 
 def test_a_run_folder_evaluates_its_best_checkpoint(make_tiny_model, tmp_path, capsys) -> None:
@@ -200,6 +201,9 @@ def test_a_run_folder_evaluates_its_best_checkpoint(make_tiny_model, tmp_path, c
     assert evaluate_main(["--checkpoint", str(run), "--attacks", "clean", "--n-examples", "8",
                           "--no-progress", "--no-checks"]) == 0
     assert (run / "checkpoints" / "eval_best" / "report.json").is_file()
+    assert evaluate_main(["--checkpoint", str(run / "checkpoints"), "--attacks", "clean",
+                          "--n-examples", "8", "--no-progress", "--no-checks",
+                          "--out", str(tmp_path / "e2")]) == 0  # its checkpoints/ folder too
     empty = tmp_path / "empty"
     empty.mkdir()
     assert evaluate_main(["--checkpoint", str(empty), "--out", str(tmp_path / "e")]) == 2
@@ -535,6 +539,35 @@ def test_an_optimizer_built_before_convert_dual_bn_is_refused() -> None:
     TRADESStep(plain, head_only)
 
 
+def test_baseline_steps_take_wrapped_optimizers_and_non_image_batches() -> None:
+    """A wrapper with only zero_grad/step, and (B, C, L) signals, trained before the checks
+    were added; they still do (only DATStep, a 2-D FFT, needs (B, C, H, W))."""
+    from dat.methods import PGDATStep
+
+    class Wrapped:
+        def __init__(self, opt):
+            self.opt = opt
+
+        def zero_grad(self, set_to_none=True):
+            self.opt.zero_grad(set_to_none=set_to_none)
+
+        def step(self):
+            self.opt.step()
+
+    model = dat.models.create("resnet_tiny")
+    before = model.linear.weight.clone()
+    PGDATStep(model, Wrapped(torch.optim.SGD(model.parameters(), lr=0.1)), steps=1)(
+        torch.rand(4, 3, 32, 32), torch.arange(4))
+    assert not torch.equal(before, model.linear.weight)
+    signal = torch.nn.Sequential(torch.nn.Conv1d(2, 4, 3), torch.nn.BatchNorm1d(4),
+                                 torch.nn.Flatten(), torch.nn.Linear(4 * 14, 3))
+    step = PGDATStep(signal, torch.optim.SGD(signal.parameters(), lr=0.1), steps=1)
+    assert step(torch.rand(4, 2, 16), torch.tensor([0, 1, 2, 0]))["loss"] > 0
+    with pytest.raises(ValueError, match="DATStep expects a batch of images \\(B, C, H, W\\), "
+                                         "got shape \\(3, 32, 32\\); add the batch dimension"):
+        _dat_step(steps=1)(torch.rand(3, 32, 32), torch.tensor([3]))
+
+
 def test_a_batch_of_one_or_an_unbatched_image_is_refused_before_bn_moves() -> None:
     from dat.methods import MARTStep, PGDATStep, TRADESStep
 
@@ -543,10 +576,9 @@ def test_a_batch_of_one_or_an_unbatched_image_is_refused_before_bn_moves() -> No
         step = cls(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=1)
         before = _state(model, "")
         with pytest.raises(ValueError, match=f"{cls.__name__} got a batch of 1 image\\(s\\); "
-                                             "BatchNorm trains on batches of at least 2"):
+                                             "BatchNorm statistics need batches of at least 2"):
             step(torch.rand(1, 3, 32, 32), torch.tensor([3]))
-        with pytest.raises(ValueError, match="expects a batch of images \\(B, C, H, W\\), got "
-                                             "shape \\(3, 32, 32\\); add the batch dimension"):
+        with pytest.raises(ValueError, match="add the batch dimension with x\\[None\\]"):
             step(torch.rand(3, 32, 32), torch.tensor([3]))
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 

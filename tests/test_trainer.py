@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,16 @@ def test_a_dat_run_exports_a_plain_single_bn_model(tmp_path, capsys) -> None:
         trainer.fit()
     assert ("data: cifar10-sample, 10 classes, 3,000 training / 2,000 validation (40 used) / "
             "40 test images, 3x32x32") in capsys.readouterr().out
+    # the caller's own splits: named as such, and no held-out share to warn about
+    own = Trainer(load_config(None, [*TINY, "method.name=dat", "train.steps_per_epoch=1",
+                                     "train.test_attacks=[clean]", f"train.out_dir={tmp_path}",
+                                     "train.run_name=own", "data.val_size=0"]),
+                  splits=trainer.splits, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        own.fit()
+    assert "data: your splits, 10 classes, 3,000 training / 2,000 validation" in (
+        capsys.readouterr().out)
     weights = load_file(trainer.run_dir / "model.safetensors")
     assert not any(".aux." in k or ".main." in k for k in weights)
     create("resnet_tiny", num_classes=10).load_state_dict(weights)  # strict

@@ -52,9 +52,9 @@ def autoattack_info(eps: float, seed: int, num_classes: int = 10) -> dict:
     if num_classes <= STANDARD_TARGETS:
         targets = num_classes - 1
         info["target_classes"] = targets
-        info["adapted"] = (f"{num_classes} classes: {targets} target classes (standard: "
-                           f"{STANDARD_TARGETS})" + ("; no APGD-T (needs 4+ classes)"
-                                                     if num_classes < 4 else ""))
+        info["adapted"] = (f"{num_classes} classes: {targets} target class"
+                           f"{'es' if targets > 1 else ''} (standard: {STANDARD_TARGETS})"
+                           + ("; no APGD-T (needs 4+ classes)" if num_classes < 4 else ""))
     return info
 
 

@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "examples and settings) and run only the rest")
     p.add_argument("--no-checks", action="store_true", help="skip the integrity checks")
     p.add_argument("--strict", action="store_true", help="exit 1 when a check fails")
+    p.add_argument("--ignore-class-names", action="store_true",
+                   help="evaluate a checkpoint on class folders named otherwise than the ones "
+                        "it was trained on (only renamed: labels follow the sorted order)")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -202,7 +205,8 @@ def _check_same_classes(trained_on: list[str] | None, found: list[str]) -> None:
         f"the checkpoint was trained on {len(trained_on)} classes and the data has "
         f"{len(found)}, which differ from label {first} on ({trained_on[first:first + 2]} vs "
         f"{found[first:first + 2]}); evaluate it on data with the class folders it was "
-        "trained on (--data / --data-root)")
+        "trained on (--data / --data-root), or pass --ignore-class-names if the folders were "
+        "only renamed and sort in the same order")
 
 
 def _examples(data_cfg: DataConfig, split: str, n: int | None):
@@ -228,7 +232,8 @@ def _evaluate(args: argparse.Namespace, device: torch.device, out: Path) -> dict
 
     model, data_cfg, trained_on = _load(args, device)
     x, y, classes = _examples(data_cfg, args.split, args.n_examples)
-    _check_same_classes(trained_on, classes)
+    if not args.ignore_class_names:
+        _check_same_classes(trained_on, classes)
     return evaluate(
         model, (x, y), attacks=[a.strip() for a in args.attacks.split(",") if a.strip()],
         eps=args.eps, batch_size=args.batch_size, precision=args.precision,

@@ -29,7 +29,8 @@ def collect_examples(data, n_examples: int | None = None) -> tuple[Tensor, Tenso
     order (test sets are often sorted by class: the first N could be one class); of a
     loader, the first N it yields (shuffle it, or pass a tuple).
     """
-    if isinstance(data, torch.utils.data.Dataset):  # iterating it gives single samples
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(
+            data, torch.utils.data.IterableDataset):  # map-style: iterating gives samples
         raise EvaluationError(f"data is a {type(data).__name__} (single samples); pass "
                               "DataLoader(data, batch_size=500) or a tuple (x, y) of tensors")
     in_memory = isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0])

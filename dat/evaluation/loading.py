@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import inspect
 import pickle
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,8 +167,9 @@ def checkpoint_file(path: str | Path) -> Path:
     if not path.is_dir():
         return path
     for name in ("best.pt", "last.pt"):
-        if (path / "checkpoints" / name).is_file():
-            return path / "checkpoints" / name
+        for folder in (path / "checkpoints", path):  # the run folder, or its checkpoints/
+            if (folder / name).is_file():
+                return folder / name
     raise CheckpointError(f"{path} is a folder without checkpoints/best.pt or last.pt; pass "
                           "a checkpoint file (a run folder's checkpoints/best.pt)")
 
@@ -233,6 +235,7 @@ def _needs_two_branches(model: nn.Module, state: dict[str, Tensor]) -> bool:
     key matches once ``.main.`` / ``.aux.`` are read as one BatchNorm."""
     if has_dual_bn(model) or not any(".main." in k for k in state):
         return False
-    own = set(model.state_dict())
-    single = {k.replace(".main.", ".", 1) for k in state if ".aux." not in k}
+    own = set(model.state_dict())  # DualBatchNorm keys: <bn>.main.<name>, <bn>.aux.<name>
+    single = {re.sub(r"\.main\.([^.]+)$", r".\1", k) for k in state
+              if not re.search(r"\.aux\.[^.]+$", k)}
     return single == own

@@ -19,9 +19,11 @@ def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer | None, w
     """One-line ValueError when ``optimizer`` would leave trainable weights of ``model``
     untouched: most often it was built before ``convert_dual_bn`` replaced the BatchNorms,
     so it updates the old layers while the model's BN weights never train."""
-    if optimizer is None:
-        return
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    groups = getattr(optimizer, "param_groups", None)
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and "params" in g
+                                               for g in groups):
+        return  # None, or a wrapper without torch's param_groups: nothing to compare
+    held = {id(p) for group in groups for p in group["params"]}
     params = list(model.parameters())
     missing = [p for p in params if p.requires_grad and id(p) not in held]
     if not missing:
@@ -44,6 +46,8 @@ class MethodStep:
     users' own loops. ``state_dict`` holds everything besides the classifier and its
     optimiser that a resume needs (tensors and primitives only).
     """
+
+    images_only = False  # True: batches must be (B, C, H, W) (the FFT needs 2-D images)
 
     def run(self, x: Tensor, y: Tensor, x_raw: Tensor | None = None) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -78,7 +82,7 @@ class MethodStep:
         """(B, C, H, W) images, and B >= 2 for a model with BatchNorm (no host sync)."""
         if not torch.is_tensor(x):
             return
-        if x.dim() != 4:
+        if x.dim() != 4 and (self.images_only or x.dim() < 2):
             raise ValueError(f"{type(self).__name__} expects a batch of images (B, C, H, W), "
                              f"got shape {tuple(x.shape)}" + (
                                  "; add the batch dimension with x[None]" if x.dim() == 3
@@ -90,15 +94,20 @@ class MethodStep:
             self._has_bn = any(isinstance(m, _BatchNorm) for m in model.modules())
         if self._has_bn:
             raise ValueError(f"{type(self).__name__} got a batch of {len(x)} image(s); "
-                             "BatchNorm trains on batches of at least 2 images: drop or merge "
-                             "a last batch of 1 (DataLoader(..., drop_last=True))")
+                             "BatchNorm statistics need batches of at least 2 images (one "
+                             "image's are degenerate, and torch refuses them at 1x1 feature "
+                             "maps): drop or merge a last batch of 1 "
+                             "(DataLoader(..., drop_last=True))")
 
     def _check_labels(self, x: Tensor, y: Tensor) -> None:
         who = type(self).__name__
         if not torch.is_tensor(y) or y.is_floating_point() or y.dim() != 1 or len(y) != len(x):
             shape = tuple(y.shape) if torch.is_tensor(y) else type(y).__name__
+            unbatched = x.dim() == 3 and torch.is_tensor(y) and y.numel() == 1
             raise ValueError(f"{who} expects integer labels, one class index per image; got "
-                             f"{getattr(y, 'dtype', '')} {shape} for {len(x)} images")
+                             f"{getattr(y, 'dtype', '')} {shape} for {len(x)} images" + (
+                                 " (an unbatched image? add the batch dimension with x[None])"
+                                 if unbatched else ""))
         model = getattr(self, "model", None)
         if model is None or len(y) == 0:
             return

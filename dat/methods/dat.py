@@ -92,6 +92,8 @@ class DATStep(MethodStep):
         keep_images: keep this many samples' images for :meth:`last_images` (0 = off).
     """
 
+    images_only = True  # the amplitude mix-up is a 2-D FFT
+
     def __init__(
         self, model: nn.Module, generator: nn.Module | None, optimizer: torch.optim.Optimizer,
         generator_optimizer: torch.optim.Optimizer | None = None, *, beta: float = 15.0,
