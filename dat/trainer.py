@@ -26,6 +26,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -101,6 +102,9 @@ class Trainer(CheckpointedRun):
     def __init__(self, cfg: Config, splits: DatasetSplits | None = None,
                  callbacks: tuple = (), progress: bool = True) -> None:
         self.cfg, self.device = cfg, resolve_device(cfg.train.device)
+        if splits is None and cfg.data.name != "cifar10-sample":  # config.yaml and checkpoints
+            # keep a path that resumes and evaluates from any working folder
+            cfg.data.root = str(Path(cfg.data.root).expanduser().absolute())
         self.dist = distributed.init_distributed(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)  # one GPU per process

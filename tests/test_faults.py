@@ -266,6 +266,26 @@ def test_images_of_mixed_sizes(capsys, tmp_path) -> None:
     assert "resize" in err
 
 
+@pytest.mark.filterwarnings("ignore:data.val_size=2 holds out")  # 6 images: a tiny folder
+def test_a_relative_data_root_is_stored_absolute(tmp_path, monkeypatch) -> None:
+    """A run made with data.root=data/ds could not be resumed or evaluated from another
+    working folder: its config.yaml kept the relative path."""
+    from dat.config import load_config
+    from dat.trainer import Trainer
+
+    _folder(tmp_path / "data" / "ds", {"cat": (8, 8), "dog": (8, 8)})
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, [*TINY, "data.name=imagefolder", "data.root=data/ds",
+                             "data.val_size=2", "train.epochs=1", "train.steps_per_epoch=1",
+                             "data.batch_size=2", "train.val_examples=2",
+                             f"train.out_dir={tmp_path}/runs", "train.run_name=rel"])
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.cfg.data.root == str(tmp_path / "data" / "ds")
+    trainer.fit()
+    saved = load_config(str(tmp_path / "runs" / "rel" / "config.yaml"))
+    assert saved.data.root == str(tmp_path / "data" / "ds")
+
+
 def test_images_that_do_not_fit_the_model(capsys, tmp_path) -> None:
     err = _error_line(capsys, [*TINY, "model.name=timm/vit_tiny_patch16_224", "method.name=trades",
                                f"train.out_dir={tmp_path}"])
