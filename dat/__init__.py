@@ -1,6 +1,17 @@
 """dat: adversarial training with generative amplitude mix-up (DAT, NeurIPS 2024)."""
 
-from . import attacks, callbacks, config, data, generator, losses, mixing, models, spectral
+from . import (
+    attacks,
+    callbacks,
+    config,
+    data,
+    export,
+    generator,
+    losses,
+    mixing,
+    models,
+    spectral,
+)
 from .config import Config, load_config
 from .evaluation import evaluate
 from .generator import AmplitudeGenerator
@@ -19,6 +30,7 @@ __all__ = [
     "config",
     "data",
     "evaluate",
+    "export",
     "generator",
     "load_config",
     "losses",

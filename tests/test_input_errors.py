@@ -564,7 +564,8 @@ def test_baseline_steps_take_wrapped_optimizers_and_non_image_batches() -> None:
     step = PGDATStep(signal, torch.optim.SGD(signal.parameters(), lr=0.1), steps=1)
     assert step(torch.rand(4, 2, 16), torch.tensor([0, 1, 2, 0]))["loss"] > 0
     with pytest.raises(ValueError, match="DATStep expects a batch of images \\(B, C, H, W\\), "
-                                         "got shape \\(3, 32, 32\\); add the batch dimension"):
+                                         "got shape \\(3, 32, 32\\) \\(an unbatched image\\? "
+                                         "add the batch dimension"):
         _dat_step(steps=1)(torch.rand(3, 32, 32), torch.tensor([3]))
 
 

@@ -95,7 +95,8 @@ def _radii(text: str) -> list[float]:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="evaluate.py", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a dat checkpoint (dict with 'model' and 'config')")
+    src.add_argument("--checkpoint", help="a dat checkpoint (dict with 'model' and 'config'), "
+                     "or a run folder (or its checkpoints/): its best.pt, else last.pt")
     src.add_argument("--model", help="module:function or file.py:function returning an "
                      "nn.Module on [0, 1] images")
     p.add_argument("--weights", help="with --model: a .safetensors or torch state dict file")

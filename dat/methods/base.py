@@ -85,8 +85,8 @@ class MethodStep:
         if x.dim() != 4 and (self.images_only or x.dim() < 2):
             raise ValueError(f"{type(self).__name__} expects a batch of images (B, C, H, W), "
                              f"got shape {tuple(x.shape)}" + (
-                                 "; add the batch dimension with x[None]" if x.dim() == 3
-                                 else ""))
+                                 " (an unbatched image? add the batch dimension with x[None])"
+                                 if x.dim() == 3 else ""))
         model = getattr(self, "model", None)
         if len(x) >= 2 or model is None:
             return
