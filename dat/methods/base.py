@@ -29,13 +29,13 @@ def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer | None, w
     if not missing:
         return
     stale = len(held - {id(p) for p in params})
-    why = (f"and holds {stale} tensors that are no longer in the model: it was built before "
+    why = (f" and holds {stale} tensors that are no longer in the model: it was built before "
            "the model's layers were replaced; build the optimizer after "
            "dat.models.convert_dual_bn(model)" if stale else
            "; pass them all (model.parameters()), or freeze the ones you mean to keep "
            "with p.requires_grad_(False)")
     raise ValueError(f"{who}: the optimizer misses {len(missing)} of the model's "
-                     f"{sum(p.requires_grad for p in params)} trainable tensors {why}")
+                     f"{sum(p.requires_grad for p in params)} trainable tensors{why}")
 
 
 class MethodStep:
@@ -79,7 +79,8 @@ class MethodStep:
             self._check_labels(images[0], labels)
 
     def _check_batch_shape(self, x: Tensor | None) -> None:
-        """(B, C, H, W) images, and B >= 2 for a model with BatchNorm (no host sync)."""
+        """A batch: (B, C, H, W) for image-only steps, 2+ dims otherwise, and B >= 2 for a
+        model with BatchNorm (no host sync: it runs on every call)."""
         if not torch.is_tensor(x):
             return
         if x.dim() != 4 and (self.images_only or x.dim() < 2):
