@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -190,7 +191,8 @@ def named_run_dir(cfg: Config, resume: Path | None) -> Path | None:
 def _new_run_name(cfg: Config) -> str:
     """``method-model-data-time``, claimed by creating its folder (an atomic mkdir): runs
     started in the same second get ``-2``, ``-3``, ... instead of sharing one folder."""
-    model = cfg.model.name.replace("/", "_")
+    model = cfg.model.name.rpartition(":")[2] if ":" in cfg.model.name else cfg.model.name
+    model = re.sub(r"[^A-Za-z0-9_.-]", "_", model)  # timm/x -> timm_x; file.py:build -> build
     base = f"{cfg.method.name}-{model}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     for n in range(1, 1000):
         name = base if n == 1 else f"{base}-{n}"

@@ -320,7 +320,14 @@ def _check_attack(a: AttackConfig, key: str) -> None:
 
 
 def _check_model_name(name: str, known: list[str]) -> None:
-    if name.startswith("timm/"):
+    from .entry_points import check_spec, is_spec
+
+    if is_spec(name):  # your own builder: its form and file now, the import at build time
+        try:
+            check_spec(name, "model.name")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    elif name.startswith("timm/"):
         import timm  # only when asked for: importing timm takes about a second
 
         if not timm.is_model(name.removeprefix("timm/")):
@@ -329,7 +336,8 @@ def _check_model_name(name: str, known: list[str]) -> None:
                 "pick a name from timm.list_models()"
             )
     elif name not in known:
-        raise ConfigError(f"model.name={name!r} is unknown; use one of {known} or timm/<name>")
+        raise ConfigError(f"model.name={name!r} is unknown; use one of {known}, timm/<name>, or "
+                          "your own builder as module:function or path/file.py:function")
 
 
 def validate(cfg: Config, stored: bool = False) -> None:

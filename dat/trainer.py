@@ -59,6 +59,7 @@ from .callbacks import (
 )
 from .config import Config, config_to_yaml
 from .data import Batch, DatasetSplits, load_dataset, make_loader, stratified_split
+from .entry_points import absolute_spec
 from .guard import (
     StepGuard,
     generator_warnings,
@@ -102,9 +103,10 @@ class Trainer(CheckpointedRun):
     def __init__(self, cfg: Config, splits: DatasetSplits | None = None,
                  callbacks: tuple = (), progress: bool = True) -> None:
         self.cfg, self.device = cfg, resolve_device(cfg.train.device)
-        if splits is None and cfg.data.name != "cifar10-sample":  # config.yaml and checkpoints
-            # keep a path that resumes and evaluates from any working folder
+        # config.yaml and checkpoints keep paths that resume and evaluate from any folder
+        if splits is None and cfg.data.name != "cifar10-sample":
             cfg.data.root = str(Path(cfg.data.root).expanduser().absolute())
+        cfg.model.name = absolute_spec(cfg.model.name)  # your own nets.py:build
         self.dist = distributed.init_distributed(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)  # one GPU per process

@@ -184,6 +184,8 @@ def _error_line(capsys, argv: list[str]) -> str:
     ("method.attack.eps=8", "0-255 units"),
     ("method.attack.alpha=16/255", "larger than method.attack.eps"),
     ("model.name=resnet_huge", "model.name='resnet_huge' is unknown"),
+    ("model.name=no_such_nets.py:build", "no_such_nets.py does not exist; pass the path of"),
+    ("model.name=nets.py:build-net", "must look like module:function or path/file.py:function"),
     ("method.name=fgsm_at", "method.name='fgsm_at' is not valid"),
     ("data.name=imagenet21k", "data.name='imagenet21k' is not valid"),
     ("train.epohcs=3", "train.epohcs"),

@@ -113,3 +113,49 @@ def test_unknown_names_give_clear_errors(name: str, match: str) -> None:
     with pytest.raises(ValueError, match=match) as info:
         create(name)
     assert "\n" not in str(info.value)
+
+
+NETS = '''
+import torch
+from torch import nn
+
+import dat
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.normalize = dat.models.Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+
+    def forward(self, x):
+        return self.body(self.normalize(x))
+
+
+def build(num_classes=10):
+    return Net(num_classes)
+
+
+def fixed():
+    return Net(7)
+
+
+def not_a_model(num_classes):
+    return "oops"
+'''
+
+
+def test_your_own_builder_by_module_or_file(tmp_path, monkeypatch) -> None:
+    (tmp_path / "nets.py").write_text(NETS)
+    model = create(f"{tmp_path / 'nets.py'}:build", num_classes=5, dual_bn=True)
+    assert has_dual_bn(model) and model.eval()(torch.rand(2, 3, 16, 16)).shape == (2, 5)
+    assert create(f"{tmp_path / 'nets.py'}:fixed").body[-1].out_features == 7  # no num_classes
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert create("nets:build", num_classes=3).body[-1].out_features == 3
+    with pytest.raises(ValueError, match="returned str, not a torch nn.Module"):
+        create("nets:not_a_model")
+    with pytest.raises(ValueError, match="nets has no function 'missing'"):
+        create("nets:missing")
+    with pytest.raises(ValueError, match="no_such.py does not exist"):
+        create(f"{tmp_path / 'no_such.py'}:build")

@@ -334,3 +334,30 @@ def test_step_stats_are_summed_on_the_device_by_name(tmp_path) -> None:
     trainer._accumulate({"a": torch.tensor(7.0), "c": torch.tensor(float("nan"))}, no)
     assert trainer._sum_keys == ("a", "b", "c")
     assert trainer._sum_vec.tolist() == [3.0, 5.0, 5.0] and float(trainer._good) == 3.0
+
+
+def test_your_own_architecture_trains_evaluates_and_exports_from_the_cli(tmp_path,
+                                                                         monkeypatch) -> None:
+    """model.name=nets.py:build: a builder of your own, as evaluate.py --model takes it; the
+    run stores its absolute path, so evaluation and export work from any folder."""
+    from test_models import NETS
+
+    from dat.cli import train_main
+    from dat.evaluation.cli import evaluate_main
+    from dat.export import main as export_main
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "nets.py").write_text(NETS)
+    monkeypatch.chdir(work)
+    assert train_main(["--no-progress", *TINY, "model.name=nets.py:build", "method.name=dat",
+                       "train.steps_per_epoch=2", "train.test_attacks=[clean]",
+                       f"train.out_dir={tmp_path}/runs", "train.image_every=0"]) == 0
+    run = next((tmp_path / "runs").iterdir())
+    assert run.name.startswith("dat-build-cifar10-sample-")
+    assert load_config(str(run / "config.yaml")).model.name == f"{work / 'nets.py'}:build"
+    monkeypatch.chdir(tmp_path)  # elsewhere: the stored absolute path still resolves
+    assert evaluate_main(["--checkpoint", str(run), "--attacks", "clean", "--n-examples", "8",
+                          "--no-progress", "--no-checks"]) == 0
+    assert export_main(["--checkpoint", str(run / "checkpoints" / "best.pt"), "--format",
+                        "safetensors", "--out", str(tmp_path / "net.safetensors")]) == 0

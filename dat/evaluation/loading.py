@@ -8,8 +8,6 @@ Checkpoint format (written by the trainer): a plain dict loadable with
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import pickle
 import re
@@ -175,25 +173,12 @@ def checkpoint_file(path: str | Path) -> Path:
 
 
 def _import(spec: str):
-    module_name, _, func_name = spec.partition(":")
-    if not module_name or not func_name:
-        raise CheckpointError(
-            f"--model {spec!r} must look like module:function or path/file.py:function")
-    if module_name.endswith(".py"):
-        file_spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
-        if file_spec is None or not Path(module_name).is_file():
-            raise CheckpointError(f"{module_name} does not exist")
-        module = importlib.util.module_from_spec(file_spec)
-        file_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            raise CheckpointError(f"cannot import {module_name!r} ({err}); add its folder to "
-                                  "PYTHONPATH or pass path/to/file.py:function") from None
-    if not callable(getattr(module, func_name, None)):
-        raise CheckpointError(f"{module_name} has no function {func_name!r}")
-    return getattr(module, func_name)
+    from ..entry_points import load_function
+
+    try:
+        return load_function(spec, "--model")
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def _check_no_arguments(func, spec: str) -> None:

@@ -31,9 +31,13 @@ def list_models() -> list[str]:
 def create(name: str, num_classes: int = 10, dual_bn: bool = False, **kwargs) -> nn.Module:
     """Build model ``name`` taking [0, 1] images; ``dual_bn`` gives every BN two branches.
 
-    ``timm/<name>`` builds any timm architecture (random init; no hub download). Keyword
-    arguments that are ``None`` are dropped, so CLI defaults never override a model's own.
+    ``timm/<name>`` builds any timm architecture (random init; no hub download).
+    ``module:function`` or ``path/file.py:function`` calls your own builder (with
+    ``num_classes`` when it takes that argument); it must return a module on [0, 1] images
+    (normalisation inside). Keyword arguments that are ``None`` are dropped, so CLI
+    defaults never override a model's own.
     """
+    from ..entry_points import accepts, is_spec, load_function
     from .dual_bn import convert_dual_bn
 
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
@@ -43,8 +47,16 @@ def create(name: str, num_classes: int = 10, dual_bn: bool = False, **kwargs) ->
         model = create_timm(name.removeprefix("timm/"), num_classes=num_classes, **kwargs)
     elif name in _REGISTRY:
         model = _REGISTRY[name](num_classes=num_classes, **kwargs)
+    elif is_spec(name):
+        build = load_function(name, "model.name")
+        model = build(**({"num_classes": num_classes} if accepts(build, "num_classes") else {}),
+                      **kwargs)
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model.name {name!r} returned {type(model).__name__}, not a "
+                             "torch nn.Module")
     else:
         raise ValueError(
-            f"unknown model {name!r}; choose one of {list_models()} or 'timm/<timm model name>'"
+            f"unknown model {name!r}; choose one of {list_models()}, 'timm/<timm model name>' "
+            "or your own builder as module:function / path/file.py:function"
         )
     return convert_dual_bn(model) if dual_bn else model

@@ -1,0 +1,80 @@
+"""User code named on a command line: ``module:function`` or ``path/file.py:function``.
+
+``train.py model.name=nets.py:build`` and ``evaluate.py --model nets.py:build`` use it, so a
+model architecture of your own trains, evaluates and exports without being part of dat.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["absolute_spec", "accepts", "check_spec", "is_spec", "load_function"]
+
+
+def is_spec(name: str) -> bool:
+    """True for ``module:function`` / ``file.py:function`` (not a registry or timm name)."""
+    return ":" in name and not name.startswith("timm/")
+
+
+def _parts(spec: str, what: str) -> tuple[str, str]:
+    module_name, _, func_name = spec.rpartition(":")
+    if not module_name or not func_name or not func_name.isidentifier():
+        raise ValueError(f"{what} {spec!r} must look like module:function or "
+                         "path/file.py:function")
+    return module_name, func_name
+
+
+def absolute_spec(spec: str) -> str:
+    """``spec`` with a file path made absolute, so it resolves from any working folder."""
+    module_name, _, func_name = spec.rpartition(":")
+    if not module_name.endswith(".py"):
+        return spec
+    return f"{Path(module_name).expanduser().absolute()}:{func_name}"
+
+
+def check_spec(spec: str, what: str) -> None:
+    """The form, and that a named file exists (cheap: nothing is imported)."""
+    module_name, _ = _parts(spec, what)
+    if module_name.endswith(".py") and not Path(module_name).expanduser().is_file():
+        raise ValueError(f"{what} {spec!r}: {module_name} does not exist; pass the path of a "
+                         ".py file (or module:function with its folder on PYTHONPATH)")
+
+
+def load_function(spec: str, what: str) -> Callable[..., Any]:
+    """The callable ``spec`` names; ValueError naming ``what`` (flag or key) and the fix."""
+    check_spec(spec, what)
+    module_name, func_name = _parts(spec, what)
+    if module_name.endswith(".py"):
+        path = Path(module_name).expanduser()
+        file_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(file_spec)
+        sys.path.insert(0, str(path.parent))  # the file may import its neighbours
+        try:
+            file_spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(str(path.parent))
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            raise ValueError(f"{what} {spec!r}: cannot import {module_name!r} ({err}); add its "
+                             "folder to PYTHONPATH or pass path/to/file.py:function") from None
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise ValueError(f"{what} {spec!r}: {module_name} has no function {func_name!r}")
+    return func
+
+
+def accepts(func: Callable[..., Any], name: str) -> bool:
+    """True when ``func`` can take the keyword argument ``name``."""
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
