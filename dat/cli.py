@@ -120,6 +120,9 @@ def train_main(argv: list[str] | None = None) -> int:
             cfg = _resume_config(args)
         else:
             cfg = load_config(args.config or DEFAULT_PRESET, args.overrides)
+        from .entry_points import absolute_spec
+
+        cfg.model.name = absolute_spec(cfg.model.name)  # as the run stores it
         if args.print_config:
             from .checkpoint import check_compatible, load_for_resume
             from .config import config_to_dict, config_to_yaml
