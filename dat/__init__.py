@@ -5,7 +5,6 @@ from . import (
     callbacks,
     config,
     data,
-    export,
     generator,
     losses,
     mixing,
@@ -19,6 +18,16 @@ from .methods.dat import DATStep
 from .mixing import AmplitudeMix
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``dat.export`` on first use: imported eagerly, ``python -m dat.export`` would warn
+    that the module was already loaded."""
+    if name == "export":
+        import importlib
+
+        return importlib.import_module(".export", __name__)
+    raise AttributeError(f"module 'dat' has no attribute {name!r}")
 
 __all__ = [
     "AmplitudeGenerator",

@@ -22,6 +22,7 @@ from . import folder_lock
 from .checkpoint import ensure_writable
 from .config import Config, ConfigError, OptimConfig
 from .data import DataError, DatasetSplits
+from .entry_points import is_spec, run_label
 from .methods import needs_dual_bn
 from .models import create
 
@@ -168,8 +169,9 @@ def build_model(cfg: Config, num_classes: int, image_shape: tuple[int, int, int]
     """The registry model (dual BN when the method needs it) on ``device``, checked."""
     try:
         model = create(cfg.model.name, num_classes=num_classes, dual_bn=needs_dual_bn(cfg))
-    except ValueError as err:
-        raise ConfigError(f"model.name={cfg.model.name!r}: {err}") from None
+    except ValueError as err:  # a builder's own errors already name model.name
+        raise ConfigError(str(err) if is_spec(cfg.model.name) else
+                          f"model.name={cfg.model.name!r}: {err}") from None
     model = model.to(device)
     if resolve_channels_last(cfg.perf.channels_last, device, model):
         model = model.to(memory_format=torch.channels_last)
@@ -191,8 +193,8 @@ def named_run_dir(cfg: Config, resume: Path | None) -> Path | None:
 def _new_run_name(cfg: Config) -> str:
     """``method-model-data-time``, claimed by creating its folder (an atomic mkdir): runs
     started in the same second get ``-2``, ``-3``, ... instead of sharing one folder."""
-    model = cfg.model.name.rpartition(":")[2] if ":" in cfg.model.name else cfg.model.name
-    model = re.sub(r"[^A-Za-z0-9_.-]", "_", model)  # timm/x -> timm_x; file.py:build -> build
+    model = run_label(cfg.model.name) if is_spec(cfg.model.name) else cfg.model.name
+    model = re.sub(r"[^A-Za-z0-9_.-]", "_", model)  # timm/x -> timm_x; nets.py:build -> nets.build
     base = f"{cfg.method.name}-{model}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     for n in range(1, 1000):
         name = base if n == 1 else f"{base}-{n}"

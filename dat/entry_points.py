@@ -6,15 +6,18 @@ model architecture of your own trains, evaluates and exports without being part 
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-__all__ = ["absolute_spec", "accepts", "check_spec", "is_spec", "load_function"]
+__all__ = ["absolute_spec", "accepts", "check_spec", "is_spec", "load_function", "run_label"]
 
 
 def is_spec(name: str) -> bool:
@@ -31,11 +34,20 @@ def _parts(spec: str, what: str) -> tuple[str, str]:
 
 
 def absolute_spec(spec: str) -> str:
-    """``spec`` with a file path made absolute, so it resolves from any working folder."""
+    """``spec`` with a file path made absolute (and ``..`` folded), so it resolves from any
+    working folder and compares equal however it was written."""
     module_name, _, func_name = spec.rpartition(":")
     if not module_name.endswith(".py"):
         return spec
-    return f"{Path(module_name).expanduser().absolute()}:{func_name}"
+    return f"{os.path.abspath(os.path.expanduser(module_name))}:{func_name}"
+
+
+def run_label(spec: str) -> str:
+    """A short name for run folders: ``nets.py:build`` -> ``nets.build``."""
+    module_name, _, func_name = spec.rpartition(":")
+    if module_name.endswith(".py"):
+        module_name = Path(module_name).stem
+    return f"{module_name}.{func_name}"
 
 
 def check_spec(spec: str, what: str) -> None:
@@ -51,24 +63,43 @@ def load_function(spec: str, what: str) -> Callable[..., Any]:
     check_spec(spec, what)
     module_name, func_name = _parts(spec, what)
     if module_name.endswith(".py"):
-        path = Path(module_name).expanduser()
-        file_spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(file_spec)
-        sys.path.insert(0, str(path.parent))  # the file may import its neighbours
-        try:
-            file_spec.loader.exec_module(module)
-        finally:
-            sys.path.remove(str(path.parent))
+        module = _load_file(Path(module_name).expanduser())
     else:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as err:
-            raise ValueError(f"{what} {spec!r}: cannot import {module_name!r} ({err}); add its "
-                             "folder to PYTHONPATH or pass path/to/file.py:function") from None
+            parts = module_name.split(".")
+            ours = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+            if err.name in ours:
+                raise ValueError(f"{what} {spec!r}: cannot import {module_name!r} ({err}); add "
+                                 "its folder to PYTHONPATH or pass path/to/file.py:function"
+                                 ) from None
+            raise ValueError(f"{what} {spec!r}: importing {module_name!r} failed: {err} (a "
+                             "module it imports; install it or fix that import)") from None
     func = getattr(module, func_name, None)
     if not callable(func):
         raise ValueError(f"{what} {spec!r}: {module_name} has no function {func_name!r}")
     return func
+
+
+def _load_file(path: Path) -> ModuleType:
+    """Execute ``path`` as a module, as Python runs a script: its folder goes on
+    ``sys.path`` (for imports of its neighbours, also inside the builder) and the module
+    into ``sys.modules`` under a name of its own (dataclasses and pickle look it up)."""
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
+    name = f"_dat_user_{path.stem}_{digest}"  # one per file, the same in every process
+    file_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(file_spec)
+    sys.modules[name] = module
+    try:
+        file_spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
 def accepts(func: Callable[..., Any], name: str) -> bool:

@@ -80,7 +80,8 @@ def load_exported(path: str | Path, name: str, num_classes: int) -> nn.Module:
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dat.export", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a dat checkpoint (best.pt / last.pt)")
+    p.add_argument("--checkpoint", required=True, help="a dat checkpoint (best.pt / last.pt), "
+                   "or a run folder (its best.pt, else last.pt)")
     p.add_argument("--format", choices=FORMATS, default="safetensors")
     p.add_argument("--out", required=True, help="output file (.safetensors or .pt)")
     p.add_argument("--no-verify", action="store_true",
@@ -99,14 +100,14 @@ def _verify(loaded, path: Path) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; prints one line per step, returns the exit status."""
-    from .evaluation.loading import load_checkpoint
+    from .evaluation.loading import checkpoint_file, load_checkpoint
 
     args = _parse(argv)
     out = Path(args.out)
     staged = out.with_name(f".{out.stem}.export{out.suffix}")  # renamed to --out once verified
     try:
         check_suffix(out, args.format)  # before the (slow) checkpoint load
-        loaded = load_checkpoint(args.checkpoint)
+        loaded = load_checkpoint(checkpoint_file(args.checkpoint))  # a run folder: best.pt
         meta = {"model": loaded.config.model.name, "num_classes": loaded.num_classes,
                 "input": "RGB in [0, 1], normalisation inside the model",
                 "bn_branch": "main" if loaded.dual_bn else "single"}

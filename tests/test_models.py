@@ -159,3 +159,37 @@ def test_your_own_builder_by_module_or_file(tmp_path, monkeypatch) -> None:
         create("nets:missing")
     with pytest.raises(ValueError, match="no_such.py does not exist"):
         create(f"{tmp_path / 'no_such.py'}:build")
+
+
+def test_a_builder_file_may_use_dataclasses_and_import_its_neighbours_late(tmp_path) -> None:
+    """Both failed: the file was not in sys.modules (dataclasses looks it up), and its
+    folder left sys.path before the builder ran."""
+    from dat.entry_points import absolute_spec
+
+    (tmp_path / "blocks.py").write_text("from torch import nn\nWIDTH = 4\n")
+    (tmp_path / "late.py").write_text(
+        "from __future__ import annotations\n"
+        "from dataclasses import dataclass\n"
+        "from torch import nn\n\n\n"
+        "@dataclass\n"
+        "class Size:\n"
+        "    classes: int\n\n\n"
+        "def build(num_classes):\n"
+        "    import blocks\n\n"
+        "    size = Size(num_classes)\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(blocks.WIDTH, size.classes))\n")
+    model = create(f"{tmp_path / 'late.py'}:build", num_classes=3)
+    assert model(torch.rand(2, 1, 2, 2)).shape == (2, 3)
+    assert absolute_spec(f"{tmp_path}/sub/../late.py:build") == f"{tmp_path / 'late.py'}:build"
+
+
+def test_a_package_that_fails_inside_is_not_blamed_on_pythonpath(tmp_path, monkeypatch):
+    (tmp_path / "badpkg").mkdir()
+    (tmp_path / "badpkg" / "__init__.py").write_text("import missing_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match="importing 'badpkg' failed: No module named "
+                                         "'missing_dependency_xyz' \\(a module it imports"):
+        create("badpkg:build")
+    with pytest.raises(ValueError, match="cannot import 'no_pkg_xyz'.*add its folder to "
+                                         "PYTHONPATH"):
+        create("no_pkg_xyz:build")

@@ -354,10 +354,10 @@ def test_your_own_architecture_trains_evaluates_and_exports_from_the_cli(tmp_pat
                        "train.steps_per_epoch=2", "train.test_attacks=[clean]",
                        f"train.out_dir={tmp_path}/runs", "train.image_every=0"]) == 0
     run = next((tmp_path / "runs").iterdir())
-    assert run.name.startswith("dat-build-cifar10-sample-")
+    assert run.name.startswith("dat-nets.build-cifar10-sample-")
     assert load_config(str(run / "config.yaml")).model.name == f"{work / 'nets.py'}:build"
     monkeypatch.chdir(tmp_path)  # elsewhere: the stored absolute path still resolves
     assert evaluate_main(["--checkpoint", str(run), "--attacks", "clean", "--n-examples", "8",
                           "--no-progress", "--no-checks"]) == 0
-    assert export_main(["--checkpoint", str(run / "checkpoints" / "best.pt"), "--format",
-                        "safetensors", "--out", str(tmp_path / "net.safetensors")]) == 0
+    assert export_main(["--checkpoint", str(run), "--format", "safetensors",  # a run folder
+                        "--out", str(tmp_path / "net.safetensors")]) == 0
