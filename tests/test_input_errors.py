@@ -219,6 +219,19 @@ def test_an_entry_point_needing_arguments_is_refused(tmp_path, capsys, no_attack
         load_entry_point("dat.models:create")
 
 
+def test_an_entry_point_taking_num_classes_gets_the_datas(tmp_path, capsys) -> None:
+    """As model.name=file.py:function does in training: a builder that needs num_classes
+    used to be refused by evaluate.py --model ("must take no arguments")."""
+    (tmp_path / "net.py").write_text(
+        "import dat\n\n\ndef build(num_classes):\n"
+        "    return dat.models.create('resnet_tiny', num_classes)\n")
+    assert evaluate_main(["--model", f"{tmp_path / 'net.py'}:build", "--data", "cifar10-sample",
+                          "--attacks", "clean", "--n-examples", "8", "--no-progress",
+                          "--no-checks", "--out", str(tmp_path / "e")]) == 0
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    assert report["num_classes"] == 10
+
+
 def test_a_model_refused_by_the_evaluation_leaves_no_report_folder(tmp_path, capsys) -> None:
     (tmp_path / "pair.py").write_text(
         "import torch\n"

@@ -17,7 +17,12 @@ import torch
 from ..config import DataConfig
 from ..folder_lock import LOCK_NAME, hold_folder
 from ..messages import one_line, one_line_warnings
-from .loading import checkpoint_file, load_checkpoint, load_entry_point
+from .loading import (
+    build_entry_point,
+    checkpoint_file,
+    load_checkpoint,
+    prepare_entry_point,
+)
 from .progress import PROGRESS_FILE, finished_attacks
 
 __all__ = ["build_parser", "evaluate_main", "parse_eps"]
@@ -180,15 +185,15 @@ def _check_writable(out: Path) -> bool:
 
 
 def _load(args: argparse.Namespace, device: torch.device):
-    """(model, DataConfig, class names it was trained on or None) for --checkpoint or --model."""
-    trained_on = None
+    """(model or None, DataConfig, class names it was trained on or None): a checkpoint's
+    model now; an entry point's (None here) once the data says how many classes it has."""
+    model, trained_on = None, None
     if args.checkpoint:
         loaded = load_checkpoint(args.checkpoint, device=device)
         data, model, trained_on = loaded.config.data, loaded.model, loaded.classes
     else:
         if args.data is None:
             args.data = "cifar10"
-        model = load_entry_point(args.model, args.weights, device=device)
         data = DataConfig()
     data.name = args.data or data.name
     data.root = args.data_root or data.root
@@ -232,7 +237,11 @@ def _evaluate(args: argparse.Namespace, device: torch.device, out: Path) -> dict
     from .runner import evaluate
 
     model, data_cfg, trained_on = _load(args, device)
+    if model is None:  # --model: checked before the data loads, built once it has
+        func, state = prepare_entry_point(args.model, args.weights)
     x, y, classes = _examples(data_cfg, args.split, args.n_examples)
+    if model is None:
+        model = build_entry_point(args.model, func, state, device, len(classes), args.weights)
     if not args.ignore_class_names:
         _check_same_classes(trained_on, classes)
     return evaluate(

@@ -181,31 +181,57 @@ def _import(spec: str):
         raise CheckpointError(str(err)) from None
 
 
-def _check_no_arguments(func, spec: str) -> None:
-    """Refuse an entry point that cannot be called without arguments (before calling it)."""
+def _check_no_arguments(func, spec: str, num_classes: int | None = None) -> None:
+    """Refuse an entry point that cannot be called without arguments (before calling it);
+    ``num_classes`` counts as given when it is known."""
     try:
         params = inspect.signature(func).parameters.values()
     except (TypeError, ValueError):  # builtins without a signature: just call it
         return
     needed = [p.name for p in params if p.default is p.empty
-              and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+              and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+              and not (p.name == "num_classes" and num_classes is not None)]
     if needed:
         raise CheckpointError(
-            f"--model {spec}: the function must take no arguments, but it needs "
-            f"{', '.join(needed)}; put a zero-argument wrapper in a file, e.g. net.py with "
-            f"'def net(): return {spec.rpartition(':')[2]}(...)', and pass --model net.py:net")
+            f"--model {spec}: the function must take no arguments (num_classes aside), but it "
+            f"needs {', '.join(needed)}; put a zero-argument wrapper in a file, e.g. net.py "
+            f"with 'def net(): return {spec.rpartition(':')[2]}(...)', and pass --model "
+            "net.py:net")
 
 
 def load_entry_point(spec: str, weights: str | Path | None = None,
-                     device: torch.device | str = "cpu") -> nn.Module:
-    """``module:function`` returning an ``nn.Module`` on [0, 1] images, plus optional weights."""
+                     device: torch.device | str = "cpu",
+                     num_classes: int | None = None) -> nn.Module:
+    """``module:function`` returning an ``nn.Module`` on [0, 1] images, plus optional weights.
+
+    A function taking ``num_classes`` gets it when it is given (the evaluation passes the
+    data's class count), as ``model.name=file.py:function`` does in training.
+    """
+    func, state = prepare_entry_point(spec, weights, num_classes_known=num_classes is not None)
+    return build_entry_point(spec, func, state, device, num_classes, weights)
+
+
+def prepare_entry_point(spec: str, weights: str | Path | None = None,
+                        num_classes_known: bool = True):
+    """The builder and the weights file's state dict (or None), read and checked before
+    any data loads, so a bad ``--model`` or ``--weights`` fails at once."""
     func = _import(spec)
-    _check_no_arguments(func, spec)
-    model = func()
+    _check_no_arguments(func, spec, 0 if num_classes_known else None)
+    state = None if weights is None else _strip_prefixes(load_state_file(weights))
+    return func, state
+
+
+def build_entry_point(spec: str, func, state: dict[str, Tensor] | None,
+                      device: torch.device | str, num_classes: int | None,
+                      weights: str | Path | None = None) -> nn.Module:
+    """Call the builder (with ``num_classes`` when it takes it), load ``state`` strictly."""
+    from ..entry_points import accepts
+
+    given = num_classes is not None and accepts(func, "num_classes")
+    model = func(**({"num_classes": num_classes} if given else {}))
     if not isinstance(model, nn.Module):
         raise CheckpointError(f"{spec} returned {type(model).__name__}, not a torch nn.Module")
-    if weights is not None:
-        state = _strip_prefixes(load_state_file(weights))
+    if state is not None:
         if _needs_two_branches(model, state):
             convert_dual_bn(model)
             print(f"note: {weights} holds DAT's two BatchNorm branches; the model from {spec} "
