@@ -223,7 +223,7 @@ class Trainer(CheckpointedRun):
         s, d = self.splits, self.cfg.data
         used = len(self.val_data[1])
         name = "your splits" if self._own_splits else d.name + (
-            f" {d.root}" if d.name == "imagefolder" else "")
+            f" {d.root}" if d.name != "cifar10-sample" else "")  # which copy it read
         print(f"data: {name}, {len(s.classes)} classes, {len(s.train):,} training / "
               f"{len(s.val):,} validation ({used:,} used) / {len(s.test):,} test images, "
               f"{'x'.join(map(str, s.image_shape))}")
