@@ -185,7 +185,7 @@ def test_a_checkpoint_on_data_with_other_class_folders_is_refused(make_tiny_mode
         dat.config.DataConfig(name="cifar10-sample")).classes[1:]]
     path = tmp_path / "best.pt"
     _checkpoint(make_tiny_model().eval(), path)
-    saved = torch.load(path, weights_only=False)
+    saved = torch.load(path, weights_only=True)
     torch.save({**saved, "classes": classes}, path)
     assert evaluate_main(_quick(path, tmp_path)) == 2
     _one_line_error(capsys, "trained on 10 classes and the data has 10, which differ from "
