@@ -181,16 +181,16 @@ def _import(spec: str):
         raise CheckpointError(str(err)) from None
 
 
-def _check_no_arguments(func, spec: str, num_classes: int | None = None) -> None:
+def _check_no_arguments(func, spec: str, num_classes_known: bool = False) -> None:
     """Refuse an entry point that cannot be called without arguments (before calling it);
-    ``num_classes`` counts as given when it is known."""
+    a ``num_classes`` parameter is fine when the class count will be passed."""
     try:
         params = inspect.signature(func).parameters.values()
     except (TypeError, ValueError):  # builtins without a signature: just call it
         return
     needed = [p.name for p in params if p.default is p.empty
               and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-              and not (p.name == "num_classes" and num_classes is not None)]
+              and not (p.name == "num_classes" and num_classes_known)]
     if needed:
         raise CheckpointError(
             f"--model {spec}: the function must take no arguments (num_classes aside), but it "
@@ -216,7 +216,7 @@ def prepare_entry_point(spec: str, weights: str | Path | None = None,
     """The builder and the weights file's state dict (or None), read and checked before
     any data loads, so a bad ``--model`` or ``--weights`` fails at once."""
     func = _import(spec)
-    _check_no_arguments(func, spec, 0 if num_classes_known else None)
+    _check_no_arguments(func, spec, num_classes_known)
     state = None if weights is None else _strip_prefixes(load_state_file(weights))
     return func, state
 

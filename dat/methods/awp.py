@@ -51,13 +51,16 @@ class AWP:
         self.model, self.gamma = model, gamma
         self.proxy = copy.deepcopy(model)
         self.proxy_optimizer = torch.optim.SGD(self.proxy.parameters(), lr=proxy_lr)
+        # (model weight, proxy weight) for every perturbed tensor, found once (a step uses
+        # them three times): the weights of 2+ dims (conv / linear), as in the AWP authors'
+        # code; not biases, BN, or a ViT's tokens
+        self._perturbed = [(w, p) for (name, w), p in zip(
+            model.named_parameters(), self.proxy.parameters(), strict=True)
+            if w.dim() > 1 and "weight" in name]
 
     def _pairs(self) -> list[tuple[Tensor, Tensor]]:
-        """(model weight, proxy weight) for every perturbed tensor: the weights of 2+ dims
-        (conv / linear), as in the AWP authors' code; not biases, BN, or a ViT's tokens."""
-        return [(w, p) for (name, w), p in zip(self.model.named_parameters(),
-                                               self.proxy.parameters(), strict=True)
-                if w.dim() > 1 and "weight" in name]
+        """(model weight, proxy weight) for every perturbed tensor."""
+        return self._perturbed
 
     def compute(self, loss_fn: Callable[[nn.Module], Tensor]) -> list[Tensor]:
         """The perturbation (one tensor per weight) that increases ``loss_fn(model)``."""
