@@ -319,3 +319,40 @@ def test_an_aux_branch_on_a_single_bn_model_is_refused() -> None:
                 pass
     with bn_branch(plain, "main"):  # main is every model's only branch
         pass
+
+
+class _BatchNormReLU(nn.BatchNorm2d):
+    """A BN subclass with its own forward, as timm's BatchNormAct2d (BN, then activation)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(super().forward(x))
+
+
+def test_fused_split_leaves_bn_subclasses_with_their_own_forward_alone():
+    """Fusing BN + activation into the affine map dropped the activation (timm models:
+    efficientnet_b0's outputs moved by 2.1 under perf.fused_split_bn=on)."""
+    torch.manual_seed(0)
+    model = convert_dual_bn(nn.Sequential(nn.Conv2d(3, 4, 3), _BatchNormReLU(4),
+                                          nn.Conv2d(4, 2, 3), nn.BatchNorm2d(2)))
+    with torch.no_grad(), bn_branch(model, "aux"):
+        model.train()(torch.randn(16, 3, 8, 8))
+    model.eval()
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad(), bn_branch(model, "split"):
+        plain = model(x)
+        with fused_split(model):
+            flags = [m.fused is not None for m in model.modules() if isinstance(m, DualBatchNorm)]
+            fused = model(x)
+    assert flags == [False, True]
+    assert torch.allclose(fused, plain, atol=1e-6)
+
+
+def test_fused_split_on_a_timm_model_with_batchnorm_act_equals_split_bn():
+    torch.manual_seed(0)
+    model = convert_dual_bn(timm.create_model("mobilenetv3_small_050", num_classes=3)).eval()
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad(), bn_branch(model, "split"):
+        plain = model(x)
+        with fused_split(model):
+            fused = model(x)
+    assert torch.allclose(fused, plain, atol=1e-5)

@@ -100,8 +100,11 @@ class _SplitAffine(torch.autograd.Function):
 
 
 def _fusable(layer: DualBatchNorm) -> bool:
+    """Plain BN only: a subclass with its own forward (timm's ``BatchNormAct2d`` adds an
+    activation, ``SyncBatchNorm`` syncs) is more than the affine map and keeps its path."""
     bns = (layer.main, layer.aux)
-    return all(bn.running_var is not None and bn.weight is not None for bn in bns)
+    return all(type(bn).forward is _BatchNorm.forward and bn.running_var is not None
+               and bn.weight is not None for bn in bns)
 
 
 @contextlib.contextmanager
@@ -112,7 +115,8 @@ def fused_split(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
     computed for all layers at once (9 operations for the whole model). Use it around
     an attack only: parameters and statistics must not change inside, and no gradient
     reaches the BN parameters. The outputs equal the unfused ones up to float rounding.
-    Layers without running statistics or affine parameters keep the plain path.
+    Layers without running statistics or affine parameters, and BN subclasses with their
+    own forward (timm's ``BatchNormAct2d``), keep the plain path.
     """
     layers = ([m for m in model.modules() if isinstance(m, DualBatchNorm) and _fusable(m)]
               if enabled else [])
