@@ -74,12 +74,19 @@ class ModeMonitor:
             self.forwards += 1
             self.training_forwards += int(module.training)
 
-        handles = [m.register_forward_pre_hook(hook) for m in model.modules()]
+        # TorchScript modules take no hooks: their train/eval flags are read at the start
+        # and end of the block instead (a script forward cannot change them)
+        scripted = [m for m in model.modules() if isinstance(m, torch.jit.ScriptModule)]
+        inside = {id(s) for m in scripted for s in m.modules()}
+        handles = [m.register_forward_pre_hook(hook) for m in model.modules()
+                   if id(m) not in inside]
+        self.training_forwards += sum(m.training for m in scripted)
         try:
             yield self
         finally:
             for h in handles:
                 h.remove()
+            self.training_forwards += sum(m.training for m in scripted)
 
 
 def check_eval_mode(given_training: bool, monitor: ModeMonitor) -> Check:

@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--model", help="module:function or file.py:function returning an "
                      "nn.Module on [0, 1] images")
     p.add_argument("--weights", help="with --model: a .safetensors or torch state dict file")
+    p.add_argument("--weights-key", help="with --weights: the top-level key of the state dict "
+                   "to load (e.g. ema, model_ema, state_dict_ema, swa_model); default: the "
+                   "first of model_state_dict, state_dict, model, net, ema, then averaged keys")
     p.add_argument("--attacks", default=PAPER_ATTACKS,
                    help=f"comma list of clean,fgsm,pgd20,pgd100,pgd<N>,cw,aa ({PAPER_ATTACKS})")
     p.add_argument("--eps", type=parse_eps, default=8 / 255,
@@ -238,10 +241,17 @@ def _evaluate(args: argparse.Namespace, device: torch.device, out: Path) -> dict
 
     model, data_cfg, trained_on = _load(args, device)
     if model is None:  # --model: checked before the data loads, built once it has
-        func, state = prepare_entry_point(args.model, args.weights)
+        func, state = prepare_entry_point(args.model, args.weights,
+                                          weights_key=args.weights_key)
     x, y, classes = _examples(data_cfg, args.split, args.n_examples)
     if model is None:
         model = build_entry_point(args.model, func, state, device, len(classes), args.weights)
+    outputs = _outputs(model, x)
+    if outputs > len(classes):  # fewer outputs than classes stops the evaluation anyway
+        print(f"warning: the model outputs {outputs} classes but the data has "
+              f"{len(classes)}; labels 0..{len(classes) - 1} are read as its first "
+              f"{len(classes)} outputs, so check that the model was trained on this dataset "
+              "(--data, --data-root) and its class order", file=sys.stderr)
     if not args.ignore_class_names:
         _check_same_classes(trained_on, classes)
     return evaluate(
@@ -253,7 +263,7 @@ def _evaluate(args: argparse.Namespace, device: torch.device, out: Path) -> dict
         tensorboard=args.tensorboard,
         channels_last=None if args.channels_last == "auto" else args.channels_last == "on",
         fold_bn=None if args.fold_bn == "auto" else args.fold_bn == "on", resume=args.resume,
-        class_names=classes if len(classes) == _outputs(model, x) else None)
+        class_names=classes if len(classes) == outputs else None)
 
 
 def _outputs(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -273,6 +283,8 @@ def _outputs(model: torch.nn.Module, x: torch.Tensor) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.weights and not args.model:
         raise ValueError("--weights goes with --model; a --checkpoint holds its own weights")
+    if args.weights_key and not args.weights:
+        raise ValueError("--weights-key goes with --weights (a key inside that file)")
     if args.checkpoint:
         args.checkpoint = str(checkpoint_file(args.checkpoint))  # a run folder: its best.pt
     device = _device(args.device)

@@ -26,6 +26,10 @@ __all__ = ["CheckpointError", "LoadedCheckpoint", "load_checkpoint", "load_entry
 
 _PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
 _STATE_KEYS = ("model_state_dict", "state_dict", "model", "net", "ema")  # common layouts
+# averaged weights other codebases store beside the raw ones (timm, DeiT/ConvNeXt, SWA): never
+# chosen over a raw key above, but named in the note, and loaded when they are the only ones
+_AVERAGED_KEYS = ("model_ema", "state_dict_ema", "ema_state_dict", "ema_model", "swa_model",
+                  "swa_state_dict")
 _KNOWN_CLASSES = {"cifar10": 10, "cifar10-sample": 10, "cifar100": 100}
 
 
@@ -43,9 +47,35 @@ class LoadedCheckpoint:
     classes: list[str] | None = None  # class names in label order, when the run stored them
 
 
+def _archive_kind(path: Path) -> str | None:
+    """"torchscript" or "export" for archives torch.load(weights_only=True) cannot read."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return None
+    if any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in names):
+        return "torchscript"
+    if any(n.endswith("/archive_format") or n == "archive_format" for n in names):
+        return "export"
+    return None
+
+
 def _torch_load(path: Path) -> object:
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; pass the path of a .pt/.safetensors file")
+    kind = _archive_kind(path)
+    if kind == "torchscript":
+        raise CheckpointError(
+            f"{path} is a TorchScript archive, not a state dict; save its weights with "
+            f"torch.save(torch.jit.load('{path}').state_dict(), 'weights.pt') and pass those, "
+            f"or let the --model function return torch.jit.load('{path}') (no --weights)")
+    if kind == "export":
+        raise CheckpointError(
+            f"{path} is a torch.export archive, not a state dict; save "
+            f"torch.export.load('{path}').state_dict with torch.save and pass that file")
     from ..checkpoint import unsafe_pickle, unsafe_pickle_message
 
     try:
@@ -65,6 +95,10 @@ def _torch_load(path: Path) -> object:
 
 
 def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    if "n_averaged" in state and len(state) > 1 and all(
+            k.startswith("module.") for k in state if k != "n_averaged"):
+        # torch.optim.swa_utils.AveragedModel: the averaged net under module., plus a counter
+        state = {k: v for k, v in state.items() if k != "n_averaged"}
     for prefix in _PREFIXES:
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
@@ -76,14 +110,18 @@ def _is_state_dict(value: object) -> bool:
                                                            for v in value.values())
 
 
-def load_state_file(path: str | Path) -> dict[str, Tensor]:
+def load_state_file(path: str | Path, key: str | None = None) -> dict[str, Tensor]:
     """A state dict from a safetensors file (no pickle) or a torch file (weights_only).
 
     A torch file may hold the state dict itself or a dict with it under one of
-    ``_STATE_KEYS`` (the first that holds name -> tensor entries is used).
+    ``_STATE_KEYS`` (the first that holds name -> tensor entries is used; averaged weights
+    such as ``model_ema`` only when no raw key holds any), or under ``key`` when given.
     """
     path = Path(path)
     if path.suffix == ".safetensors":
+        if key is not None:
+            raise CheckpointError(f"{path} is a safetensors file (one state dict); drop the "
+                                  "weights key")
         if not path.is_file():
             raise CheckpointError(f"{path} does not exist")
         from safetensors import SafetensorError
@@ -95,13 +133,21 @@ def load_state_file(path: str | Path) -> dict[str, Tensor]:
             raise CheckpointError(f"{path} is not a readable safetensors file ({err}); "
                                   "re-export it or pass a torch state dict file") from None
     state = _torch_load(path)
-    if isinstance(state, dict) and not _is_state_dict(state):
-        found = [k for k in _STATE_KEYS if _is_state_dict(state.get(k))]
+    if key is not None:
+        if not isinstance(state, dict) or not _is_state_dict(state.get(key)):
+            held = [k for k, v in state.items() if _is_state_dict(v)] if isinstance(
+                state, dict) else []
+            raise CheckpointError(f"{path} holds no state dict under {key!r}; state dicts "
+                                  f"found under: {held or 'none'}")
+        state = state[key]
+    elif isinstance(state, dict) and not _is_state_dict(state):
+        known = _STATE_KEYS + _AVERAGED_KEYS
+        found = [k for k in known if _is_state_dict(state.get(k))]
+        found += [k for k, v in state.items() if k not in known and _is_state_dict(v)]
         if len(found) > 1:  # e.g. raw and EMA weights side by side: say which one is used
             print(f"note: {path} holds weights under {', '.join(map(repr, found))}; using "
-                  f"{found[0]!r} (save the others on their own to evaluate them)",
-                  file=sys.stderr)
-        if found:
+                  f"{found[0]!r} (--weights-key NAME evaluates another)", file=sys.stderr)
+        if found and (found[0] in known or len(found) == 1):
             state = state[found[0]]
     if not _is_state_dict(state):
         keys = list(state)[:10] if isinstance(state, dict) else None
@@ -113,8 +159,41 @@ def load_state_file(path: str | Path) -> dict[str, Tensor]:
     return _strip_prefixes(state)
 
 
+def _common_prefix_match(own: dict[str, Tensor], state: dict[str, Tensor]) -> str | None:
+    """How ``state`` lines up with ``own`` when one of them has an extra leading submodule
+    name: "+P" when the model wraps the saved net as submodule P (e.g. nn.Sequential(
+    Normalize, net) gives "1."), "-P" when the saved keys carry a wrapper's P (Lightning's
+    "model."); None when no single prefix makes the key sets equal."""
+    def prefix(keys) -> str | None:
+        heads = {k.split(".", 1)[0] for k in keys if "." in k}
+        return f"{heads.pop()}." if len(heads) == 1 and all("." in k for k in keys) else None
+
+    def core(keys) -> set[str]:  # a missing BatchNorm counter is filled in later
+        return {k for k in keys if not k.endswith(".num_batches_tracked")}
+
+    wrap = prefix(set(own) - set(state))
+    if wrap and core(wrap + k for k in state) == core(own):
+        return "+" + wrap
+    saved = prefix(state)
+    if saved and core(k[len(saved):] for k in state) == core(own):
+        return "-" + saved
+    return None
+
+
 def _load_strict(model: nn.Module, state: dict[str, Tensor], what: str) -> None:
     own = model.state_dict()
+    shift = None if set(own) == set(state) else _common_prefix_match(own, state)
+    if shift is not None:
+        sign, prefix = shift[0], shift[1:]
+        state = ({prefix + k: v for k, v in state.items()} if sign == "+"
+                 else {k[len(prefix):]: v for k, v in state.items()})
+        how = f"the prefix {prefix!r} added" if sign == "+" else f"{prefix!r} removed"
+        print(f"note: {what}: the weights' keys match the model's with {how}; loaded that "
+              "way", file=sys.stderr)
+    # checkpoints from torch < 0.4.1 have no BatchNorm counter; torch's strict load accepts
+    # that too (the counter does not change an eval-mode forward)
+    state = {**{k: own[k] for k in own if k.endswith(".num_batches_tracked")
+                and k not in state}, **state}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
@@ -201,23 +280,27 @@ def _check_no_arguments(func, spec: str, num_classes_known: bool = False) -> Non
 
 def load_entry_point(spec: str, weights: str | Path | None = None,
                      device: torch.device | str = "cpu",
-                     num_classes: int | None = None) -> nn.Module:
+                     num_classes: int | None = None,
+                     weights_key: str | None = None) -> nn.Module:
     """``module:function`` returning an ``nn.Module`` on [0, 1] images, plus optional weights.
 
     A function taking ``num_classes`` gets it when it is given (the evaluation passes the
     data's class count), as ``model.name=file.py:function`` does in training.
+    ``weights_key`` picks the state dict inside the weights file (e.g. ``model_ema``).
     """
-    func, state = prepare_entry_point(spec, weights, num_classes_known=num_classes is not None)
+    func, state = prepare_entry_point(spec, weights, num_classes_known=num_classes is not None,
+                                      weights_key=weights_key)
     return build_entry_point(spec, func, state, device, num_classes, weights)
 
 
 def prepare_entry_point(spec: str, weights: str | Path | None = None,
-                        num_classes_known: bool = True):
+                        num_classes_known: bool = True, weights_key: str | None = None):
     """The builder and the weights file's state dict (or None), read and checked before
     any data loads, so a bad ``--model`` or ``--weights`` fails at once."""
     func = _import(spec)
-    _check_no_arguments(func, spec, num_classes_known)
-    state = None if weights is None else _strip_prefixes(load_state_file(weights))
+    if not isinstance(func, nn.Module):  # a model instance is used as it is
+        _check_no_arguments(func, spec, num_classes_known)
+    state = None if weights is None else _strip_prefixes(load_state_file(weights, weights_key))
     return func, state
 
 
@@ -227,8 +310,11 @@ def build_entry_point(spec: str, func, state: dict[str, Tensor] | None,
     """Call the builder (with ``num_classes`` when it takes it), load ``state`` strictly."""
     from ..entry_points import accepts
 
-    given = num_classes is not None and accepts(func, "num_classes")
-    model = func(**({"num_classes": num_classes} if given else {}))
+    if isinstance(func, nn.Module):  # module:attribute naming a model, not a builder
+        model = func
+    else:
+        given = num_classes is not None and accepts(func, "num_classes")
+        model = func(**({"num_classes": num_classes} if given else {}))
     if not isinstance(model, nn.Module):
         raise CheckpointError(f"{spec} returned {type(model).__name__}, not a torch nn.Module")
     if state is not None:
