@@ -458,3 +458,56 @@ def test_fused_split_bn_attack_matches_and_runs_fewer_kernels(batch):
     assert s1 == pytest.approx(s2, abs=1e-10) and _max_diff(m1, m2) < 1e-10
     layers = sum(isinstance(m, dat.models.DualBatchNorm) for m in m1.modules())
     assert n1 - n2 >= 4 * layers * 5 - 20, (n1, n2, layers)
+
+
+def test_bn_layers_frozen_by_the_user_stay_frozen(batch):
+    """A model in train mode with BN layers the user put in eval mode: the step keeps them
+    in eval mode (their running statistics do not move) and restores every module's flag,
+    as the attacks do. It used to switch them all to train mode and leave them there."""
+    x, y, x_raw = batch
+    for update, awp in (("alternating", 0.0), ("reversal", 0.01)):
+        model, gen, opt, gopt = _players()
+        bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        for m in bns:
+            m.eval()
+        before = _bn_buffers(model)
+        DATStep(model, gen, opt, gopt, generator_update=update, awp_gamma=awp, steps=2)(
+            x[:8], y[:8], x_raw[:8])
+        assert model.training and not any(m.training for m in bns)
+        after = _bn_buffers(model)
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    model, gen, opt, gopt = _players()
+    model.eval()  # a model in eval mode is trained in train mode and handed back in eval mode
+    DATStep(model, gen, opt, gopt, steps=2)(x[:8], y[:8], x_raw[:8])
+    assert not any(m.training for m in model.modules())
+
+
+def test_a_generator_optimizer_that_cannot_train_the_aag_is_refused():
+    """It used to be accepted: the AAG never learned, and the model's own optimizer passed
+    as the AAG's stepped the model twice per batch."""
+    model, gen, opt, gopt = _players()
+    with pytest.raises(ValueError, match="generator_optimizer is the model's optimizer"):
+        DATStep(model, gen, opt, opt)
+    other = copy.deepcopy(gen)
+    with pytest.raises(ValueError, match="misses 16 of the generator's 16 trainable"):
+        DATStep(model, gen, opt, _sgd(other.parameters()))
+    both = _sgd(list(model.parameters()) + list(gen.parameters()))
+    with pytest.raises(ValueError, match="also holds the generator's parameters"):
+        DATStep(model, gen, both)
+    assert DATStep(model, gen, opt, gopt).generator_optimizer is gopt
+    assert DATStep(model, gen, opt).generator_optimizer is not None
+
+
+@pytest.mark.parametrize("update", ["alternating", "reversal"])
+def test_a_frozen_generator_runs_and_stays_put(batch, update):
+    """All AAG parameters frozen: the step runs (alternating used to end in a raw
+    'inputs argument to grad() cannot be empty') and the AAG's weights do not move."""
+    x, y, x_raw = batch
+    model, gen, opt, gopt = _players()
+    for p in gen.parameters():
+        p.requires_grad_(False)
+    start = [p.clone() for p in gen.parameters()]
+    stats = DATStep(model, gen, opt, gopt, generator_update=update, steps=2)(
+        x[:8], y[:8], x_raw[:8])
+    assert "gen_loss" in stats
+    assert all(torch.equal(a, b) for a, b in zip(start, gen.parameters(), strict=True))

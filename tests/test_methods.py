@@ -228,3 +228,24 @@ def test_awp_moves_conv_and_linear_weights_only_not_a_vits_tokens() -> None:
     assert names and all("weight" in n for n in names)
     assert not any("cls_token" in n or "pos_embed" in n for n in names)
     assert any(n.endswith("patch_embed.proj.weight") for n in names)
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_bn_layers_frozen_by_the_user_stay_frozen(name, train_batch) -> None:
+    """BN layers the user put in eval mode keep their running statistics and their flag
+    (with AWP too, whose proxy copies every module's flag); a model handed in in eval mode
+    comes back in eval mode. The baselines used to call model.train() and leave it so."""
+    x, y = train_batch[0][:16], train_batch[1][:16]
+    for awp in (0.0, 0.01):
+        model = create_model("resnet_tiny", num_classes=10)
+        bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        for m in bns:
+            m.eval()
+        before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+        BASELINES[name](model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2,
+                        awp_gamma=awp)(x, y)
+        assert model.training and not any(m.training for m in bns)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    model = create_model("resnet_tiny", num_classes=10).eval()
+    BASELINES[name](model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2)(x, y)
+    assert not model.training

@@ -65,7 +65,8 @@ class AWP:
     def compute(self, loss_fn: Callable[[nn.Module], Tensor]) -> list[Tensor]:
         """The perturbation (one tensor per weight) that increases ``loss_fn(model)``."""
         self.proxy.load_state_dict(self.model.state_dict())
-        self.proxy.train(self.model.training)
+        for m, q in zip(self.model.modules(), self.proxy.modules(), strict=True):
+            q.training = m.training  # per module: frozen BN layers stay frozen in the proxy
         loss = -loss_fn(self.proxy)  # descend on -loss = ascend on the loss
         self.proxy_optimizer.zero_grad(set_to_none=True)
         loss.backward()

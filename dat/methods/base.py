@@ -12,7 +12,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..attacks import as_class_indices, check_unit_range, eval_mode, explain_dtype_mismatch
 from ..models.dual_bn import bn_branch, has_dual_bn
 
-__all__ = ["MethodStep", "check_optimizer"]
+__all__ = ["MethodStep", "check_generator_optimizer", "check_optimizer", "train_mode"]
 
 
 def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer | None, who: str) -> None:
@@ -36,6 +36,51 @@ def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer | None, w
            "with p.requires_grad_(False)")
     raise ValueError(f"{who}: the optimizer misses {len(missing)} of the model's "
                      f"{sum(p.requires_grad for p in params)} trainable tensors{why}")
+
+
+def check_generator_optimizer(generator: nn.Module, optimizer: torch.optim.Optimizer,
+                              model_optimizer: torch.optim.Optimizer | None) -> None:
+    """One-line ValueError when DATStep's generator optimiser cannot train the AAG: it misses
+    the generator's trainable tensors (the AAG would never learn), or it is the model's
+    optimiser (its step would move the model a second time per batch), or the model's
+    optimiser also holds AAG tensors (with ``reversal`` the AAG would be stepped twice)."""
+    if optimizer is model_optimizer:
+        raise ValueError("DATStep: generator_optimizer is the model's optimizer; pass an "
+                         "optimizer over generator.parameters() (or None for the published SGD)")
+    gen_ids = {id(p) for p in generator.parameters()}
+    groups = getattr(model_optimizer, "param_groups", None)
+    if isinstance(groups, list) and any(id(p) in gen_ids for g in groups if isinstance(g, dict)
+                                        for p in g.get("params", [])):
+        raise ValueError("DATStep: the model's optimizer also holds the generator's parameters; "
+                         "build it over model.parameters() only (the AAG has its own optimizer)")
+    groups = getattr(optimizer, "param_groups", None)
+    if not isinstance(groups, list):
+        return
+    held = {id(p) for g in groups if isinstance(g, dict) for p in g.get("params", [])}
+    missing = [p for p in generator.parameters() if p.requires_grad and id(p) not in held]
+    if missing:
+        raise ValueError(f"DATStep: generator_optimizer misses {len(missing)} of the generator's "
+                         f"{sum(p.requires_grad for p in generator.parameters())} trainable "
+                         "tensors, so the AAG would not learn; build it over "
+                         "generator.parameters() of the generator you pass")
+
+
+@contextlib.contextmanager
+def train_mode(model: nn.Module):
+    """Train mode inside the block, with every module's flag restored after.
+
+    A model in eval mode is switched to train mode as a whole; a model already in train
+    mode keeps the sub-modules its user put in eval mode (e.g. frozen BatchNorm layers,
+    whose running statistics must not move).
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    if not model.training:
+        model.train()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
 class MethodStep:

@@ -34,7 +34,7 @@ from ..mixing import flip_crop
 from ..models.dual_bn import bn_branch, fused_split, has_dual_bn
 from ..spectral import decompose, mix_amplitude, spectrum_norm
 from .awp import AWP, check_awp_gamma
-from .base import MethodStep, check_optimizer
+from .base import MethodStep, check_generator_optimizer, check_optimizer, train_mode
 from .dat_parts import DATDraws, _GradReverse, generator_health
 
 __all__ = ["DATDraws", "DATStep", "generator_health"]
@@ -144,8 +144,11 @@ class DATStep(MethodStep):
         if self.generator is None:
             raise ValueError("amplitude_source='generator' needs an AmplitudeGenerator; pass one "
                              "or use amplitude_source='random_image'")
-        return opt or torch.optim.SGD(self.generator.parameters(), lr=0.1, momentum=0.9,
-                                      weight_decay=5e-4)
+        if opt is None:
+            opt = torch.optim.SGD(self.generator.parameters(), lr=0.1, momentum=0.9,
+                                  weight_decay=5e-4)
+        check_generator_optimizer(self.generator, opt, self.optimizer)
+        return opt
 
     def _check_model(self) -> None:
         if self.split_bn and self.recombined and not has_dual_bn(self.model):
@@ -179,19 +182,16 @@ class DATStep(MethodStep):
                              "generator's BatchNorm1d); drop or merge a last batch of 1")
         draws = self.sample_draws(x) if draws is None else draws
         self._batch_now = x.device.type == "cuda" if self.batched is None else self.batched
-        was_training = self.model.training
-        self.model.train()
         if self.generator is not None:
             self.generator.train()
-        try:
+        # train mode, keeping sub-modules the user froze in eval mode; flags restored after
+        with train_mode(self.model):
             # One autocast region for the forwards that need no weight gradient (clean
             # logits, attacks): autocast casts each weight to bf16 once for all of them.
             with explain_dtype_mismatch(self.model, x, "DATStep"):
                 with self._amp():
                     views, stats = self._views(x.detach(), y, x_raw.detach(), draws, raw_is_x)
                 stats.update(self._update(views, y))
-        finally:
-            self.model.train(was_training)
         return {k: v.detach() for k, v in stats.items()}
 
     def __call__(self, x: Tensor, y: Tensor, x_raw: Tensor | None = None,
@@ -379,10 +379,11 @@ class DATStep(MethodStep):
             return parts
         parts = self._model_step(v, v.xh.detach(), y)
         gen_loss, _ = self._loss(self.model, v, v.xh, y)  # updated model, x_hat attached
-        grads = torch.autograd.grad(-gen_loss, gen_params)
-        for p, g in zip(gen_params, grads, strict=True):
-            p.grad = g
-        self.generator_optimizer.step()
+        if gen_params:  # a fully frozen AAG: same forwards (and BN statistics), no step
+            grads = torch.autograd.grad(-gen_loss, gen_params)
+            for p, g in zip(gen_params, grads, strict=True):
+                p.grad = g
+            self.generator_optimizer.step()
         parts["gen_loss"] = gen_loss
         return parts
 

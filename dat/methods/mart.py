@@ -56,7 +56,6 @@ class MARTStep(BaselineStep):
                         compile_mode=self.compile_attacks, check_range=False)
 
         def loss_of(model: nn.Module) -> tuple[Tensor, ...]:
-            model.train()
             with self._autocast(x):
                 clean_logits, adv_logits = model(x), model(x_adv)
             return (*mart_loss(clean_logits, adv_logits, y, self.beta, self.label_smoothing),

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..attacks import check_compile_mode, eval_mode, pgd
 from .awp import AWP, check_awp_gamma
-from .base import MethodStep, check_optimizer
+from .base import MethodStep, check_optimizer, train_mode
 
 __all__ = ["BaselineStep", "PGDATStep", "accuracy"]
 
@@ -82,7 +82,8 @@ class BaselineStep(MethodStep):
         self.optimizer.zero_grad(set_to_none=True)
         perturbed = (self.awp.perturbed(lambda m: loss_of(m)[0]) if self.awp_on
                      else contextlib.nullcontext())
-        with perturbed:
+        # train mode (sub-modules the user froze in eval mode stay so); flags restored after
+        with train_mode(self.model), perturbed:
             out = loss_of(self.model)
             out[0].backward()
             self.optimizer.step()
@@ -127,7 +128,6 @@ class PGDATStep(BaselineStep):
                 clean_logits = self.model(x)
 
         def loss_of(model: nn.Module) -> tuple[Tensor, Tensor]:
-            model.train()
             with self._autocast(x):
                 logits = model(x_adv)
             return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing), logits

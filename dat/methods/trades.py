@@ -33,7 +33,6 @@ class TRADESStep(BaselineStep):
                               check_range=False)  # (B, C, H, W); checked on the first batch
 
         def loss_of(model: nn.Module) -> tuple[Tensor, ...]:
-            model.train()
             with self._autocast(x):
                 clean_logits, adv_logits = model(x), model(x_adv)
             return (*trades_loss(clean_logits, adv_logits, y, self.beta,
