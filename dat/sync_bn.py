@@ -75,11 +75,38 @@ class _GlobalBatchNorm(_BatchNorm):
             raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
 
 
+class _GlobalBatchNormAct(_GlobalBatchNorm):
+    """:class:`_GlobalBatchNorm` followed by the ``drop`` and ``act`` of a timm
+    ``BatchNormAct2d`` (whose forward is BatchNorm, then drop, then the activation)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+def _norm_act_tail(bn: _BatchNorm) -> tuple[nn.Module, nn.Module] | None:
+    """(drop, act) of a timm-style BatchNorm + activation layer; None for a plain BN.
+
+    A BN subclass with its own forward that is not of that form cannot be synchronised
+    without losing what its forward adds, so it is refused in one line."""
+    if type(bn).forward is _BatchNorm.forward or isinstance(bn, (_GlobalBatchNorm,
+                                                                  nn.SyncBatchNorm)):
+        return None
+    drop, act = getattr(bn, "drop", None), getattr(bn, "act", None)
+    if isinstance(drop, nn.Module) and isinstance(act, nn.Module):
+        return drop, act
+    raise ValueError(f"model.sync_bn cannot synchronise {type(bn).__name__}: its forward does "
+                     "more than BatchNorm and would be lost; train with model.sync_bn=false")
+
+
 def _to_global_bn(bn: _BatchNorm) -> _GlobalBatchNorm:
     """The same layer as a :class:`_GlobalBatchNorm`, sharing its parameters and buffers
-    (so optimisers built before the conversion keep working)."""
-    new = _GlobalBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine,
-                           bn.track_running_stats)
+    (so optimisers built before the conversion keep working); a timm ``BatchNormAct2d``
+    keeps its activation."""
+    tail = _norm_act_tail(bn)
+    new = (_GlobalBatchNorm if tail is None else _GlobalBatchNormAct)(
+        bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    if tail is not None:
+        new.drop, new.act = tail
     for name, param in bn.named_parameters(recurse=False):
         setattr(new, name, param)
     for name, buffer in bn.named_buffers(recurse=False):
@@ -106,7 +133,12 @@ def convert_sync_bn(module: nn.Module, device_type: str) -> nn.Module:
     if isinstance(module, _BatchNorm):
         raise ValueError("convert_sync_bn converts the BatchNorm layers inside a model; "
                          "pass the model, not a bare BatchNorm")
+    tails = [_norm_act_tail(m) for m in module.modules() if isinstance(m, _BatchNorm)]
     if device_type == "cuda":
+        if any(t is not None for t in tails):  # torch's converter would drop the activations
+            from timm.layers import convert_sync_batchnorm
+
+            return convert_sync_batchnorm(module)
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     _replace_bn(module)
     return module

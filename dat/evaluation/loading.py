@@ -227,7 +227,9 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
             "weights use --model module:function --weights FILE")
     state = _strip_prefixes(ckpt["model"])
     cfg = config_from_dict(ckpt["config"])
-    dual = any(".main." in k for k in state)
+    # <bn>.main.* next to <bn>.aux.*: a submodule may be named "main" itself (timm's
+    # efficientvit_b0), so ".main." alone does not mean two BN branches
+    dual = _has_branch_keys(state)
     num_classes = _num_classes(ckpt, cfg)
     model = create(cfg.model.name, num_classes=num_classes, dual_bn=dual)
     _load_strict(model, state, f"{path} vs {cfg.model.name} ({num_classes} classes)")
@@ -327,10 +329,19 @@ def build_entry_point(spec: str, func, state: dict[str, Tensor] | None,
     return model.to(device).eval()
 
 
+_BRANCH_KEY = re.compile(r"^(.*)\.main\.([^.]+)$")
+
+
+def _has_branch_keys(state: dict[str, Tensor]) -> bool:
+    """Whether ``state`` holds DualBatchNorm keys: ``<bn>.main.<name>`` next to
+    ``<bn>.aux.<name>`` (a key with ``.main.`` alone is a submodule named ``main``)."""
+    return any((m := _BRANCH_KEY.match(k)) and f"{m[1]}.aux.{m[2]}" in state for k in state)
+
+
 def _needs_two_branches(model: nn.Module, state: dict[str, Tensor]) -> bool:
     """True when ``state`` is a split-BN (DAT) state dict of this single-BN model: every
     key matches once ``.main.`` / ``.aux.`` are read as one BatchNorm."""
-    if has_dual_bn(model) or not any(".main." in k for k in state):
+    if has_dual_bn(model) or not _has_branch_keys(state):
         return False
     own = set(model.state_dict())  # DualBatchNorm keys: <bn>.main.<name>, <bn>.aux.<name>
     single = {re.sub(r"\.main\.([^.]+)$", r".\1", k) for k in state

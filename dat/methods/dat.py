@@ -154,6 +154,20 @@ class DATStep(MethodStep):
         if self.split_bn and self.recombined and not has_dual_bn(self.model):
             raise ValueError("split_bn=True needs a model with two BN branches: wrap it with "
                              "dat.models.convert_dual_bn(model) or pass split_bn=False")
+        if self.split_bn and self.recombined and any(
+                getattr(m, "grad_checkpointing", False) is True for m in self.model.modules()):
+            # torch.utils.checkpoint recomputes the forward during backward, after the
+            # loss's bn_branch(...) blocks have ended: x_hat's layers would be recomputed
+            # with the main BN branch, giving wrong gradients (or a CheckpointError batched)
+            raise ValueError("DATStep with split BN cannot train a model with gradient "
+                             "checkpointing on (the backward recomputes the layers with the "
+                             "wrong BN branch); call model.set_grad_checkpointing(False) "
+                             "(timm) or pass split_bn=False")
+
+    def check_first_batch(self, *images: Tensor | None, labels: Tensor | None = None) -> None:
+        if not getattr(self, "_range_checked", False):
+            self._check_model()  # checkpointing may have been switched on after __init__
+        super().check_first_batch(*images, labels=labels)
 
     # ----- public API -------------------------------------------------------------------
     def sample_draws(self, x: Tensor) -> DATDraws:

@@ -83,11 +83,14 @@ class _SplitAffine(torch.autograd.Function):
         halves = x.view(2, x.shape[0] // 2, *x.shape[1:])  # (2, B, C, ...)
         shape = (2, 1, scale.shape[1]) + (1,) * (x.dim() - 2)
         scale, shift = scale.view(shape), shift.view(shape)
-        out = torch.empty_like(halves)
+        # the output is a base tensor, not a view of one made here: models that apply an
+        # in-place activation after BatchNorm (timm's and torchvision's nn.ReLU(inplace=True))
+        # modify it, which autograd forbids on a custom Function's view output
+        out = torch.empty_like(x)
         with torch.autocast(x.device.type, enabled=False):  # mixed dtypes on purpose
-            torch.addcmul(shift, halves, scale, out=out)
+            torch.addcmul(shift, halves, scale, out=out.view(halves.shape))
         ctx.save_for_backward(scale)
-        return out.view(x.shape)
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
