@@ -78,14 +78,18 @@ def stratified_split(labels: Tensor, size: int, seed: int, keep_every_class: boo
     if size > int(cap.sum()):
         raise DataError(f"data.val_size={size} would take every image of some class out of "
                         f"training; lower it to at most {int(cap.sum())}")
-    quotas = _quotas(counts, cap, size)
+    # ties between equal remainders are broken in a seeded random class order, not by
+    # class index: 100 of Tiny-ImageNet's 200 classes (50 images each) must not always be
+    # classes 0..99; a separate generator, so splits without ties stay as they were
+    ties = torch.randperm(len(counts), generator=torch.Generator().manual_seed(seed + 1))
+    quotas = _quotas(counts, cap, size, ties)
     if hold_every_class and bool(((quotas == 0) & (cap > 0)).any()):
         ones = (cap > 0).long()
         rest = size - int(ones.sum())
         if rest == 0:
             quotas = ones
         elif rest > 0:  # one each, the rest in proportion
-            quotas = ones + _quotas(counts - ones, cap - ones, rest)
+            quotas = ones + _quotas(counts - ones, cap - ones, rest, ties)
     gen = torch.Generator().manual_seed(seed)
     held = []
     for c, q in zip(classes.tolist(), quotas.tolist(), strict=True):
@@ -97,12 +101,17 @@ def stratified_split(labels: Tensor, size: int, seed: int, keep_every_class: boo
     return mask.nonzero().flatten(), held_idx
 
 
-def _quotas(counts: Tensor, cap: Tensor, size: int) -> Tensor:
+def _quotas(counts: Tensor, cap: Tensor, size: int, ties: Tensor | None = None) -> Tensor:
     """Per-class sizes summing to ``size``, proportional to ``counts`` (largest remainder;
-    ties go to the lower class index), none above ``cap``."""
+    ties go in the order ``ties`` (a permutation of the classes; None: class index)),
+    none above ``cap``."""
     exact = counts.double() * size / counts.sum()
     quota = torch.minimum(exact.floor().long(), cap)
-    order = sorted(range(len(counts)), key=lambda i: (-(exact[i] - quota[i]).item(), i))
+    rank = torch.arange(len(counts)) if ties is None else torch.empty_like(ties)
+    if ties is not None:
+        rank[ties] = torch.arange(len(ties))
+    order = sorted(range(len(counts)),
+                   key=lambda i: (-(exact[i] - quota[i]).item(), int(rank[i])))
     while int(quota.sum()) < size:  # one pass, unless caps turned some classes away
         for i in order:
             if int(quota.sum()) == size:

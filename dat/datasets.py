@@ -310,7 +310,10 @@ def load_imagefolder(root: Path) -> tuple[ImageSet, ImageSet, list[str]]:
         raise DataError(f"{root / 'train'} has class folders without images: "
                         f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}; add "
                         "images or remove the empty folders")
-    if annotations.is_file():  # Tiny-ImageNet as published: flat val/images/ + a label file
+    # Tiny-ImageNet as published: flat val/images/ + a label file. Many copies have had val/
+    # sorted into val/<wnid>/ and kept the label file: then the class folders are the labels.
+    flat_val = (root / "val" / "images").is_dir() and "images" not in classes
+    if annotations.is_file() and flat_val:
         held = root / "val"
         test = _scan_annotated(held, annotations, classes)
     else:

@@ -511,3 +511,19 @@ def test_a_frozen_generator_runs_and_stays_put(batch, update):
         x[:8], y[:8], x_raw[:8])
     assert "gen_loss" in stats
     assert all(torch.equal(a, b) for a, b in zip(start, gen.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("shape", [(3, 64, 64), (1, 32, 32)])
+def test_a_generator_built_for_other_images_is_refused_before_any_change(batch, shape):
+    """A 64x64 generator (the README's (3, 32, 32) example on Tiny-ImageNet, the other way
+    round) fails in one line naming the fix; a 1-channel one would silently broadcast one
+    amplitude over the three channels. Nothing changes, not even the AAG's BN statistics."""
+    x, y, x_raw = batch
+    model, _, opt, _ = _players()
+    gen = AmplitudeGenerator(10, shape)
+    before = copy.deepcopy(gen.state_dict())
+    step = DATStep(model, gen, opt)
+    with pytest.raises(ValueError, match=r"built for .* images but the batch holds 3x32x32; "
+                                         r"build it with .*image_shape=\(3, 32, 32\)"):
+        step(x, y, x_raw=x_raw)
+    assert all(torch.equal(v, gen.state_dict()[k]) for k, v in before.items())

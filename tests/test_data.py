@@ -118,8 +118,22 @@ def test_subsets_keep_the_class_mix_and_equal_shares_on_balanced_sets() -> None:
     _, held = stratified_split(labels, 7, seed=0)  # 4.2, 2.1, 0.7: the largest remainder
     assert torch.bincount(labels[held], minlength=3).tolist() == [4, 2, 1]
     balanced = torch.arange(10).repeat_interleave(100)
-    _, held = stratified_split(balanced, 32, seed=0)  # 3 each, the first two classes get 4
-    assert torch.bincount(balanced[held]).tolist() == [4, 4] + [3] * 8
+    _, held = stratified_split(balanced, 32, seed=0)  # 3 each, two classes get 4
+    assert sorted(torch.bincount(balanced[held]).tolist()) == [3] * 8 + [4, 4]
+
+
+def test_subset_ties_are_not_always_the_first_classes() -> None:
+    """Fewer examples than classes on a balanced set (--n-examples 100 on Tiny-ImageNet's
+    200 x 50 val images): the classes taken are a seeded draw, not classes 0..99."""
+    labels = torch.arange(200).repeat_interleave(50)
+    _, held = stratified_split(labels, 100, seed=0)
+    counts = torch.bincount(labels[held], minlength=200)
+    assert len(held) == 100 and int(counts.max()) == 1
+    assert 0 < int(counts[100:].sum()) < 100  # both halves of the class list are sampled
+    _, again = stratified_split(labels, 100, seed=0)
+    assert torch.equal(held, again)  # still fixed by the seed
+    _, other = stratified_split(labels, 100, seed=1)
+    assert not torch.equal(held, other)
 
 
 # ---------------------------------------------------------------- ImageFolder trees
@@ -172,6 +186,25 @@ def test_tiny_imagenet_published_layout_loads(tmp_path: Path, sample_splits) -> 
     (tmp_path / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn99999999\n")
     with pytest.raises(DataError, match="line 1: expected 'file<TAB>class'"):
         load_dataset(DataConfig(name="imagefolder", root=str(tmp_path), val_size=2))
+
+
+def test_tiny_imagenet_with_val_sorted_into_class_folders_loads(tmp_path: Path,
+                                                                 sample_splits) -> None:
+    """A common copy: val/<wnid>/images/* (sorted by a preparation script) with the
+    val_annotations.txt kept; the class folders label val/, not the stale file."""
+    wnids = ["n01443537", "n01629819"]
+    for split, n in (("train", 4), ("val", 2)):
+        for label, wnid in enumerate(wnids):
+            folder = tmp_path / split / wnid / "images"
+            folder.mkdir(parents=True)
+            images = sample_splits.train.images[sample_splits.train.labels == label][:n]
+            for i, img in enumerate(images):
+                Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{split}_{i}.JPEG")
+    (tmp_path / "val" / "val_annotations.txt").write_text(
+        "val_0.JPEG\tn01443537\t0\t0\t31\t31\n")  # names a file of the flat layout
+    s = load_dataset(DataConfig(name="imagefolder", root=str(tmp_path), val_size=2))
+    assert s.classes == wnids and len(s.test) == 4
+    assert s.test.labels.tolist() == [0, 0, 1, 1]
 
 
 @pytest.mark.parametrize("held_name", ["test", "val"])

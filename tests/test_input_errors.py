@@ -194,6 +194,20 @@ def test_a_checkpoint_on_data_with_other_class_folders_is_refused(make_tiny_mode
     assert evaluate_main(_quick(path, tmp_path, "--ignore-class-names")) == 0  # only renamed
 
 
+def test_a_checkpoint_on_images_of_another_size_is_refused(make_tiny_model, tmp_path,
+                                                           capsys, no_attacks) -> None:
+    """A 64x64 Tiny-ImageNet model on a 32x32 copy with the same wnids: global pooling takes
+    any size, so the numbers came out without a word. Checkpoints without image_shape
+    (older runs) are evaluated as before."""
+    path = tmp_path / "best.pt"
+    _checkpoint(make_tiny_model().eval(), path)
+    saved = torch.load(path, weights_only=True)
+    torch.save({**saved, "image_shape": [3, 64, 64]}, path)
+    assert evaluate_main(_quick(path, tmp_path)) == 2
+    _one_line_error(capsys, "trained on 3x64x64 images and the data has 3x32x32",
+                    "--data-root", "--model/--weights")
+
+
 def test_a_run_folder_evaluates_its_best_checkpoint(make_tiny_model, tmp_path, capsys) -> None:
     run = tmp_path / "runs" / "demo"
     (run / "checkpoints").mkdir(parents=True)

@@ -191,9 +191,12 @@ def _load(args: argparse.Namespace, device: torch.device):
     """(model or None, DataConfig, class names it was trained on or None): a checkpoint's
     model now; an entry point's (None here) once the data says how many classes it has."""
     model, trained_on = None, None
+    args.trained_shape = None
     if args.checkpoint:
         loaded = load_checkpoint(args.checkpoint, device=device)
         data, model, trained_on = loaded.config.data, loaded.model, loaded.classes
+        if loaded.stored_shape:
+            args.trained_shape = tuple(loaded.image_shape)
     else:
         if args.data is None:
             args.data = "cifar10"
@@ -216,6 +219,19 @@ def _check_same_classes(trained_on: list[str] | None, found: list[str]) -> None:
         f"{found[first:first + 2]}); evaluate it on data with the class folders it was "
         "trained on (--data / --data-root), or pass --ignore-class-names if the folders were "
         "only renamed and sort in the same order")
+
+
+def _check_same_size(trained: tuple[int, ...] | None, found: tuple[int, ...]) -> None:
+    """Refuse images of another size than the run trained on (a 64x64 Tiny-ImageNet model
+    on a 32x32 copy with the same wnids): global pooling takes any size, so the numbers
+    would come out, and be wrong, without a word."""
+    if trained is None or tuple(trained) == tuple(found):
+        return
+    raise ValueError(
+        f"the checkpoint was trained on {'x'.join(map(str, trained))} images and the data has "
+        f"{'x'.join(map(str, found))}; evaluate it on data of the size it was trained on "
+        "(--data / --data-root), or export it (python -m dat.export) and evaluate the weights "
+        "with --model/--weights if another size is meant")
 
 
 def _examples(data_cfg: DataConfig, split: str, n: int | None):
@@ -254,6 +270,7 @@ def _evaluate(args: argparse.Namespace, device: torch.device, out: Path) -> dict
               "(--data, --data-root) and its class order", file=sys.stderr)
     if not args.ignore_class_names:
         _check_same_classes(trained_on, classes)
+    _check_same_size(args.trained_shape, tuple(x.shape[1:]))
     return evaluate(
         model, (x, y), attacks=[a.strip() for a in args.attacks.split(",") if a.strip()],
         eps=args.eps, batch_size=args.batch_size, precision=args.precision,

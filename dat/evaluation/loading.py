@@ -45,6 +45,7 @@ class LoadedCheckpoint:
     dual_bn: bool
     image_shape: tuple[int, int, int] = (3, 32, 32)  # (C, H, W) the model was trained on
     classes: list[str] | None = None  # class names in label order, when the run stored them
+    stored_shape: bool = False  # image_shape came from the checkpoint, not the default
 
 
 def _archive_kind(path: Path) -> str | None:
@@ -236,7 +237,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
     shape = tuple(ckpt.get("image_shape") or (3, 32, 32))
     classes = ckpt.get("classes")
     classes = [str(c) for c in classes] if isinstance(classes, (list, tuple)) else None
-    return LoadedCheckpoint(model.to(device).eval(), cfg, num_classes, dual, shape, classes)
+    return LoadedCheckpoint(model.to(device).eval(), cfg, num_classes, dual, shape, classes,
+                            stored_shape=bool(ckpt.get("image_shape")))
 
 
 def checkpoint_file(path: str | Path) -> Path:

@@ -191,6 +191,12 @@ class DATStep(MethodStep):
             raise ValueError(f"DATStep expects float images in [0, 1] and integer labels; got "
                              f"{x.dtype} / {y.dtype}: convert uint8 images with x.float() / 255 "
                              "and labels with y.long()")
+        shape = getattr(self.generator, "image_shape", None) if self.uses_generator else None
+        if shape is not None and tuple(shape) != tuple(x.shape[1:]):
+            c, h, w = x.shape[1:]
+            raise ValueError(f"the AmplitudeGenerator was built for {'x'.join(map(str, shape))} "
+                             f"images but the batch holds {c}x{h}x{w}; build it with "
+                             f"AmplitudeGenerator(num_classes, image_shape=({c}, {h}, {w}))")
         if self.uses_generator and len(x) < 2:
             raise ValueError("DATStep with the AAG needs batches of at least 2 images (the "
                              "generator's BatchNorm1d); drop or merge a last batch of 1")
