@@ -156,7 +156,9 @@ def _check_fits(model: nn.Module, name: str, shape: tuple[int, int, int],
         detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
         raise DataError(
             f"images of size {shape[0]}x{shape[1]}x{shape[2]} do not fit model {name} "
-            f"({detail}); resize the images or choose a model made for this size") from None
+            f"({detail}); resize the images, choose a model made for this size, or build "
+            "it for this size in a file of your own (model.name=nets.py:build, e.g. a timm "
+            "ViT with img_size=" + str(shape[1]) + ")") from None
     finally:
         model.train(was_training)
     if tuple(out.shape) != (2, num_classes):

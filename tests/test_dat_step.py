@@ -527,3 +527,15 @@ def test_a_generator_built_for_other_images_is_refused_before_any_change(batch, 
                                          r"build it with .*image_shape=\(3, 32, 32\)"):
         step(x, y, x_raw=x_raw)
     assert all(torch.equal(v, gen.state_dict()[k]) for k, v in before.items())
+
+
+def test_split_bn_on_a_model_without_batchnorm_names_split_bn_false():
+    """convert_dual_bn cannot help a model without BatchNorm (a ViT, a GroupNorm net): the
+    message used to suggest it."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4),
+                                torch.nn.Flatten(), torch.nn.LazyLinear(10))
+    model(torch.rand(2, 3, 32, 32))
+    gen = AmplitudeGenerator(10, (3, 32, 32))
+    with pytest.raises(ValueError, match=r"has none .*pass split_bn=False") as err:
+        DATStep(model, gen, _sgd(model.parameters()))
+    assert "convert_dual_bn" not in str(err.value)

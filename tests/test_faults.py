@@ -292,6 +292,7 @@ def test_images_that_do_not_fit_the_model(capsys, tmp_path) -> None:
     err = _error_line(capsys, [*TINY, "model.name=timm/vit_tiny_patch16_224", "method.name=trades",
                                f"train.out_dir={tmp_path}"])
     assert "do not fit model timm/vit_tiny_patch16_224" in err
+    assert "model.name=nets.py:build, e.g. a timm ViT with img_size=32" in err
 
 
 def test_labels_out_of_range(sample_splits, tmp_path) -> None:

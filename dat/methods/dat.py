@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..attacks import (
     as_class_indices,
@@ -152,6 +153,10 @@ class DATStep(MethodStep):
 
     def _check_model(self) -> None:
         if self.split_bn and self.recombined and not has_dual_bn(self.model):
+            if not any(isinstance(m, _BatchNorm) for m in self.model.modules()):
+                raise ValueError(f"split_bn=True needs BatchNorm layers, and this "
+                                 f"{type(self.model).__name__} has none (LayerNorm, GroupNorm, "
+                                 "...); pass split_bn=False (method.split_bn=false)")
             raise ValueError("split_bn=True needs a model with two BN branches: wrap it with "
                              "dat.models.convert_dual_bn(model) or pass split_bn=False")
         if self.split_bn and self.recombined and any(
