@@ -416,8 +416,8 @@ def test_a_fold_that_changes_the_logits_is_not_used(trained, sample_splits, monk
     is refused and the model is attacked as given."""
     import dat.evaluation.prepare as prepare
 
-    def slightly_wrong(model):
-        folded, n = fold_batchnorm(model)
+    def slightly_wrong(model, **kwargs):
+        folded, n = fold_batchnorm(model, **kwargs)
         with torch.no_grad():
             next(folded.parameters()).mul_(1.001)
         return folded, n

@@ -1,6 +1,7 @@
-"""timm models through the split-BN paths: fused split BN under in-place activations,
-SyncBN keeping BatchNormAct2d's activation, checkpoints of models with a submodule named
-``main``, and gradient checkpointing refused under split BN."""
+"""timm models through the split-BN paths: fused split BN under in-place activations and
+on BatchNormAct2d (its activation after the fused map), SyncBN keeping BatchNormAct2d's
+activation, checkpoints of models with a submodule named ``main``, and gradient
+checkpointing refused under split BN."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import copy
 
 import pytest
 import torch
-from torch import nn
+from timm.layers import BatchNormAct2d
+from torch import Tensor, nn
 
 import dat
 from dat.evaluation.loading import _needs_two_branches, load_checkpoint
-from dat.models import DualBatchNorm, bn_branch, fused_split
+from dat.models import DualBatchNorm, bn_branch, convert_dual_bn, fused_split
 from dat.sync_bn import convert_sync_bn
 
 
@@ -42,6 +44,86 @@ def test_fused_split_bn_takes_an_inplace_relu_and_keeps_the_input_gradient(chann
             (grad,) = torch.autograd.grad(model(z).logsumexp(1).sum(), z)
         grads.append(grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)
+
+
+def _split_outputs_and_grads(model: nn.Module, x: Tensor) -> list[tuple[Tensor, Tensor, int]]:
+    """(logits, input gradient, fused layers) under split BN, unfused then fused."""
+    results = []
+    for fused in (False, True):
+        z = x.clone().requires_grad_(True)
+        with fused_split(model, enabled=fused), bn_branch(model, "split"):
+            n = sum(m.fused is not None for m in model.modules() if isinstance(m, DualBatchNorm))
+            out = model(z)
+            (grad,) = torch.autograd.grad(out.logsumexp(1).sum(), z)
+        results.append((out, grad, n))
+    return results
+
+
+def _warm_dual(model: nn.Module, x: Tensor) -> nn.Module:
+    """Running statistics away from (0, 1), and an aux branch unlike the main one."""
+    with torch.no_grad():
+        model.train()(x * 3 + 1)
+        with bn_branch(model, "aux"):
+            model(x * 2)
+    return model.eval()
+
+
+def test_fused_split_runs_batchnormact_as_the_map_then_its_activation():
+    """BatchNormAct2d kept the three-kernel split path: fused_split gave timm's efficientnet,
+    mobilenetv3, regnet ... no speed-up. Now its layers fuse, the activation (in place here)
+    runs after the map, and logits and input gradients equal the unfused ones (float64)."""
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 32, 32, dtype=torch.float64)
+    model = _warm_dual(dat.models.create("timm/mobilenetv3_small_050", dual_bn=True).double(), x)
+    acts = [m.main.act for m in model.modules() if isinstance(m, DualBatchNorm)]
+    assert any(getattr(a, "inplace", False) for a in acts)  # ReLU(inplace=True) among them
+    (out0, grad0, n0), (out1, grad1, n1) = _split_outputs_and_grads(model, x)
+    assert n0 == 0 and n1 == len(acts) > 0
+    torch.testing.assert_close(out1, out0, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad1, grad0, rtol=1e-10, atol=1e-14)
+
+
+class _NormActNet(nn.Module):
+    """conv -> BatchNormAct2d(ReLU in place) -> conv -> BatchNormAct2d(no act) -> in-place
+    ReLU -> conv -> ``last`` (a BatchNormAct2d the test configures)."""
+
+    def __init__(self, last: nn.Module) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3), BatchNormAct2d(4, act_layer=nn.ReLU)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3), BatchNormAct2d(4, apply_act=False)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv3, self.last = nn.Conv2d(4, 3, 1), last
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.relu(self.bn2(self.conv2(self.bn1(self.conv1(x)))))
+        return self.last(self.conv3(h)).mean((2, 3))
+
+
+@pytest.mark.parametrize("last, fuses", [
+    (BatchNormAct2d(3, act_layer=nn.SiLU), True),
+    (BatchNormAct2d(3, drop_layer=nn.Dropout), False),  # drop must be an Identity
+    (BatchNormAct2d(3, act_layer=nn.PReLU), False),  # the branches' slopes could differ
+])
+def test_fused_split_takes_batchnormact_only_when_one_activation_serves_both_halves(last, fuses):
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 8, 8, dtype=torch.float64)
+    model = _warm_dual(convert_dual_bn(_NormActNet(last)).double(), x)
+    (out0, grad0, _), (out1, grad1, n1) = _split_outputs_and_grads(model, x)
+    assert n1 == (3 if fuses else 2)
+    torch.testing.assert_close(out1, out0, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad1, grad0, rtol=1e-10, atol=1e-14)
+
+
+def test_fused_split_leaves_train_mode_batchnormact_forwards_alone():
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 8, 8)
+    model = _warm_dual(convert_dual_bn(_NormActNet(BatchNormAct2d(3))), x)
+    reference = copy.deepcopy(model).train()
+    model.train()
+    with bn_branch(model, "split"), bn_branch(reference, "split"), fused_split(model):
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 reference.state_dict().values(), strict=True))
 
 
 def test_sync_bn_keeps_the_activation_of_timm_batchnormact():

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attacks import is_compiled
-from ..models.folding import FoldError, fold_batchnorm, max_logit_gap
+from ..models.folding import FoldError, fold_batchnorm, max_logit_gap, summarize_unfolded
 from .suite import EvaluationError
 
 __all__ = ["FOLD_CHECK_EXAMPLES", "FOLD_TOLERANCE", "FastForward", "channels_last_failure",
@@ -139,15 +139,19 @@ def fold_for_attacks(model: nn.Module, enabled: bool, x: Tensor,
     if hooked:
         return model, {"folded": 0, "note": "the model has forward hooks, which a folded copy "
                                             "would not run; evaluated unfolded"}
+    unfolded: dict[str, str] = {}
     try:
-        folded, n = fold_batchnorm(model)
+        folded, n = fold_batchnorm(model, unfolded=unfolded)
     except FoldError as err:
         return model, {"folded": 0, "note": f"{err}; evaluated unfolded"}
     except Exception as err:  # anything else a user's model raises while being traced
         return model, {"folded": 0, "note": f"folding failed ({type(err).__name__}: "
                                             f"{str(err)[:100]}); evaluated unfolded"}
     if n == 0:
-        return model, {"folded": 0, "note": "no convolution -> BatchNorm pair to fold"}
+        note = (f"none of the model's {len(unfolded)} BatchNorm layers folds: "
+                f"{summarize_unfolded(unfolded)}" if unfolded
+                else "the model has no BatchNorm layer")
+        return model, {"folded": 0, "note": note}
     with exact_matmuls(x.device):
         gap = max_logit_gap(model, folded, x)
     if not gap <= FOLD_TOLERANCE:  # also catches NaN

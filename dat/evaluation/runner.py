@@ -270,8 +270,9 @@ def evaluate(
     tensors.
     ``fold_bn``: attack a copy with each eval-mode BN folded into the convolution before
     it (:func:`dat.models.folding.fold_batchnorm`; None: on for CPU, where it is measured
-    faster). The copy must match the model's logits on the first examples, else the model
-    is attacked as given; ``report["fold_bn"]`` says which ran and why.
+    faster on most models, BENCHMARKS.md). The copy must match the model's logits on the
+    first examples, else the model is attacked as given; ``report["fold_bn"]`` says which
+    ran and why.
     Ctrl-C during the attacks raises :class:`EvaluationInterrupted`, whose ``report`` holds
     the attacks that finished (also written to ``out_dir``).
     With ``out_dir``, each finished attack is saved at once to ``out_dir/progress.json``;

@@ -10,7 +10,7 @@ equivalent to two passes, since BatchNorm statistics are per branch anyway). Wit
 
 Inside :func:`fused_split`, an eval-mode ``split`` forward is one per-channel affine map
 for both halves (one kernel forward, one backward, instead of three each), for the
-attacks of a batched DAT step.
+attacks of a batched DAT step; a timm ``BatchNormAct2d`` runs its activation after it.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ __all__ = [
     "export_main_branch",
     "fused_split",
     "has_dual_bn",
+    "norm_act_tail",
     "set_bn_branch",
 ]
 
@@ -46,7 +47,8 @@ class DualBatchNorm(nn.Module):
         self.aux = copy.deepcopy(bn)
         self.branch = "main"
         self.pairs = 1  # split: the batch is 2 * pairs chunks, main, aux, main, ...
-        self.fused: tuple[Tensor, Tensor] | None = None  # (scale, shift), set by fused_split
+        # (scale, shift, activation or None), set by fused_split
+        self.fused: tuple[Tensor, Tensor, nn.Module | None] | None = None
         self.train(bn.training)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -60,7 +62,9 @@ class DualBatchNorm(nn.Module):
             raise ValueError(f"split BatchNorm with {self.pairs} pair(s) needs a batch divisible "
                              f"by {chunks}, got {x.shape[0]}")
         if self.fused is not None and not self.training and self.pairs == 1:
-            return _SplitAffine.apply(x, *self.fused)
+            scale, shift, act = self.fused
+            out = _SplitAffine.apply(x, scale, shift)
+            return out if act is None else act(out)
         # split(): one cat in backward (slices would zero-fill once each)
         return torch.cat([(self.aux if i % 2 else self.main)(part)
                           for i, part in enumerate(x.split(size))], dim=0)
@@ -102,12 +106,44 @@ class _SplitAffine(torch.autograd.Function):
         return out.view(grad.shape), None, None
 
 
+def norm_act_tail(bn: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(drop, act) of a BatchNorm whose forward is BN, then ``drop``, then ``act``; else None.
+
+    That is timm's ``BatchNormAct2d`` (and its SyncBN forms), recognised by its structure
+    as :mod:`dat.sync_bn` does: a BN subclass with its own forward whose only submodules are
+    ``drop`` and ``act``. A plain BN, or a subclass of another form, gives None.
+    """
+    if not isinstance(bn, _BatchNorm) or type(bn).forward is _BatchNorm.forward:
+        return None
+    if set(bn._modules) != {"drop", "act"}:
+        return None
+    drop, act = bn._modules["drop"], bn._modules["act"]
+    return (drop, act) if drop is not None and act is not None else None
+
+
+def _same_stateless(a: nn.Module, b: nn.Module) -> bool:
+    """Whether ``a`` and ``b`` compute the same function: same type and settings, and no
+    parameters or buffers (which the two branches could have trained apart)."""
+    state = [*a.parameters(), *a.buffers(), *b.parameters(), *b.buffers()]
+    return not state and type(a) is type(b) and repr(a) == repr(b)
+
+
 def _fusable(layer: DualBatchNorm) -> bool:
-    """Plain BN only: a subclass with its own forward (timm's ``BatchNormAct2d`` adds an
-    activation, ``SyncBatchNorm`` syncs) is more than the affine map and keeps its path."""
+    """Plain BN, or BN + activation (timm's ``BatchNormAct2d``) whose ``drop`` is an
+    ``nn.Identity`` and whose activation is the same stateless module in both branches (one
+    activation then serves the whole batch). Other subclasses with their own forward
+    (``SyncBatchNorm`` syncs) are more than the affine map and keep their path."""
     bns = (layer.main, layer.aux)
-    return all(type(bn).forward is _BatchNorm.forward and bn.running_var is not None
-               and bn.weight is not None for bn in bns)
+    if not all(bn.running_var is not None and bn.weight is not None for bn in bns):
+        return False
+    if all(type(bn).forward is _BatchNorm.forward for bn in bns):
+        return True
+    tails = [norm_act_tail(bn) for bn in bns]
+    if any(t is None for t in tails):
+        return False
+    (drop_main, act_main), (drop_aux, act_aux) = tails
+    return (isinstance(drop_main, nn.Identity) and isinstance(drop_aux, nn.Identity)
+            and _same_stateless(act_main, act_aux))
 
 
 @contextlib.contextmanager
@@ -118,8 +154,9 @@ def fused_split(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
     computed for all layers at once (9 operations for the whole model). Use it around
     an attack only: parameters and statistics must not change inside, and no gradient
     reaches the BN parameters. The outputs equal the unfused ones up to float rounding.
-    Layers without running statistics or affine parameters, and BN subclasses with their
-    own forward (timm's ``BatchNormAct2d``), keep the plain path.
+    A timm ``BatchNormAct2d`` runs its activation after the map (:func:`_fusable` says
+    when). Layers without running statistics or affine parameters, and other BN
+    subclasses with their own forward, keep the plain path.
     """
     layers = ([m for m in model.modules() if isinstance(m, DualBatchNorm) and _fusable(m)]
               if enabled else [])
@@ -146,7 +183,10 @@ def fused_split(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
     try:
         for m in layers:
             n = 2 * m.main.num_features
-            m.fused = (scale[start:start + n].view(2, -1), shift[start:start + n].view(2, -1))
+            tail = norm_act_tail(m.main)
+            act = None if tail is None or isinstance(tail[1], nn.Identity) else tail[1]
+            m.fused = (scale[start:start + n].view(2, -1), shift[start:start + n].view(2, -1),
+                       act)
             start += n
         yield model
     finally:
