@@ -409,9 +409,21 @@ def _download_cifar(name: str, root: Path) -> None:
 
 
 def load_cifar(name: str, root: Path) -> tuple[ImageSet, ImageSet, list[str]]:
-    """CIFAR-10/100 from an ImageFolder tree, torchvision's binary folder, or a download."""
+    """CIFAR-10/100 from an ImageFolder tree, torchvision's binary folder, or a download.
+
+    A tree must hold CIFAR's 10 or 100 classes of 3x32x32 images: other data under the
+    name would train (and be recorded) as CIFAR, and the evaluation assumes the count.
+    """
     if (root / "train").is_dir():
-        return load_imagefolder(root)
+        train, test, classes = load_imagefolder(root)
+        expected = 10 if name == "cifar10" else 100
+        if len(classes) != expected or tuple(train.image_shape) != (3, 32, 32):
+            shape = "x".join(map(str, train.image_shape))
+            raise DataError(
+                f"data.name={name} but data.root={str(root)!r} holds {len(classes)} classes "
+                f"of {shape} images, not {name}'s {expected} of 3x32x32; use "
+                f"data.name=imagefolder for other data, or point data.root at {name} itself")
+        return train, test, classes
     folder = root / _CIFAR_BINARY[name][0]
     if not folder.is_dir():
         _download_cifar(name, root)

@@ -12,12 +12,14 @@ import importlib.util
 import inspect
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-__all__ = ["absolute_spec", "accepts", "check_spec", "is_spec", "load_function", "run_label"]
+__all__ = ["absolute_spec", "accepts", "call_builder", "check_spec", "exported_program",
+           "exported_program_message", "is_spec", "load_function", "run_label"]
 
 
 def is_spec(name: str) -> bool:
@@ -63,7 +65,7 @@ def load_function(spec: str, what: str) -> Callable[..., Any]:
     check_spec(spec, what)
     module_name, func_name = _parts(spec, what)
     if module_name.endswith(".py"):
-        module = _load_file(Path(module_name).expanduser())
+        module = _load_file(Path(module_name).expanduser(), spec, what)
     else:
         try:
             module = importlib.import_module(module_name)
@@ -76,16 +78,20 @@ def load_function(spec: str, what: str) -> Callable[..., Any]:
                                  ) from None
             raise ValueError(f"{what} {spec!r}: importing {module_name!r} failed: {err} (a "
                              "module it imports; install it or fix that import)") from None
+        except Exception as err:  # a syntax error, or the module's own code raised
+            raise ValueError(f"{what} {spec!r}: importing {module_name!r} failed: "
+                             f"{_describe(err, None)}; {_fix(err, 'the module')}") from err
     func = getattr(module, func_name, None)
     if not callable(func):
         raise ValueError(f"{what} {spec!r}: {module_name} has no function {func_name!r}")
     return func
 
 
-def _load_file(path: Path) -> ModuleType:
+def _load_file(path: Path, spec: str, what: str) -> ModuleType:
     """Execute ``path`` as a module, as Python runs a script: its folder goes on
     ``sys.path`` (for imports of its neighbours, also inside the builder) and the module
-    into ``sys.modules`` under a name of its own (dataclasses and pickle look it up)."""
+    into ``sys.modules`` under a name of its own (dataclasses and pickle look it up).
+    An error in the file becomes a one-line ValueError naming the file and line."""
     folder = str(path.resolve().parent)
     if folder not in sys.path:
         sys.path.insert(0, folder)
@@ -96,10 +102,64 @@ def _load_file(path: Path) -> ModuleType:
     sys.modules[name] = module
     try:
         file_spec.loader.exec_module(module)
-    except BaseException:
+    except Exception as err:
+        del sys.modules[name]
+        raise ValueError(f"{what} {spec!r}: running {path} failed: "
+                         f"{_describe(err, path)}; {_fix(err, 'the file')}") from err
+    except BaseException:  # Ctrl-C, SystemExit: as they are
         del sys.modules[name]
         raise
     return module
+
+
+def call_builder(func: Callable[..., Any], spec: str, what: str, **kwargs: Any) -> Any:
+    """``func(**kwargs)``; an error the builder raises becomes a one-line ValueError naming
+    ``spec``, the error and where the user's code raised it (chained, for Python users)."""
+    try:
+        return func(**kwargs)
+    except Exception as err:
+        module_name = spec.rpartition(":")[0]
+        path = Path(module_name).expanduser() if module_name.endswith(".py") else None
+        raise ValueError(f"{what} {spec!r}: {spec.rpartition(':')[2]}() raised "
+                         f"{_describe(err, path)}; {_fix(err, 'the builder')}") from err
+
+
+def exported_program(model: object) -> bool:
+    """Whether ``model`` is ``ExportedProgram.module()``: torch.export replaces its train()
+    and eval() with ones that raise NotImplementedError, so it has no eval mode to set."""
+    patched = vars(model).get("eval") if hasattr(model, "__dict__") else None
+    return "ExportedProgram" in getattr(patched, "__qualname__", "")
+
+
+def exported_program_message(who: str) -> str:
+    """The refusal of an ``ExportedProgram.module()``; ``who`` names where it came from."""
+    return (f"{who} a torch.export program (ExportedProgram.module()), whose train() and "
+            "eval() raise NotImplementedError, so it cannot be put in eval mode; return the "
+            "original nn.Module instead (the one given to torch.export.export, with its "
+            "weights loaded)")
+
+
+def _describe(err: BaseException, path: Path | None) -> str:
+    """``SyntaxError: invalid syntax (nets.py line 3)``: the error's type, its first line,
+    and the line that raised it (in ``path`` when the traceback passes through it)."""
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    if isinstance(err, SyntaxError):  # the file and line are the point, not the message
+        first = err.msg or "invalid syntax"
+        where = f"{err.filename} line {err.lineno}" if err.filename else None
+    else:
+        frames = traceback.extract_tb(err.__traceback__)
+        mine = [f for f in frames if path is not None
+                and os.path.realpath(f.filename) == os.path.realpath(path)]
+        frame = (mine or frames or [None])[-1]
+        where = f"{frame.filename} line {frame.lineno}" if frame is not None else None
+    text = f"{type(err).__name__}: {first[:200]}" if first else type(err).__name__
+    return f"{text} ({where})" if where else text
+
+
+def _fix(err: BaseException, what: str) -> str:
+    if isinstance(err, ImportError):  # a package the user's code needs
+        return "install the missing package or fix that import"
+    return f"fix {what}"
 
 
 def accepts(func: Callable[..., Any], name: str) -> bool:

@@ -3,14 +3,17 @@ gradients, randomness, broken projections, suspicious gaps) and pass on a normal
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import dat
+from dat.attacks import eval_mode
 from dat.evaluation import checks as C
 from dat.evaluation import evaluate
 from dat.evaluation.suite import BoundsStats
@@ -185,12 +188,84 @@ def test_pgd_far_above_cw_warns(pgd20, cw, n, status) -> None:
 def test_eps_zero_large_eps_and_monotone_checks() -> None:
     assert C.check_eps_zero(50.0, 50.0, 100).status == "pass"
     assert C.check_eps_zero(50.0, 49.0, 100).status == "fail"
-    assert C.check_large_eps(10.0, 10).status == "pass"
-    assert C.check_large_eps(30.0, 10).status == "fail"
+    assert C.check_large_eps(10.0, 10, 500).status == "pass"
+    assert C.check_large_eps(30.0, 10, 500).status == "fail"
     eps = [0, 2 / 255, 8 / 255]
     assert C.check_monotone(eps, [50.0, 40.0, 40.0], 1000).status == "pass"
     assert C.check_monotone(eps, [50.0, 40.0, 40.2], 1000).status == "warn"
     assert C.check_monotone(eps, [50.0, 40.0, 45.0], 1000).status == "fail"
+
+
+def test_large_eps_allows_two_examples_worth_above_chance() -> None:
+    """As the other checks do on small n: with 200 classes chance is 0.5%, and one survivor
+    of 100 examples used to fail."""
+    assert C.check_large_eps(1.0, 200, 100).status == "pass"
+    assert C.check_large_eps(2.5, 200, 100).status == "pass"
+    assert C.check_large_eps(3.0, 200, 100).status == "fail"
+    assert C.check_large_eps(10.2, 10, 1000).status == "pass"
+    assert C.check_large_eps(10.3, 10, 1000).status == "fail"
+
+
+def _compiled(model: nn.Module, in_place: bool, backend) -> nn.Module:
+    if in_place:  # module.compile(): the module's own call is compiled, hooks included
+        model.compile(backend=backend)
+        return model
+    return torch.compile(model, backend=backend)  # a wrapper around it
+
+
+def _frames(model: nn.Module, x: Tensor, in_place: bool, monitor: C.ModeMonitor | None) -> int:
+    """Frames torch.compile compiles for 3 forwards of ``model`` (watched by ``monitor``,
+    as an evaluation does from the first call on) and one more after."""
+    counter = CompileCounterWithBackend("eager")
+    torch._dynamo.reset()
+    try:
+        net = _compiled(model, in_place, counter)
+        with torch.no_grad():
+            with monitor.watch(net) if monitor else contextlib.nullcontext():
+                for _ in range(3):
+                    net(x)
+            net(x)
+    finally:
+        torch._dynamo.reset()
+    return counter.frame_count
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_compiled_model_is_watched_without_recompiling(make_warm_model, sample_batch,
+                                                         in_place) -> None:
+    """The eval-mode monitor's hooks ran inside the compiled code: torch.compile guarded on
+    their counter and recompiled at every forward up to its limit (36 s on 100 images),
+    and once more after the evaluation, when the hooks were gone."""
+    x, monitor = sample_batch[0][:4], C.ModeMonitor()
+    unwatched = _frames(make_warm_model().eval(), x, in_place, None)
+    assert _frames(make_warm_model().eval(), x, in_place, monitor) == unwatched
+    assert monitor.forwards > 0 and monitor.training_forwards == 0
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_compiled_model_that_switches_to_train_mode_is_seen(small, in_place) -> None:
+    """Watched from outside the compiled code, the monitor still sees the flags."""
+    torch._dynamo.reset()
+    try:
+        net, monitor = _compiled(_model(small, "sneaky"), in_place, "eager"), C.ModeMonitor()
+        with torch.no_grad(), eval_mode(net), monitor.watch(net):
+            net(small[1][0][:4])
+            net(small[1][0][:4])
+    finally:
+        torch._dynamo.reset()
+    assert monitor.training_forwards > 0
+    assert C.check_eval_mode(False, monitor).status == "fail"
+
+
+def test_a_compiled_model_evaluates_with_every_check(make_warm_model, sample_batch) -> None:
+    torch._dynamo.reset()
+    try:
+        report = evaluate(torch.compile(make_warm_model().eval(), backend="eager"),
+                          sample_batch, attacks=["clean"], progress=False, check_examples=4)
+    finally:
+        torch._dynamo.reset()
+    assert _status(report, "eval_mode") == "pass", report["checks"]["eval_mode"]
+    assert _status(report, "bn_statistics") == "pass"
 
 
 def test_overall_status_is_the_most_severe() -> None:

@@ -228,10 +228,30 @@ def test_imagefolder_tree_loads(tiny_tree: Path, held_name: str) -> None:
     assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
 
 
-def test_cifar10_name_reads_an_imagefolder_root(tiny_tree: Path) -> None:
-    with pytest.warns(UserWarning):
-        s = load_dataset(DataConfig(name="cifar10", root=str(tiny_tree), val_size=3))
-    assert s.classes == ["cat", "dog", "frog"] and len(s.test) == 6
+def test_cifar10_name_reads_an_imagefolder_root(tmp_path: Path, sample_splits) -> None:
+    """CIFAR-10 as an ImageFolder tree (the JPEG tree): 10 classes of 32x32."""
+    pick = torch.cat([(sample_splits.train.labels == c).nonzero()[:2, 0] for c in range(10)])
+    images, labels = sample_splits.train.images[pick], sample_splits.train.labels[pick]
+    _write_tree(tmp_path, "train", images, labels, sample_splits.classes)
+    _write_tree(tmp_path, "test", images[::2], labels[::2], sample_splits.classes)
+    s = load_dataset(DataConfig(name="cifar10", root=str(tmp_path), val_size=10))
+    assert s.classes == sample_splits.classes and len(s.test) == 10
+
+
+@pytest.mark.filterwarnings("ignore:.*converting non-RGB images")
+@pytest.mark.parametrize("name, size, found", [("cifar10", 32, "3 classes of 3x32x32"),
+                                               ("cifar100", 64, "3 classes of 3x64x64")])
+def test_cifar_names_refuse_a_tree_of_other_data(tiny_tree: Path, name, size, found) -> None:
+    """It trained on whatever the tree held (e.g. Tiny-ImageNet's 200 classes at 64x64 as
+    cifar100), and only the data: line said so."""
+    if size != 32:
+        for path in tiny_tree.rglob("*.jpg"):
+            Image.open(path).resize((size, size)).save(path)
+    with pytest.raises(DataError, match=f"data.name={name} but .* holds {found} images, not "
+                       f"{name}'s {10 if name == 'cifar10' else 100} of 3x32x32; use "
+                       "data.name=imagefolder") as info:
+        load_dataset(DataConfig(name=name, root=str(tiny_tree), val_size=3))
+    assert "\n" not in str(info.value)
 
 
 def test_mis_sized_image_gives_a_clear_error(tiny_tree: Path) -> None:

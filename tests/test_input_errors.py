@@ -17,6 +17,7 @@ import dat.evaluation.cli
 import dat.evaluation.runner
 import dat.export
 from dat.config import Config, ConfigError, config_to_dict, load_config
+from dat.entry_points import load_function
 from dat.evaluation.cli import evaluate_main, parse_eps
 from dat.evaluation.diagnostics import fourier_heatmap
 from dat.evaluation.loading import CheckpointError, load_entry_point, load_state_file
@@ -194,6 +195,22 @@ def test_a_checkpoint_on_data_with_other_class_folders_is_refused(make_tiny_mode
     assert evaluate_main(_quick(path, tmp_path, "--ignore-class-names")) == 0  # only renamed
 
 
+def test_ignore_class_names_still_needs_the_same_number_of_classes(make_tiny_model, tmp_path,
+                                                                  capsys, no_attacks) -> None:
+    """--ignore-class-names is for renamed folders: a 12-class checkpoint on 10-class data
+    used to run (with a warning) and read labels 0..9 as its first 10 outputs."""
+    path = tmp_path / "best.pt"
+    _checkpoint(make_tiny_model(num_classes=12).eval(), path)
+    saved = torch.load(path, weights_only=True)
+    torch.save({**saved, "classes": [f"c{i}" for i in range(12)]}, path)
+    for flag in ([], ["--ignore-class-names"]):
+        assert evaluate_main(_quick(path, tmp_path, *flag)) == 2
+        err = _one_line_error(capsys, "trained on 12 classes and the data has 10; evaluate it "
+                              "on data with the 12 class folders", "--data-root")
+        assert ("not another number of classes" in err) == bool(flag)
+        assert "--ignore-class-names if" not in err  # not offered where it cannot help
+
+
 def test_a_checkpoint_on_images_of_another_size_is_refused(make_tiny_model, tmp_path,
                                                            capsys, no_attacks) -> None:
     """A 64x64 Tiny-ImageNet model on a 32x32 copy with the same wnids: global pooling takes
@@ -263,6 +280,55 @@ def test_a_model_refused_by_the_evaluation_leaves_no_report_folder(tmp_path, cap
     assert not out.exists()  # the folder this run created is gone again, lock file included
 
 
+@pytest.mark.parametrize("source, needles", [
+    ("import torch\n\ndef build(:\n    pass\n",
+     ["running ", "SyntaxError: ", "bad.py line 3)", "; fix the file"]),
+    ("import torch\n\nscale = 1 / 0\n\n\ndef build():\n    pass\n",
+     ["running ", "ZeroDivisionError: division by zero", "bad.py line 3)", "; fix the file"]),
+    ("import no_such_package_for_dat_tests\n\n\ndef build():\n    pass\n",
+     ["ModuleNotFoundError: No module named 'no_such_package_for_dat_tests'", "bad.py line 1)",
+      "install the missing package"]),
+    ("def build():\n    weights = None\n    raise RuntimeError(f'no weights: {weights}')\n",
+     ["build() raised RuntimeError: no weights: None", "bad.py line 3)", "; fix the builder"]),
+], ids=["syntax_error", "error_on_import", "missing_package", "build_raises"])
+def test_an_error_in_the_users_builder_file_is_one_line(source, needles, tmp_path,
+                                                        capsys) -> None:
+    """A syntax error in the file, or an exception while it runs or in build(), ended in
+    a raw traceback, in evaluate.py --model and train.py model.name= alike."""
+    from dat.cli import train_main
+
+    (tmp_path / "bad.py").write_text(source)
+    spec = f"{tmp_path / 'bad.py'}:build"
+    assert evaluate_main(["--model", spec, "--data", "cifar10-sample", "--attacks", "clean",
+                          "--n-examples", "8", "--no-progress", "--out",
+                          str(tmp_path / "e")]) == 2
+    _one_line_error(capsys, f"--model '{spec}': ", *needles)
+    assert not (tmp_path / "e").exists()
+    assert train_main(["--no-progress", f"model.name={spec}", "data.name=cifar10-sample",
+                       f"train.out_dir={tmp_path / 'runs'}"]) == 2
+    _one_line_error(capsys, f"model.name '{spec}': ", *needles)
+
+
+def test_a_torch_export_program_is_refused_naming_the_original_module(tmp_path, capsys,
+                                                                      sample_batch) -> None:
+    """ExportedProgram.module() raises NotImplementedError on .eval(): that traceback was
+    all evaluate.py said."""
+    (tmp_path / "exported.py").write_text(
+        "import torch\nimport dat\n\n\ndef build():\n"
+        "    net = dat.models.create('resnet_tiny', 10).eval()\n"
+        "    return torch.export.export(net, (torch.rand(2, 3, 32, 32),)).module()\n")
+    spec = f"{tmp_path / 'exported.py'}:build"
+    assert evaluate_main(["--model", spec, "--data", "cifar10-sample", "--attacks", "clean",
+                          "--n-examples", "8", "--no-progress", "--out",
+                          str(tmp_path / "e")]) == 2
+    _one_line_error(capsys, f"--model {spec} returned a torch.export program",
+                    "return the original nn.Module")
+    program = load_function(spec, "--model")()
+    with pytest.raises(dat.evaluation.EvaluationError,
+                       match="the model is a torch.export program .* return the original"):
+        dat.evaluate(program, sample_batch, attacks=["clean"], progress=False)
+
+
 # 7. weights under common keys
 def test_weights_under_common_keys_load(make_tiny_model, tmp_path) -> None:
     state = make_tiny_model().state_dict()
@@ -317,6 +383,27 @@ def test_a_torn_or_foreign_weights_file_is_named_as_such(make_tiny_model, tmp_pa
     with pytest.raises(CheckpointError, match=r"w.pt is not a readable torch file \(.*\): it "
                                               r"is truncated, or was not written by torch.save"):
         load_state_file(path)
+
+
+def test_safetensors_under_another_suffix_load_as_safetensors(make_tiny_model, tmp_path,
+                                                              capsys) -> None:
+    """They were reported as "unreadable pickle data"; the header says what they are."""
+    from safetensors.torch import save_file
+
+    state = make_tiny_model(seed=2).state_dict()
+    save_file(state, tmp_path / "weights.bin")
+    loaded = load_state_file(tmp_path / "weights.bin")
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    (tmp_path / "net.py").write_text(
+        "import dat\n\n\ndef build():\n    return dat.models.create('resnet_tiny', 10)\n")
+    assert evaluate_main(["--model", f"{tmp_path / 'net.py'}:build", "--weights",
+                          str(tmp_path / "weights.bin"), "--data", "cifar10-sample",
+                          "--attacks", "clean", "--n-examples", "8", "--no-progress",
+                          "--no-checks", "--out", str(tmp_path / "e")]) == 0
+    capsys.readouterr()
+    assert evaluate_main(_quick(tmp_path / "weights.bin", tmp_path)) == 2
+    _one_line_error(capsys, "weights.bin is a safetensors file (weights only), not a dat "
+                    "checkpoint", "--model module:function --weights")
 
 
 def test_weights_under_two_keys_say_which_is_used(make_tiny_model, tmp_path, capsys) -> None:

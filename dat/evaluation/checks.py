@@ -9,6 +9,7 @@ verifies them and writes the verdicts into its report.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
@@ -62,31 +63,56 @@ def overall_status(checks: list[Check]) -> str:
 
 @dataclass
 class ModeMonitor:
-    """Records, on every module's forward, whether that module was in training mode."""
+    """Records, on every module's forward, whether that module was in training mode
+    (compiled and scripted modules: their flags, read from outside their code)."""
 
     forwards: int = 0
     training_forwards: int = 0
+
+    def _read(self, modules: list[nn.Module]) -> None:
+        """Count ``modules``' train/eval flags as one forward each."""
+        self.forwards += len(modules)
+        self.training_forwards += sum(m.training for m in modules)
 
     @contextlib.contextmanager
     def watch(self, model: nn.Module) -> Iterator[ModeMonitor]:
         """Count the forwards of ``model``'s modules inside the block (nestable)."""
         def hook(module: nn.Module, _inputs) -> None:
-            self.forwards += 1
-            self.training_forwards += int(module.training)
+            self._read([module])
 
-        # TorchScript modules take no hooks: their train/eval flags are read at the start
-        # and end of the block instead (a script forward cannot change them)
-        scripted = [m for m in model.modules() if isinstance(m, torch.jit.ScriptModule)]
-        inside = {id(s) for m in scripted for s in m.modules()}
-        handles = [m.register_forward_pre_hook(hook) for m in model.modules()
-                   if id(m) not in inside]
-        self.training_forwards += sum(m.training for m in scripted)
+        # No hook goes inside compiled or scripted code: TorchScript takes none, and
+        # torch.compile traces a hook, guards on its counter and recompiles at every call
+        # (then gives up at its recompile limit). A torch.compile wrapper's own hook runs
+        # outside the compiled code, so it reads its inner modules' flags at each call;
+        # modules compiled in place (module.compile()) and scripted ones are read at the
+        # start and end of the block (their code cannot change the flags).
+        dynamo = sys.modules.get("torch._dynamo.eval_frame")
+        wrapper = dynamo.OptimizedModule if dynamo is not None else ()
+        inside: set[int] = set()
+        opaque: list[nn.Module] = []
+        handles = []
+        for m in model.modules():  # parents before their children
+            if id(m) in inside:
+                continue
+            if isinstance(m, wrapper):
+                inner = list(m._orig_mod.modules())
+                inside.update(map(id, inner))
+                handles.append(m.register_forward_pre_hook(
+                    lambda _module, _inputs, inner=inner: self._read(inner)))
+            elif (isinstance(m, torch.jit.ScriptModule)
+                  or getattr(m, "_compiled_call_impl", None) is not None):
+                inner = list(m.modules())
+                inside.update(map(id, inner))
+                opaque += inner
+            else:
+                handles.append(m.register_forward_pre_hook(hook))
+        self._read(opaque)
         try:
             yield self
         finally:
             for h in handles:
                 h.remove()
-            self.training_forwards += sum(m.training for m in scripted)
+            self._read(opaque)
 
 
 def check_eval_mode(given_training: bool, monitor: ModeMonitor) -> Check:
@@ -184,14 +210,19 @@ def check_monotone(eps: list[float], acc: list[float], n: int) -> Check:
                  "ball should never help the model (attack failing or gradient masking)")
 
 
-def check_large_eps(acc: float, num_classes: int) -> Check:
-    """At eps = 0.5 almost any image is reachable: accuracy must be at or below chance."""
+def check_large_eps(acc: float, num_classes: int, n: int) -> Check:
+    """At eps = 0.5 almost any image is reachable: accuracy must be at or below chance, up
+    to two examples' worth of the ``n`` attacked (with 200 classes one survivor of 100 is
+    twice chance, and says nothing about the attack)."""
     chance = 100.0 / num_classes
-    if acc > chance:
+    slack = 200.0 / max(n, 1)
+    if acc > chance + slack:
         return Check("large_eps", "fail",
-                     f"PGD at eps=0.5 leaves {acc:.2f}% accuracy, above chance {chance:.2f}%; "
-                     "the attack cannot find adversarial examples (masked gradients?)")
-    return Check("large_eps", "pass", f"PGD at eps=0.5 gives {acc:.2f}% <= chance {chance:.2f}%")
+                     f"PGD at eps=0.5 leaves {acc:.2f}% accuracy, above chance {chance:.2f}% "
+                     f"+ {slack:.2g} (two of {n} examples); the attack cannot find "
+                     "adversarial examples (masked gradients?)")
+    return Check("large_eps", "pass", f"PGD at eps=0.5 gives {acc:.2f}% <= chance "
+                                      f"{chance:.2f}% + {slack:.2g} (two of {n} examples)")
 
 
 def check_aa_gap(results: dict[str, float], n: int) -> Check:

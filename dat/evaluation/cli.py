@@ -206,10 +206,21 @@ def _load(args: argparse.Namespace, device: torch.device):
     return model, data, trained_on
 
 
-def _check_same_classes(trained_on: list[str] | None, found: list[str]) -> None:
+def _check_same_classes(trained_on: list[str] | None, found: list[str],
+                        ignore_names: bool = False) -> None:
     """Refuse data whose class folders differ from the run's: labels are folder indices in
-    sorted order, so one renamed folder shifts every label and the accuracy silently."""
+    sorted order, so one renamed folder shifts every label and the accuracy silently.
+    ``ignore_names`` (--ignore-class-names) allows renamed folders, not another count."""
     if trained_on is None or list(trained_on) == list(found):
+        return
+    if len(trained_on) != len(found):  # never only renamed
+        flag = ("; --ignore-class-names is for renamed folders, not another number of "
+                "classes" if ignore_names else "")
+        raise ValueError(
+            f"the checkpoint was trained on {len(trained_on)} classes and the data has "
+            f"{len(found)}; evaluate it on data with the {len(trained_on)} class folders it "
+            f"was trained on (--data / --data-root){flag}")
+    if ignore_names:
         return
     pairs = enumerate(zip(trained_on, found, strict=False))
     first = next((i for i, (a, b) in pairs if a != b), min(len(trained_on), len(found)))
@@ -260,6 +271,9 @@ def _evaluate(args: argparse.Namespace, device: torch.device, out: Path) -> dict
         func, state = prepare_entry_point(args.model, args.weights,
                                           weights_key=args.weights_key)
     x, y, classes = _examples(data_cfg, args.split, args.n_examples)
+    # refusals before the warning below, so that a refused run prints one line
+    _check_same_classes(trained_on, classes, args.ignore_class_names)
+    _check_same_size(args.trained_shape, tuple(x.shape[1:]))
     if model is None:
         model = build_entry_point(args.model, func, state, device, len(classes), args.weights)
     outputs = _outputs(model, x)
@@ -268,9 +282,6 @@ def _evaluate(args: argparse.Namespace, device: torch.device, out: Path) -> dict
               f"{len(classes)}; labels 0..{len(classes) - 1} are read as its first "
               f"{len(classes)} outputs, so check that the model was trained on this dataset "
               "(--data, --data-root) and its class order", file=sys.stderr)
-    if not args.ignore_class_names:
-        _check_same_classes(trained_on, classes)
-    _check_same_size(args.trained_shape, tuple(x.shape[1:]))
     return evaluate(
         model, (x, y), attacks=[a.strip() for a in args.attacks.split(",") if a.strip()],
         eps=args.eps, batch_size=args.batch_size, precision=args.precision,

@@ -64,9 +64,28 @@ def _archive_kind(path: Path) -> str | None:
     return None
 
 
+def _is_safetensors(path: Path) -> bool:
+    """Whether ``path`` starts as a safetensors file does, whatever its suffix: 8 bytes of
+    little-endian header length, then that many bytes of a JSON object."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        size = path.stat().st_size
+    except OSError:
+        return False
+    if len(head) < 9:
+        return False
+    length = int.from_bytes(head[:8], "little")
+    return 2 <= length <= size - 8 and head[8:9] == b"{"
+
+
 def _torch_load(path: Path) -> object:
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; pass the path of a .pt/.safetensors file")
+    if _is_safetensors(path):
+        raise CheckpointError(
+            f"{path} is a safetensors file (weights only), not a dat checkpoint; evaluate it "
+            f"with --model module:function --weights {path}")
     kind = _archive_kind(path)
     if kind == "torchscript":
         raise CheckpointError(
@@ -119,7 +138,7 @@ def load_state_file(path: str | Path, key: str | None = None) -> dict[str, Tenso
     such as ``model_ema`` only when no raw key holds any), or under ``key`` when given.
     """
     path = Path(path)
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or _is_safetensors(path):  # also saved as .bin, .pt
         if key is not None:
             raise CheckpointError(f"{path} is a safetensors file (one state dict); drop the "
                                   "weights key")
@@ -260,8 +279,8 @@ def _import(spec: str):
 
     try:
         return load_function(spec, "--model")
-    except ValueError as err:
-        raise CheckpointError(str(err)) from None
+    except ValueError as err:  # the user's own error stays chained, for Python callers
+        raise CheckpointError(str(err)) from err.__cause__
 
 
 def _check_no_arguments(func, spec: str, num_classes_known: bool = False) -> None:
@@ -312,15 +331,22 @@ def build_entry_point(spec: str, func, state: dict[str, Tensor] | None,
                       device: torch.device | str, num_classes: int | None,
                       weights: str | Path | None = None) -> nn.Module:
     """Call the builder (with ``num_classes`` when it takes it), load ``state`` strictly."""
-    from ..entry_points import accepts
+    from ..entry_points import accepts, call_builder, exported_program, exported_program_message
 
     if isinstance(func, nn.Module):  # module:attribute naming a model, not a builder
         model = func
     else:
         given = num_classes is not None and accepts(func, "num_classes")
-        model = func(**({"num_classes": num_classes} if given else {}))
+        try:
+            model = call_builder(func, spec, "--model",
+                                 **({"num_classes": num_classes} if given else {}))
+        except ValueError as err:
+            raise CheckpointError(str(err)) from err.__cause__
     if not isinstance(model, nn.Module):
         raise CheckpointError(f"{spec} returned {type(model).__name__}, not a torch nn.Module")
+    if exported_program(model):
+        raise CheckpointError(exported_program_message(f"--model {spec} is" if isinstance(
+            func, nn.Module) else f"--model {spec} returned"))
     if state is not None:
         if _needs_two_branches(model, state):
             convert_dual_bn(model)

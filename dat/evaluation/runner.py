@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attacks import eval_mode
+from ..entry_points import exported_program, exported_program_message
 from ..folder_lock import hold_folder
 from ..models.dual_bn import bn_branch, has_dual_bn
 from . import checks as C
@@ -200,7 +201,7 @@ def _attack_checks(run: _Run, sweep: dict | None, check_examples: int) -> list[C
         zero = C.check_eps_zero(_pct(run.clean[:len(at_zero)]), _pct(at_zero), len(at_zero))
     big = run.attack(f"pgd{SWEEP_STEPS}", LARGE_EPS, sweep_alpha(LARGE_EPS, SWEEP_STEPS),
                      label="check@eps=0.5", subset=check_examples)
-    return [zero, C.check_large_eps(_pct(big), run.num_classes)]
+    return [zero, C.check_large_eps(_pct(big), run.num_classes, len(big))]
 
 
 def _sanity_checks(run: _Run, results: dict, sweep: dict | None, aa_messages,
@@ -283,6 +284,8 @@ def evaluate(
     """
     attacks = list(attacks)
     _validate_args(attacks, eps, batch_size, precision, n_examples)
+    if exported_program(model):  # its eval() raises NotImplementedError
+        raise EvaluationError(exported_program_message("the model is"))
     radii = list(DEFAULT_SWEEP) if sweep is True else (list(sweep) if sweep else None)
     if radii and not all(0 <= r <= 1 for r in radii):  # also NaN
         raise EvaluationError(f"sweep radii {radii} must lie in [0, 1] (pixel scale), e.g. "

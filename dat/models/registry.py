@@ -37,7 +37,14 @@ def create(name: str, num_classes: int = 10, dual_bn: bool = False, **kwargs) ->
     (normalisation inside). Keyword arguments that are ``None`` are dropped, so CLI
     defaults never override a model's own.
     """
-    from ..entry_points import accepts, is_spec, load_function
+    from ..entry_points import (
+        accepts,
+        call_builder,
+        exported_program,
+        exported_program_message,
+        is_spec,
+        load_function,
+    )
     from .dual_bn import convert_dual_bn
 
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
@@ -49,11 +56,14 @@ def create(name: str, num_classes: int = 10, dual_bn: bool = False, **kwargs) ->
         model = _REGISTRY[name](num_classes=num_classes, **kwargs)
     elif is_spec(name):
         build = load_function(name, "model.name")
-        model = build(**({"num_classes": num_classes} if accepts(build, "num_classes") else {}),
-                      **kwargs)
+        model = call_builder(build, name, "model.name",
+                             **({"num_classes": num_classes} if accepts(build, "num_classes")
+                                else {}), **kwargs)
         if not isinstance(model, nn.Module):
             raise ValueError(f"model.name {name!r} returned {type(model).__name__}, not a "
                              "torch nn.Module")
+        if exported_program(model):
+            raise ValueError(exported_program_message(f"model.name {name!r} returned"))
     else:
         raise ValueError(
             f"unknown model {name!r}; choose one of {list_models()}, 'timm/<timm model name>' "
