@@ -8,7 +8,8 @@ Built in: :class:`ValidationCallback` (clean + PGD accuracy on held-out images, 
 ["module:function"]``. Events: ``train_start``, ``step_start``, ``step_end`` (payload:
 stats as device tensors, do not sync), ``log`` (payload: means as floats), ``epoch_end``
 (payload: the 0-based epoch index; ``payload.number`` is the 1-based epoch of
-``metrics.json``), ``train_end`` (payload: metrics).
+``metrics.json``), ``train_end`` (payload: metrics). ``trainer.request_stop()`` in a
+callback ends training early (after that step, or that epoch), with the usual final test.
 
 Under torchrun every callback runs on every rank (so it may use collectives); check
 ``trainer.dist.is_main`` before writing files. ``train_end``'s payload is ``{}`` on

@@ -133,7 +133,9 @@ def train_main(argv: list[str] | None = None) -> int:
             print(config_to_yaml(cfg), end="")
             return 0
         with one_line_warnings():
-            metrics = Trainer(cfg, progress=not args.no_progress).fit()
+            trainer = Trainer(cfg, progress=not args.no_progress)
+            cfg = trainer.cfg  # the checked copy, with the run name the trainer stamped
+            metrics = trainer.fit()
         cleanup_distributed()
     except KeyboardInterrupt as stop:
         if os.environ.get("RANK", "0") == "0":  # under torchrun: once, from rank 0

@@ -29,6 +29,7 @@ __all__ = [
     "OptimConfig",
     "PerfConfig",
     "TrainConfig",
+    "checked_config",
     "config_from_dict",
     "config_to_dict",
     "config_to_yaml",
@@ -258,6 +259,9 @@ def _merge(base: Any, update: Any, where: str) -> Any:
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file or preset ``path``, then ``key=value`` overrides; validated."""
+    if isinstance(overrides, str):  # each character would be read as an override
+        raise ConfigError(f"overrides={overrides!r} must be a list of 'key=value' strings, "
+                          f"e.g. [{overrides!r}]")
     cfg = OmegaConf.structured(Config)
     if path:
         file = find_preset(path)
@@ -271,6 +275,27 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"override {item!r}: {str(err).splitlines()[0]}") from None
         cfg = _merge(cfg, update, f"override {item!r}")
     config: Config = OmegaConf.to_object(cfg)
+    validate(config)
+    return config
+
+
+def checked_config(cfg: Config, where: str = "the config") -> Config:
+    """A validated copy of ``cfg``, e.g. after attribute edits (``cfg.train.epochs = 3``):
+    types are checked and converted as :func:`load_config` converts them (``"3"`` -> 3,
+    ``"8/255"`` -> 0.0314), then :func:`validate` runs; one-line :class:`ConfigError`."""
+    from dataclasses import asdict
+
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"{where} is a {type(cfg).__name__}, not a dat.config.Config; build "
+                          "one with dat.load_config(...), e.g. dat.load_config('quickstart')")
+    try:
+        data = _fractions_to_floats(asdict(cfg))
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    except TypeError as err:  # a section replaced by something that is not a dataclass
+        raise ConfigError(f"{where}: {err}; assign single values, e.g. cfg.train.epochs = 3"
+                          ) from None
+    config: Config = OmegaConf.to_object(_merge(OmegaConf.structured(Config), data, where))
     validate(config)
     return config
 

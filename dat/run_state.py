@@ -53,6 +53,7 @@ class CheckpointedRun:
         if self.dist.is_main:
             ckpt.save_checkpoint(state, path, keep=self.cfg.train.keep_checkpoints)
         distributed.barrier()
+        self._saved_last = True
         return path
 
     def weights_kind(self) -> str:

@@ -57,7 +57,7 @@ from .callbacks import (
     ValidationCallback,
     load_callback,
 )
-from .config import Config, config_to_yaml
+from .config import Config, ConfigError, checked_config, config_to_dict, config_to_yaml
 from .data import Batch, DatasetSplits, load_dataset, make_loader, stratified_split
 from .entry_points import absolute_spec
 from .guard import (
@@ -72,6 +72,17 @@ from .run_state import CheckpointedRun, TrainState
 __all__ = ["EpochIndex", "Terminated", "TrainState", "Trainer", "TrainingError", "train"]
 
 VAL_SHARE_WARN = 0.25  # warn when validation holds out more of the training folder
+
+# Keys of ``trainer.cfg`` that may change between ``Trainer(cfg)`` and ``fit()`` (e.g. to
+# train a finished run longer): the loop reads them as it goes, and a resume may change them
+# too (dat.checkpoint.RESUME_MAY_CHANGE). Any other edit would be saved in config.yaml and
+# the checkpoints without being used, so fit() refuses it.
+FIT_MAY_CHANGE: tuple[str, ...] = (
+    "train.epochs", "train.val_every", "train.image_every", "train.max_bad_steps",
+    "train.keep_checkpoints", "train.checkpoint_every", "train.test_attacks",
+    "optim.lr", "optim.schedule", "optim.milestones", "optim.gamma", "optim.warmup_epochs",
+    "optim.lr_scaling", "optim.reference_batch_size", "perf.log_every", "data.eval_batch_size",
+)
 
 
 class Terminated(KeyboardInterrupt):
@@ -96,12 +107,17 @@ class EpochIndex(int):
 class Trainer(CheckpointedRun):
     """Builds data, model, optimiser, method step and callbacks from ``cfg``; ``fit()``.
 
+    ``cfg`` is checked (types and values, as :func:`dat.load_config` checks them) and
+    copied: the trainer works on ``trainer.cfg`` (with the run name it stamps), and the
+    caller's ``cfg`` stays free to build the next trainer. Between ``Trainer(cfg)`` and
+    ``fit()`` only the keys in :data:`FIT_MAY_CHANGE` of ``trainer.cfg`` may change.
     ``splits`` replaces ``load_dataset(cfg.data)`` (your own data); ``callbacks`` are
     :class:`~dat.callbacks.Callback` objects or ``fn(trainer, event, payload)``.
     """
 
     def __init__(self, cfg: Config, splits: DatasetSplits | None = None,
                  callbacks: tuple = (), progress: bool = True) -> None:
+        cfg = checked_config(cfg, "Trainer(cfg): cfg")
         self.cfg, self.device = cfg, resolve_device(cfg.train.device)
         # config.yaml and checkpoints keep paths that resume and evaluate from any folder
         if splits is None and cfg.data.name != "cifar10-sample":
@@ -161,12 +177,14 @@ class Trainer(CheckpointedRun):
         if not self.dist.is_main:
             self._unlock.detach()
         self._synced_at = -1  # global step of the last BN-statistics sync
+        self._fresh, self._saved_last, self._stop_requested = resume is None, False, False
         if resume is not None:
             try:
                 self.resume(resume, loaded)
             except BaseException:  # refused: let go of the folder now, not at collection
                 self._unlock()
                 raise
+        self._built_with = ckpt._flatten(config_to_dict(cfg))  # what the pieces were built from
 
     # -- public helpers -------------------------------------------------------------
     def add_callback(self, callback: Callback | Callable[[Any, str, Any], None]) -> None:
@@ -179,6 +197,15 @@ class Trainer(CheckpointedRun):
             self.callbacks.insert(at, callback)
         else:
             self.callbacks.append(callback)
+
+    def request_stop(self) -> None:
+        """Stop training early, from a callback: called at ``step_end`` (or ``log``), the
+        step in progress is the last one; at ``epoch_end``, that epoch is the last. fit()
+        then saves ``last.pt``, tests ``best.pt`` and returns its metrics as usual; a later
+        resume, or fit() again, continues to ``train.epochs``. Under torchrun, call it on
+        every rank at the same step (callbacks run on every rank; a decision from one
+        rank's local numbers would leave the others waiting)."""
+        self._stop_requested = True
 
     def eval_model(self) -> torch.nn.Module:
         """The model to validate and export: the weight average when there is one."""
@@ -207,14 +234,59 @@ class Trainer(CheckpointedRun):
     # -- the loop -------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train for ``train.epochs`` epochs (from where a resume left off); metrics."""
+        self._check_config_edits()
+        self._check_run_dir_unclaimed()
         self._fit_t0, first = time.perf_counter(), self.state.global_step
+        self._stop_requested = False
         if self.dist.is_main and not self._unlock.alive:  # fit() again, after a first fit
             self._unlock = weakref.finalize(self, folder_lock.release, folder_lock.acquire(
                 self.run_dir, RUN_IN_USE_FIX))
         try:
             return self._fit(first)
+        except BaseException:  # no train_end: let TensorBoard's files and thread go now
+            for callback in self.callbacks:
+                if isinstance(callback, TensorBoardCallback) and callback.writer is not None:
+                    callback.writer.close()
+                    callback.writer = None
+            raise
         finally:
             self._unlock()
+
+    def _check_config_edits(self) -> None:
+        """Edits of ``trainer.cfg`` since ``Trainer(cfg)``: checked like a new config, and
+        refused unless the loop reads that key as it goes (:data:`FIT_MAY_CHANGE`)."""
+        checked = checked_config(self.cfg, "trainer.cfg")
+        now = ckpt._flatten(config_to_dict(checked))
+        changed = [k for k in now if now[k] != self._built_with.get(k)]
+        fixed = [k for k in changed if k not in FIT_MAY_CHANGE]
+        if fixed:
+            key, more = fixed[0], "".join(f"; also {k}" for k in fixed[1:])
+            raise ConfigError(
+                f"trainer.cfg.{key} changed from {self._built_with.get(key)!r} to {now[key]!r}"
+                f"{more} after Trainer(cfg) built its model, data and method from the old "
+                "value, so the run would record a setting it does not use; build a new "
+                "Trainer from the edited config (between Trainer(cfg) and fit() only these may "
+                "change: "
+                f"{', '.join(FIT_MAY_CHANGE)})")
+        if changed:
+            check_test_attacks(checked.train.test_attacks)
+            for key in changed:  # the checked (converted) values, in the caller's objects
+                section, _, name = key.partition(".")
+                setattr(getattr(self.cfg, section), name, getattr(getattr(checked, section), name))
+            self._built_with = now
+
+    def _check_run_dir_unclaimed(self) -> None:
+        """A new run's folder must still be its own: another Trainer of this process with
+        the same ``train.run_name`` (the folder lock is per process) may have written a run
+        there since this one was built, and this fit would overwrite it."""
+        if not self._fresh or self._saved_last or self.dist.enabled:
+            return
+        if any((self.run_dir / "checkpoints").glob("last*.pt")):
+            raise ConfigError(
+                f"{self.run_dir} already holds a run, written after this Trainer was built "
+                "(another Trainer in this process with the same train.run_name?); fitting this "
+                "one would overwrite its checkpoints and metrics: build it with another "
+                "train.run_name, or resume that run (train.resume=auto)")
 
     def _say_data(self) -> None:
         """One line on what the run trains, selects and tests on (a renamed or hidden class
@@ -255,6 +327,9 @@ class Trainer(CheckpointedRun):
 
     def _train_epochs(self) -> None:
         for epoch in range(self.state.epoch, self.cfg.train.epochs):
+            if self._stop_requested:  # asked for at the end of the previous epoch
+                self._say_stopped()
+                return
             self.method.on_epoch_start(epoch)
             for batch in self._batches(epoch):
                 self._in_step = True  # Ctrl-C from here waits for the step's end
@@ -267,7 +342,19 @@ class Trainer(CheckpointedRun):
                 self._in_step = False
                 if self._interrupted:
                     self._stop_interrupted()
+                if self._stop_requested and self.state.step_in_epoch < self.steps_per_epoch:
+                    if self._sum_keys:
+                        self._log()
+                    self.save_last()  # an exact resume point, as at Ctrl-C
+                    self._say_stopped()
+                    return
             self._end_epoch(epoch)
+
+    def _say_stopped(self) -> None:
+        if self.dist.is_main:
+            s = self.state
+            print(f"stopped early by trainer.request_stop() after {s.global_step} steps "
+                  f"({s.epoch} epochs and {s.step_in_epoch} steps of the next)", file=sys.stderr)
 
     @contextlib.contextmanager
     def _deferred_interrupt(self) -> Iterator[None]:
