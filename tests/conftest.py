@@ -5,6 +5,8 @@ competing with other processes made a 4-step attack on 16 images take 7 s instea
 
 Fixture names are stable; other test modules rely on them:
 
+- ``ctrl_c_as_in_a_terminal`` (autouse, session): SIGINT raises KeyboardInterrupt even
+  when pytest was started in the background, where SIGINT is ignored.
 - ``seed_everything`` (autouse): seeds ``random``, NumPy and torch with 0 before each test.
 - ``sample_splits`` (session): ``dat.data.load_dataset`` of ``cifar10-sample`` with the
   default split, a :class:`dat.data.DatasetSplits` with 4,000 train / 1,000 val / 1,000
@@ -21,6 +23,7 @@ Fixture names are stable; other test modules rely on them:
 from __future__ import annotations
 
 import random
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -36,6 +39,19 @@ from dat.config import DataConfig
 from dat.data import DatasetSplits, load_dataset
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def ctrl_c_as_in_a_terminal() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt, as in a terminal, also when pytest was started in
+    the background (``cmd &`` in a script ignores SIGINT, and Python then leaves it
+    ignored, in pytest and in the CLIs it starts): the Ctrl-C tests need the default."""
+    before = signal.getsignal(signal.SIGINT)
+    if before == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    if before == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, before)
 
 
 @pytest.fixture(autouse=True)
