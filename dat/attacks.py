@@ -44,6 +44,7 @@ __all__ = [
     "pgd",
     "project",
     "trades_kl",
+    "train_mode",
 ]
 
 
@@ -54,10 +55,31 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     Flags are restored per module, so a sub-module the user froze in eval mode (e.g. a
     frozen BatchNorm) stays frozen after an attack.
     """
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with _flags_restored(model):
+        model.eval()
         yield model
+
+
+@contextlib.contextmanager
+def train_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Train mode inside the block, with every module's flag restored after.
+
+    A model in eval mode is switched to train mode as a whole; a model already in train
+    mode keeps the sub-modules its user put in eval mode (e.g. frozen BatchNorm layers,
+    whose running statistics must not move).
+    """
+    with _flags_restored(model):
+        if not model.training:
+            model.train()
+        yield model
+
+
+@contextlib.contextmanager
+def _flags_restored(model: nn.Module) -> Iterator[None]:
+    """Every module's train/eval flag, as on entry, restored when the block ends."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        yield
     finally:
         for m, flag in flags:
             m.training = flag

@@ -295,9 +295,7 @@ def checked_config(cfg: Config, where: str = "the config") -> Config:
     except TypeError as err:  # a section replaced by something that is not a dataclass
         raise ConfigError(f"{where}: {err}; assign single values, e.g. cfg.train.epochs = 3"
                           ) from None
-    config: Config = OmegaConf.to_object(_merge(OmegaConf.structured(Config), data, where))
-    validate(config)
-    return config
+    return _to_config(data, where)
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -308,9 +306,13 @@ def config_to_dict(cfg: Config) -> dict:
 def config_from_dict(data: dict) -> Config:
     """Inverse of :func:`config_to_dict`, validated as a stored config (a run saved before
     a rule was added still loads: see :func:`validate`)."""
-    cfg = _merge(OmegaConf.structured(Config), data, "stored config")
-    config: Config = OmegaConf.to_object(cfg)
-    validate(config, stored=True)
+    return _to_config(data, "stored config", stored=True)
+
+
+def _to_config(data: dict, where: str, stored: bool = False) -> Config:
+    """``data`` merged over the defaults (types checked and converted), then validated."""
+    config: Config = OmegaConf.to_object(_merge(OmegaConf.structured(Config), data, where))
+    validate(config, stored=stored)
     return config
 
 

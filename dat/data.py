@@ -107,9 +107,7 @@ def _quotas(counts: Tensor, cap: Tensor, size: int, ties: Tensor | None = None) 
     none above ``cap``."""
     exact = counts.double() * size / counts.sum()
     quota = torch.minimum(exact.floor().long(), cap)
-    rank = torch.arange(len(counts)) if ties is None else torch.empty_like(ties)
-    if ties is not None:
-        rank[ties] = torch.arange(len(ties))
+    rank = torch.arange(len(counts)) if ties is None else torch.argsort(ties)  # its inverse
     order = sorted(range(len(counts)),
                    key=lambda i: (-(exact[i] - quota[i]).item(), int(rank[i])))
     while int(quota.sum()) < size:  # one pass, unless caps turned some classes away

@@ -11,6 +11,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .models.dual_bn import norm_act_tail
+
 __all__ = ["convert_sync_bn"]
 
 
@@ -91,9 +93,9 @@ def _norm_act_tail(bn: _BatchNorm) -> tuple[nn.Module, nn.Module] | None:
     if type(bn).forward is _BatchNorm.forward or isinstance(bn, (_GlobalBatchNorm,
                                                                   nn.SyncBatchNorm)):
         return None
-    drop, act = getattr(bn, "drop", None), getattr(bn, "act", None)
-    if isinstance(drop, nn.Module) and isinstance(act, nn.Module):
-        return drop, act
+    tail = norm_act_tail(bn)
+    if tail is not None:
+        return tail
     raise ValueError(f"model.sync_bn cannot synchronise {type(bn).__name__}: its forward does "
                      "more than BatchNorm and would be lost; train with model.sync_bn=false")
 

@@ -9,7 +9,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..attacks import as_class_indices, check_unit_range, eval_mode, explain_dtype_mismatch
+from ..attacks import (
+    as_class_indices,
+    check_unit_range,
+    eval_mode,
+    explain_dtype_mismatch,
+    train_mode,
+)
 from ..models.dual_bn import bn_branch, has_dual_bn
 
 __all__ = ["MethodStep", "check_generator_optimizer", "check_optimizer", "train_mode"]
@@ -63,24 +69,6 @@ def check_generator_optimizer(generator: nn.Module, optimizer: torch.optim.Optim
                          f"{sum(p.requires_grad for p in generator.parameters())} trainable "
                          "tensors, so the AAG would not learn; build it over "
                          "generator.parameters() of the generator you pass")
-
-
-@contextlib.contextmanager
-def train_mode(model: nn.Module):
-    """Train mode inside the block, with every module's flag restored after.
-
-    A model in eval mode is switched to train mode as a whole; a model already in train
-    mode keeps the sub-modules its user put in eval mode (e.g. frozen BatchNorm layers,
-    whose running statistics must not move).
-    """
-    flags = [(m, m.training) for m in model.modules()]
-    if not model.training:
-        model.train()
-    try:
-        yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 class MethodStep:

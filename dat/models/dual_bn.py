@@ -128,22 +128,25 @@ def _same_stateless(a: nn.Module, b: nn.Module) -> bool:
     return not state and type(a) is type(b) and repr(a) == repr(b)
 
 
-def _fusable(layer: DualBatchNorm) -> bool:
-    """Plain BN, or BN + activation (timm's ``BatchNormAct2d``) whose ``drop`` is an
+def _fusable(layer: DualBatchNorm) -> tuple[bool, nn.Module | None]:
+    """(whether ``layer`` fuses, the activation to run after the map or None).
+
+    Plain BN, or BN + activation (timm's ``BatchNormAct2d``) whose ``drop`` is an
     ``nn.Identity`` and whose activation is the same stateless module in both branches (one
     activation then serves the whole batch). Other subclasses with their own forward
     (``SyncBatchNorm`` syncs) are more than the affine map and keep their path."""
     bns = (layer.main, layer.aux)
     if not all(bn.running_var is not None and bn.weight is not None for bn in bns):
-        return False
+        return False, None
     if all(type(bn).forward is _BatchNorm.forward for bn in bns):
-        return True
+        return True, None
     tails = [norm_act_tail(bn) for bn in bns]
     if any(t is None for t in tails):
-        return False
+        return False, None
     (drop_main, act_main), (drop_aux, act_aux) = tails
-    return (isinstance(drop_main, nn.Identity) and isinstance(drop_aux, nn.Identity)
-            and _same_stateless(act_main, act_aux))
+    ok = (isinstance(drop_main, nn.Identity) and isinstance(drop_aux, nn.Identity)
+          and _same_stateless(act_main, act_aux))
+    return ok, None if isinstance(act_main, nn.Identity) else act_main
 
 
 @contextlib.contextmanager
@@ -158,8 +161,9 @@ def fused_split(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
     when). Layers without running statistics or affine parameters, and other BN
     subclasses with their own forward, keep the plain path.
     """
-    layers = ([m for m in model.modules() if isinstance(m, DualBatchNorm) and _fusable(m)]
-              if enabled else [])
+    found = ([(m, *_fusable(m)) for m in model.modules() if isinstance(m, DualBatchNorm)]
+             if enabled else [])
+    layers, acts = [m for m, ok, _ in found if ok], [act for _, ok, act in found if ok]
     if not layers:
         yield model
         return
@@ -181,10 +185,8 @@ def fused_split(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
         shift = bias.sub_(mean.mul_(scale))
     start = 0
     try:
-        for m in layers:
+        for m, act in zip(layers, acts, strict=True):
             n = 2 * m.main.num_features
-            tail = norm_act_tail(m.main)
-            act = None if tail is None or isinstance(tail[1], nn.Identity) else tail[1]
             m.fused = (scale[start:start + n].view(2, -1), shift[start:start + n].view(2, -1),
                        act)
             start += n
