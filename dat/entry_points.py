@@ -18,8 +18,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-__all__ = ["absolute_spec", "accepts", "call_builder", "check_spec", "exported_program",
-           "exported_program_message", "is_spec", "load_function", "run_label"]
+__all__ = ["absolute_spec", "accepts", "call_builder", "check_built", "check_spec",
+           "exported_program", "exported_program_message", "is_spec", "load_function",
+           "run_label"]
 
 
 def is_spec(name: str) -> bool:
@@ -122,6 +123,17 @@ def call_builder(func: Callable[..., Any], spec: str, what: str, **kwargs: Any) 
         path = Path(module_name).expanduser() if module_name.endswith(".py") else None
         raise ValueError(f"{what} {spec!r}: {spec.rpartition(':')[2]}() raised "
                          f"{_describe(err, path)}; {_fix(err, 'the builder')}") from err
+
+
+def check_built(model: object, who: str) -> None:
+    """One-line ValueError when what ``who`` (e.g. ``"--model nets.py:build returned"``) names
+    cannot be trained or evaluated: not an ``nn.Module``, or a torch.export program."""
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{who} {type(model).__name__}, not a torch nn.Module")
+    if exported_program(model):
+        raise ValueError(exported_program_message(who))
 
 
 def exported_program(model: object) -> bool:

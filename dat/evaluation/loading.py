@@ -331,7 +331,7 @@ def build_entry_point(spec: str, func, state: dict[str, Tensor] | None,
                       device: torch.device | str, num_classes: int | None,
                       weights: str | Path | None = None) -> nn.Module:
     """Call the builder (with ``num_classes`` when it takes it), load ``state`` strictly."""
-    from ..entry_points import accepts, call_builder, exported_program, exported_program_message
+    from ..entry_points import accepts, call_builder, check_built
 
     if isinstance(func, nn.Module):  # module:attribute naming a model, not a builder
         model = func
@@ -342,11 +342,11 @@ def build_entry_point(spec: str, func, state: dict[str, Tensor] | None,
                                  **({"num_classes": num_classes} if given else {}))
         except ValueError as err:
             raise CheckpointError(str(err)) from err.__cause__
-    if not isinstance(model, nn.Module):
-        raise CheckpointError(f"{spec} returned {type(model).__name__}, not a torch nn.Module")
-    if exported_program(model):
-        raise CheckpointError(exported_program_message(f"--model {spec} is" if isinstance(
-            func, nn.Module) else f"--model {spec} returned"))
+    try:
+        check_built(model, f"--model {spec} is" if isinstance(func, nn.Module)
+                    else f"--model {spec} returned")
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
     if state is not None:
         if _needs_two_branches(model, state):
             convert_dual_bn(model)

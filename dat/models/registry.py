@@ -37,14 +37,7 @@ def create(name: str, num_classes: int = 10, dual_bn: bool = False, **kwargs) ->
     (normalisation inside). Keyword arguments that are ``None`` are dropped, so CLI
     defaults never override a model's own.
     """
-    from ..entry_points import (
-        accepts,
-        call_builder,
-        exported_program,
-        exported_program_message,
-        is_spec,
-        load_function,
-    )
+    from ..entry_points import accepts, call_builder, check_built, is_spec, load_function
     from .dual_bn import convert_dual_bn
 
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
@@ -59,11 +52,7 @@ def create(name: str, num_classes: int = 10, dual_bn: bool = False, **kwargs) ->
         model = call_builder(build, name, "model.name",
                              **({"num_classes": num_classes} if accepts(build, "num_classes")
                                 else {}), **kwargs)
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"model.name {name!r} returned {type(model).__name__}, not a "
-                             "torch nn.Module")
-        if exported_program(model):
-            raise ValueError(exported_program_message(f"model.name {name!r} returned"))
+        check_built(model, f"model.name {name!r} returned")
     else:
         raise ValueError(
             f"unknown model {name!r}; choose one of {list_models()}, 'timm/<timm model name>' "
