@@ -1,7 +1,13 @@
-"""``python evaluate.py`` / ``dat-evaluate``: evaluate a checkpoint or any model entry point.
+"""``python evaluate.py`` / ``dat-evaluate``: evaluate a checkpoint, a model name or entry point.
 
     python evaluate.py --checkpoint RUN/checkpoints/best.pt --attacks clean,pgd20,cw,aa
+    python evaluate.py --model resnet18 --weights net.pt --data cifar10
+    python evaluate.py --model timm/resnet18 --weights net.pt --data cifar100 --normalize imagenet
     python evaluate.py --model mypkg.models:robust_net --weights net.safetensors --data cifar10
+
+``--model`` takes a ``dat.models`` name (``dat.models.list_models()``, or ``timm/<name>``),
+built for the data's class count, or a builder ``module:function`` / ``file.py:function``;
+a name is resolved before a builder, as train.py's ``model.name`` is.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import torch
 from ..config import DataConfig
 from ..folder_lock import LOCK_NAME, hold_folder
 from ..messages import one_line, one_line_warnings
+from ..models.normalize import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 from .loading import (
     build_entry_point,
     checkpoint_file,
@@ -28,6 +35,10 @@ from .progress import PROGRESS_FILE, finished_attacks
 __all__ = ["build_parser", "evaluate_main", "parse_eps"]
 
 PAPER_ATTACKS = "clean,fgsm,pgd20,pgd100,cw,aa"  # the paper's evaluation (Section 6)
+# --normalize presets: (mean, std) per RGB channel on the [0, 1] scale
+_NORMALIZATIONS = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD),
+                   "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+                   "none": ((0.0,) * 3, (1.0,) * 3)}  # weights trained on raw [0, 1] images
 
 
 def parse_eps(text: str) -> float:
@@ -97,17 +108,43 @@ def _radii(text: str) -> list[float]:
     return [v / 255 for v in values]
 
 
+def _normalization(text: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """--normalize: a preset (cifar10, imagenet, none) or ``MEAN/STD``, three values each."""
+    if text in _NORMALIZATIONS:
+        return _NORMALIZATIONS[text]
+    fix = (f"{text!r}: use cifar10, imagenet, none, or MEAN/STD with three values each on the "
+           "[0, 1] scale, e.g. 0.5,0.5,0.5/0.25,0.25,0.25")
+    mean, sep, std = text.partition("/")
+    try:
+        m, s = (tuple(float(v) for v in part.split(",")) for part in (mean, std))
+    except ValueError:
+        raise argparse.ArgumentTypeError(fix) from None
+    if not sep or len(m) != 3 or len(s) != 3:
+        raise argparse.ArgumentTypeError(fix)
+    if not all(0 <= v <= 1 for v in m) or not all(0 < v <= 1 for v in s):  # also NaN
+        raise argparse.ArgumentTypeError(f"{fix} (divide 0-255 values by 255; std > 0)")
+    return m, s
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="evaluate.py", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a dat checkpoint (dict with 'model' and 'config'), "
                      "or a run folder (or its checkpoints/): its best.pt, else last.pt")
-    src.add_argument("--model", help="module:function or file.py:function returning an "
-                     "nn.Module on [0, 1] images")
-    p.add_argument("--weights", help="with --model: a .safetensors or torch state dict file")
+    src.add_argument("--model", help="a dat.models name (resnet18, wrn34_10, ...: "
+                     "dat.models.list_models(); or timm/<timm name>) built for the data's "
+                     "classes, or module:function / file.py:function returning an nn.Module "
+                     "on [0, 1] images; a name is tried first, as in train.py's model.name")
+    p.add_argument("--weights", help="with --model: a .safetensors or torch state dict file "
+                   "(needed with a name)")
     p.add_argument("--weights-key", help="with --weights: the top-level key of the state dict "
                    "to load (e.g. ema, model_ema, state_dict_ema, swa_model); default: the "
                    "first of model_state_dict, state_dict, model, net, ema, then averaged keys")
+    p.add_argument("--normalize", type=_normalization, metavar="cifar10|imagenet|none|MEAN/STD",
+                   help="with --model NAME: the input normalisation the weights were trained "
+                        "with, inside the model (default: the model's own, CIFAR-10's mean "
+                        "and std, as dat trains); none for weights trained on raw [0, 1] "
+                        "images; MEAN/STD as 0.5,0.5,0.5/0.25,0.25,0.25")
     p.add_argument("--attacks", default=PAPER_ATTACKS,
                    help=f"comma list of clean,fgsm,pgd20,pgd100,pgd<N>,cw,aa ({PAPER_ATTACKS})")
     p.add_argument("--eps", type=parse_eps, default=8 / 255,
@@ -169,7 +206,10 @@ def _out_dir(args: argparse.Namespace) -> Path:
         return Path(args.out)
     if args.checkpoint:
         return Path(args.checkpoint).parent / f"eval_{Path(args.checkpoint).stem}"
-    return Path(f"eval_{args.model.rpartition(':')[2]}")
+    from ..entry_points import is_spec
+
+    name = args.model.rpartition(":")[2] if is_spec(args.model) else args.model
+    return Path("eval_" + re.sub(r"[^\w.-]", "_", name))  # timm/x -> eval_timm_x
 
 
 def _check_writable(out: Path) -> bool:
@@ -268,8 +308,9 @@ def _evaluate(args: argparse.Namespace, device: torch.device, out: Path) -> dict
 
     model, data_cfg, trained_on = _load(args, device)
     if model is None:  # --model: checked before the data loads, built once it has
+        mean, std = args.normalize or (None, None)
         func, state = prepare_entry_point(args.model, args.weights,
-                                          weights_key=args.weights_key)
+                                          weights_key=args.weights_key, mean=mean, std=std)
     x, y, classes = _examples(data_cfg, args.split, args.n_examples)
     # refusals before the warning below, so that a refused run prints one line
     _check_same_classes(trained_on, classes, args.ignore_class_names)
@@ -313,6 +354,9 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError("--weights goes with --model; a --checkpoint holds its own weights")
     if args.weights_key and not args.weights:
         raise ValueError("--weights-key goes with --weights (a key inside that file)")
+    if args.normalize and not args.model:
+        raise ValueError("--normalize goes with --model NAME; a checkpoint's model normalises "
+                         "as it was trained")
     if args.checkpoint:
         args.checkpoint = str(checkpoint_file(args.checkpoint))  # a run folder: its best.pt
     device = _device(args.device)

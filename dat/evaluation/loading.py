@@ -1,4 +1,5 @@
-"""Load models to evaluate: our checkpoints, or any ``module:function`` returning a model.
+"""Load models to evaluate: our checkpoints, a ``dat.models`` name with a weights file, or
+any ``module:function`` returning a model.
 
 Checkpoint format (written by the trainer): a plain dict loadable with
 ``torch.load(weights_only=True)`` holding at least ``"model"`` (the state dict, with
@@ -8,6 +9,7 @@ Checkpoint format (written by the trainer): a plain dict loadable with
 
 from __future__ import annotations
 
+import functools
 import inspect
 import pickle
 import re
@@ -19,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import Config, config_from_dict
-from ..models import convert_dual_bn, create, has_dual_bn
+from ..models import convert_dual_bn, create, has_dual_bn, list_models
 
 __all__ = ["CheckpointError", "LoadedCheckpoint", "load_checkpoint", "load_entry_point",
            "load_state_file"]
@@ -85,7 +87,8 @@ def _torch_load(path: Path) -> object:
     if _is_safetensors(path):
         raise CheckpointError(
             f"{path} is a safetensors file (weights only), not a dat checkpoint; evaluate it "
-            f"with --model module:function --weights {path}")
+            f"with --model module:function --weights {path}, or --model NAME for a dat.models "
+            "architecture (the one it was exported from, e.g. resnet18)")
     kind = _archive_kind(path)
     if kind == "torchscript":
         raise CheckpointError(
@@ -244,7 +247,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
             isinstance(ckpt.get("config"), dict):
         raise CheckpointError(
             f"{path} is not a dat checkpoint (a dict with 'model' and 'config'); for other "
-            "weights use --model module:function --weights FILE")
+            "weights use --model module:function --weights FILE, or --model NAME --weights "
+            "FILE for a dat.models architecture (resnet18, timm/<name>)")
     state = _strip_prefixes(ckpt["model"])
     cfg = config_from_dict(ckpt["config"])
     # <bn>.main.* next to <bn>.aux.*: a submodule may be named "main" itself (timm's
@@ -304,27 +308,97 @@ def _check_no_arguments(func, spec: str, num_classes_known: bool = False) -> Non
 def load_entry_point(spec: str, weights: str | Path | None = None,
                      device: torch.device | str = "cpu",
                      num_classes: int | None = None,
-                     weights_key: str | None = None) -> nn.Module:
-    """``module:function`` returning an ``nn.Module`` on [0, 1] images, plus optional weights.
+                     weights_key: str | None = None,
+                     mean: tuple[float, ...] | None = None,
+                     std: tuple[float, ...] | None = None) -> nn.Module:
+    """A model on [0, 1] images from a ``dat.models`` name and its weights, or from
+    ``module:function`` returning an ``nn.Module`` (weights optional); eval mode.
 
-    A function taking ``num_classes`` gets it when it is given (the evaluation passes the
-    data's class count), as ``model.name=file.py:function`` does in training.
+    ``spec`` is resolved as ``dat.models.create`` resolves ``model.name``: ``timm/<name>``,
+    then a registered name (``dat.models.list_models()``), then ``module:function``.
+    A name is built with ``num_classes`` (default 10, as ``create``) and, when given, the
+    ``mean`` / ``std`` its weights expect (default CIFAR-10's, as dat trains); a name needs
+    ``weights``. A function taking ``num_classes`` gets it when it is given (the evaluation
+    passes the data's class count), as ``model.name=file.py:function`` does in training.
     ``weights_key`` picks the state dict inside the weights file (e.g. ``model_ema``).
     """
     func, state = prepare_entry_point(spec, weights, num_classes_known=num_classes is not None,
-                                      weights_key=weights_key)
+                                      weights_key=weights_key, mean=mean, std=std)
     return build_entry_point(spec, func, state, device, num_classes, weights)
 
 
 def prepare_entry_point(spec: str, weights: str | Path | None = None,
-                        num_classes_known: bool = True, weights_key: str | None = None):
-    """The builder and the weights file's state dict (or None), read and checked before
-    any data loads, so a bad ``--model`` or ``--weights`` fails at once."""
-    func = _import(spec)
-    if not isinstance(func, nn.Module):  # a model instance is used as it is
-        _check_no_arguments(func, spec, num_classes_known)
+                        num_classes_known: bool = True, weights_key: str | None = None,
+                        mean: tuple[float, ...] | None = None,
+                        std: tuple[float, ...] | None = None):
+    """The builder (for a ``dat.models`` name, ``create`` waiting for the class count) and
+    the weights file's state dict (or None), read and checked before any data loads, so a
+    bad ``--model`` or ``--weights`` fails at once."""
+    from ..entry_points import is_spec
+
+    if _registry_name(spec):
+        func = _registry_builder(spec, weights, mean, std)
+    elif not is_spec(spec):
+        raise _unknown_model(spec)
+    elif mean is not None or std is not None:
+        raise CheckpointError(f"--model {spec}: --normalize (mean, std) is for dat.models names; "
+                              "a builder's model normalises inside itself, so drop it")
+    else:
+        func = _import(spec)
+        if not isinstance(func, nn.Module):  # a model instance is used as it is
+            _check_no_arguments(func, spec, num_classes_known)
     state = None if weights is None else _strip_prefixes(load_state_file(weights, weights_key))
     return func, state
+
+
+def _registry_name(spec: str) -> bool:
+    """Whether ``spec`` names a ``dat.models`` architecture: ``timm/<name>`` or a registered
+    name, tried before ``module:function`` in the order ``create`` tries them, so a string
+    resolves as it does in train.py's ``model.name``."""
+    return spec.startswith("timm/") or spec in list_models()
+
+
+def _registry_builder(name: str, weights: str | Path | None, mean: tuple[float, ...] | None,
+                      std: tuple[float, ...] | None) -> functools.partial:
+    """``create(name, ...)`` waiting for ``num_classes``; refusals before any data loads."""
+    if name.startswith("timm/"):
+        import timm  # only when asked for: importing timm takes about a second
+
+        if not timm.is_model(name.removeprefix("timm/")):
+            raise CheckpointError(f"--model {name}: timm has no model "
+                                  f"{name.removeprefix('timm/')!r}; pick a name from "
+                                  "timm.list_models()")
+    if weights is None:  # a registry model starts from random weights
+        raise CheckpointError(f"--model {name} is a dat.models name, whose weights start "
+                              "random; pass --weights FILE, a state dict of that architecture "
+                              "(python -m dat.export writes one)")
+    if (mean is None) != (std is None) or mean is not None and not (
+            len(mean) == len(std) == 3 and all(0 <= m <= 1 for m in mean)
+            and all(0 < s <= 1 for s in std)):
+        raise CheckpointError(f"mean={mean}, std={std}: give both, three values each (RGB) on "
+                              "the [0, 1] scale with std > 0, or neither (CIFAR-10's)")
+    return functools.partial(create, name, mean=mean, std=std)  # None: the model's own
+
+
+def _unknown_model(spec: str) -> CheckpointError:
+    """A ``--model`` that is neither a ``dat.models`` name nor ``module:function``: where
+    the names are listed, and the likely one."""
+    import difflib
+
+    import timm
+
+    close = difflib.get_close_matches(spec, list_models(), n=1)
+    if spec.endswith(".py"):
+        hint = f"name the function in the file too, e.g. {spec}:build; "
+    elif timm.is_model(spec):  # e.g. resnet50: timm has it, dat.models has not
+        hint = f"did you mean timm/{spec}? "
+    else:
+        hint = f"did you mean {close[0]}? " if close else ""
+    return CheckpointError(
+        f"--model {spec!r} is neither a dat.models name ({', '.join(list_models())}, "
+        f"timm/<timm name>) nor a builder module:function / path/file.py:function; {hint}"
+        "python -c 'import dat; print(dat.models.list_models())' lists the names "
+        "(timm.list_models() the timm ones)")
 
 
 def build_entry_point(spec: str, func, state: dict[str, Tensor] | None,

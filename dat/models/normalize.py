@@ -11,10 +11,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "Normalize"]
+__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "IMAGENET_MEAN", "IMAGENET_STD", "Normalize"]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what most timm and torchvision weights expect
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Normalize(nn.Module):
