@@ -768,3 +768,30 @@ def test_grayscale_models_need_their_own_mean_and_std(name) -> None:
         dat.models.create(name, in_chans=1)
     model = dat.models.create(name, in_chans=1, mean=(0.5,), std=(0.25,)).eval()
     assert model(torch.rand(2, 1, 32, 32)).shape == (2, 10)
+
+
+def test_an_exported_safetensors_as_checkpoint_names_its_model(make_tiny_model, tmp_path,
+                                                              capsys) -> None:
+    """python -m dat.export stores the model's name: the refusal gives the whole command."""
+    path = export_model(make_tiny_model(seed=0), tmp_path / "net.safetensors", "safetensors",
+                        metadata={"model": "resnet_tiny", "num_classes": 10})
+    assert evaluate_main(_quick(path, tmp_path)) == 2
+    _one_line_error(capsys, "exported from resnet_tiny with 10 classes",
+                    f"--model resnet_tiny --weights {path} --data")
+
+
+def test_weights_for_another_class_count_name_it(make_tiny_model, tmp_path, capsys) -> None:
+    """Only the classifier differs: say how many classes the weights were trained for."""
+    torch.save(dat.models.create("resnet_tiny", num_classes=7).state_dict(), tmp_path / "w.pt")
+    assert evaluate_main(["--model", "resnet_tiny", "--weights", str(tmp_path / "w.pt"),
+                          "--data", "cifar10-sample", "--attacks", "clean", "--no-progress",
+                          "--out", str(tmp_path / "e")]) == 2
+    _one_line_error(capsys, "the weights have 7 outputs at", "the model 10",
+                    "trained for 7 classes", "--data")
+    # a network of another width is not a class count: the general message stays
+    torch.save(dat.models.create("resnet_small", num_classes=10).state_dict(), tmp_path / "s.pt")
+    assert evaluate_main(["--model", "resnet_tiny", "--weights", str(tmp_path / "s.pt"),
+                          "--data", "cifar10-sample", "--attacks", "clean", "--no-progress",
+                          "--out", str(tmp_path / "e")]) == 2
+    err = _one_line_error(capsys, "check the model name and number of classes")
+    assert "outputs at" not in err

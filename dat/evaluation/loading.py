@@ -81,10 +81,27 @@ def _is_safetensors(path: Path) -> bool:
     return 2 <= length <= size - 8 and head[8:9] == b"{"
 
 
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    """The string metadata in a safetensors header (``{}`` when unreadable)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # a damaged header: the refusal still names --model
+        return {}
+
+
 def _torch_load(path: Path) -> object:
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; pass the path of a .pt/.safetensors file")
     if _is_safetensors(path):
+        meta = _safetensors_metadata(path)
+        if meta.get("model") and meta.get("num_classes"):  # written by python -m dat.export
+            raise CheckpointError(
+                f"{path} is a safetensors file (weights only) exported from {meta['model']} "
+                f"with {meta['num_classes']} classes, not a dat checkpoint; evaluate it with "
+                f"--model {meta['model']} --weights {path} --data <its dataset>")
         raise CheckpointError(
             f"{path} is a safetensors file (weights only), not a dat checkpoint; evaluate it "
             f"with --model module:function --weights {path}, or --model NAME for a dat.models "
@@ -220,6 +237,14 @@ def _load_strict(model: nn.Module, state: dict[str, Tensor], what: str) -> None:
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if (shapes and not missing and not unexpected and len({k.rpartition(".")[0] for k in shapes})
+            == 1 and all(own[k].shape[1:] == state[k].shape[1:] for k in shapes)):
+        # one layer's outputs alone (the classifier's weight and bias): the class count
+        k = shapes[0]
+        raise CheckpointError(
+            f"{what}: the weights have {state[k].shape[0]} outputs at {k!r}, the model "
+            f"{own[k].shape[0]}: they were trained for {state[k].shape[0]} classes; evaluate "
+            f"them on a dataset with that many (--data, or num_classes=)")
     if missing or unexpected or shapes:
         raise CheckpointError(
             f"{what}: {len(missing)} missing keys {missing[:2]}, {len(unexpected)} unexpected "
