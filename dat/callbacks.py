@@ -5,24 +5,36 @@ Built in: :class:`ValidationCallback` (clean + PGD accuracy on held-out images, 
 ``train.checkpoint_every`` steps) and :class:`TensorBoardCallback`. Your own: subclass
 :class:`Callback`, or pass any ``fn(trainer, event, payload)`` to
 ``trainer.add_callback(fn)`` or name it in the config as ``train.callbacks:
-["module:function"]``. Events: ``train_start``, ``step_start``, ``step_end`` (payload:
-stats as device tensors, do not sync), ``log`` (payload: means as floats), ``epoch_end``
-(payload: the 0-based epoch index; ``payload.number`` is the 1-based epoch of
-``metrics.json``), ``train_end`` (payload: metrics). ``trainer.request_stop()`` in a
-callback ends training early (after that step, or that epoch), with the usual final test.
+["module:function"]`` (or ``"path/file.py:function"``; loaded by ``Trainer(cfg)`` before the
+data and the model, so a typo costs no waiting). Events: ``train_start``, ``step_start``,
+``step_end`` (payload: stats as device tensors, do not sync), ``log`` (payload: means as
+floats), ``epoch_end`` (payload: the 0-based epoch index; ``payload.number`` is the 1-based
+epoch of ``metrics.json``), ``train_end`` (payload: metrics), ``train_error`` (payload: the
+exception ``fit()`` is about to raise). ``trainer.request_stop()`` in a callback ends
+training early (after that step, or that epoch), with the usual final test.
+
+``train_error`` runs on every callback when ``fit()`` raises after its start-up checks: an
+error in a callback or a step, the non-finite guard's ``TrainingError``, and also Ctrl-C and
+SIGTERM (``KeyboardInterrupt`` / ``dat.trainer.Terminated``: a Ctrl-C during a step has
+saved ``last.pt`` by then). It comes after the trainer's own clean-up (progress bar and
+TensorBoard closed, resume point saved) and before the exception propagates, with the run
+folder still held. An exception in a ``train_error`` handler is printed in one line and the
+next callback still runs (a Ctrl-C skips the rest); the original exception is raised.
 
 Under torchrun every callback runs on every rank (so it may use collectives); check
 ``trainer.dist.is_main`` before writing files. ``train_end``'s payload is ``{}`` on
-ranks other than 0, which do not run the final test evaluation.
+ranks other than 0, which do not run the final test evaluation. ``train_error`` runs only
+on the ranks where ``fit()`` raised: no collectives there (the other ranks may not come).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
+import difflib
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,6 +44,7 @@ from torch import Tensor, nn
 from .attacks import check_unit_range, eval_mode, pgd
 from .config import ConfigError
 from .distributed import all_reduce_sum
+from .entry_points import check_spec, load_module
 from .models import bn_branch, has_dual_bn
 
 if TYPE_CHECKING:
@@ -64,6 +77,7 @@ class Callback:
     def on_log(self, trainer: Trainer, means: dict[str, float]) -> None: ...
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> None: ...
     def on_train_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
+    def on_train_error(self, trainer: Trainer, error: BaseException) -> None: ...
 
 
 class FunctionCallback(Callback):
@@ -90,25 +104,38 @@ class FunctionCallback(Callback):
     def on_train_end(self, trainer, metrics):
         self.fn(trainer, "train_end", metrics)
 
+    def on_train_error(self, trainer, error):
+        self.fn(trainer, "train_error", error)
+
 
 def load_callback(spec: str) -> Callback:
-    """``"module:function"`` (or a Callback class / instance) -> :class:`Callback`."""
-    module_name, _, attr = spec.partition(":")
+    """``"module:function"`` or ``"path/file.py:function"`` (a function, a Callback class or
+    instance) -> :class:`Callback`. Loaded as :mod:`dat.entry_points` loads a builder: a
+    one-line ConfigError names a module that is not there, or a module that failed while
+    importing (chained from its error), a missing attribute, or one that is not callable."""
+    what = "train.callbacks"
     try:
-        target: Any = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ConfigError(f"train.callbacks {spec!r}: cannot import {module_name!r} ({err}); "
-                          "put its folder on PYTHONPATH") from None
+        check_spec(spec, what, dotted=True)
+        module_name, _, attr = spec.rpartition(":")
+        target: Any = load_module(module_name, spec, what)
+    except ValueError as err:  # the user's own error stays chained, for Python callers
+        raise ConfigError(str(err)) from err.__cause__
+    owner = Path(module_name).name if module_name.endswith(".py") else module_name
     for part in attr.split("."):
         if not hasattr(target, part):
-            raise ConfigError(f"train.callbacks {spec!r}: {module_name} has no {attr!r}")
-        target = getattr(target, part)
+            names = [n for n in dir(target) if not n.startswith("_")]
+            close = difflib.get_close_matches(part, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{what} {spec!r}: {owner} has no {part!r}{hint}")
+        owner, target = f"{owner}.{part}", getattr(target, part)
     if isinstance(target, type) and issubclass(target, Callback):
         return target()
     if isinstance(target, Callback):
         return target
     if not callable(target):
-        raise ConfigError(f"train.callbacks {spec!r} is not callable")
+        raise ConfigError(f"{what} {spec!r}: {owner} ({type(target).__name__}) is not "
+                          "callable; name a function fn(trainer, event, payload), a Callback "
+                          "subclass or an instance of one")
     return FunctionCallback(target)
 
 

@@ -123,6 +123,7 @@ def train_main(argv: list[str] | None = None) -> int:
         from .entry_points import absolute_spec
 
         cfg.model.name = absolute_spec(cfg.model.name)  # as the run stores it
+        cfg.train.callbacks = [absolute_spec(spec) for spec in cfg.train.callbacks]
         if args.print_config:
             from .checkpoint import check_compatible, load_for_resume
             from .config import config_to_dict, config_to_yaml

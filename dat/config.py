@@ -511,7 +511,8 @@ def _check_train_loop(t: TrainConfig, log_every: int) -> None:
             raise ConfigError(f"train.{key}={getattr(t, key)} must be >= 1")
     if not 0 < t.ema_decay < 1:
         raise ConfigError(f"train.ema_decay={t.ema_decay} must be in (0, 1), e.g. 0.999")
-    for entry in t.callbacks:
-        if not re.fullmatch(r"[\w.]+:[\w.]+", entry):
-            raise ConfigError(f"train.callbacks entry {entry!r} is not 'module:function' "
-                              "(e.g. mypkg.hooks:on_event)")
+    for entry in t.callbacks:  # the form only: Trainer(cfg) loads them (evaluation never)
+        module_name, _, attr = entry.rpartition(":")
+        if not module_name or not all(part.isidentifier() for part in attr.split(".")):
+            raise ConfigError(f"train.callbacks entry {entry!r} is not 'module:function' or "
+                              "'path/file.py:function' (e.g. mypkg.hooks:on_event)")

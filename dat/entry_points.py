@@ -1,7 +1,8 @@
 """User code named on a command line: ``module:function`` or ``path/file.py:function``.
 
 ``train.py model.name=nets.py:build`` and ``evaluate.py --model nets.py:build`` use it, so a
-model architecture of your own trains, evaluates and exports without being part of dat.
+model architecture of your own trains, evaluates and exports without being part of dat;
+``train.callbacks`` entries are loaded the same way (:func:`dat.callbacks.load_callback`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from types import ModuleType
 from typing import Any
 
 __all__ = ["absolute_spec", "accepts", "call_builder", "check_built", "check_spec",
-           "exported_program", "exported_program_message", "is_spec", "load_function",
-           "run_label"]
+           "describe_error", "exported_program", "exported_program_message", "is_spec",
+           "load_function", "load_module", "run_label"]
 
 
 def is_spec(name: str) -> bool:
@@ -28,9 +29,10 @@ def is_spec(name: str) -> bool:
     return ":" in name and not name.startswith("timm/")
 
 
-def _parts(spec: str, what: str) -> tuple[str, str]:
+def _parts(spec: str, what: str, dotted: bool = False) -> tuple[str, str]:
     module_name, _, func_name = spec.rpartition(":")
-    if not module_name or not func_name or not func_name.isidentifier():
+    names = func_name.split(".") if dotted else [func_name]
+    if not module_name or not all(name.isidentifier() for name in names):
         raise ValueError(f"{what} {spec!r} must look like module:function or "
                          "path/file.py:function")
     return module_name, func_name
@@ -53,9 +55,10 @@ def run_label(spec: str) -> str:
     return f"{module_name}.{func_name}"
 
 
-def check_spec(spec: str, what: str) -> None:
-    """The form, and that a named file exists (cheap: nothing is imported)."""
-    module_name, _ = _parts(spec, what)
+def check_spec(spec: str, what: str, dotted: bool = False) -> None:
+    """The form, and that a named file exists (cheap: nothing is imported). ``dotted``
+    allows an attribute path after the colon (``module:obj.attr``)."""
+    module_name, _ = _parts(spec, what, dotted)
     if module_name.endswith(".py") and not Path(module_name).expanduser().is_file():
         raise ValueError(f"{what} {spec!r}: {module_name} does not exist; pass the path of a "
                          ".py file (or module:function with its folder on PYTHONPATH)")
@@ -65,27 +68,36 @@ def load_function(spec: str, what: str) -> Callable[..., Any]:
     """The callable ``spec`` names; ValueError naming ``what`` (flag or key) and the fix."""
     check_spec(spec, what)
     module_name, func_name = _parts(spec, what)
-    if module_name.endswith(".py"):
-        module = _load_file(Path(module_name).expanduser(), spec, what)
-    else:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            parts = module_name.split(".")
-            ours = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
-            if err.name in ours:
-                raise ValueError(f"{what} {spec!r}: cannot import {module_name!r} ({err}); add "
-                                 "its folder to PYTHONPATH or pass path/to/file.py:function"
-                                 ) from None
-            raise ValueError(f"{what} {spec!r}: importing {module_name!r} failed: {err} (a "
-                             "module it imports; install it or fix that import)") from None
-        except Exception as err:  # a syntax error, or the module's own code raised
-            raise ValueError(f"{what} {spec!r}: importing {module_name!r} failed: "
-                             f"{_describe(err, None)}; {_fix(err, 'the module')}") from err
+    module = load_module(module_name, spec, what)
     func = getattr(module, func_name, None)
     if not callable(func):
         raise ValueError(f"{what} {spec!r}: {module_name} has no function {func_name!r}")
     return func
+
+
+def load_module(module_name: str, spec: str, what: str) -> ModuleType:
+    """Import ``module_name`` (a dotted name, or a ``.py`` path run as a script) for
+    ``spec``. A one-line ValueError tells a module that is not there (PYTHONPATH) from one
+    that was found but failed while importing (its own error, the line that raised it, and
+    the fix); the latter is chained from that error, for debuggers."""
+    if module_name.endswith(".py"):
+        return _load_file(Path(module_name).expanduser(), spec, what)
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        parts = module_name.split(".")
+        ours = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+        if err.name in ours:
+            raise ValueError(f"{what} {spec!r}: cannot import {module_name!r} ({err}); add "
+                             "its folder to PYTHONPATH or pass path/to/file.py:function"
+                             ) from None
+        where = _where(err, None)
+        raise ValueError(f"{what} {spec!r}: importing {module_name!r} failed: {err} (a "
+                         f"module it imports{f', at {where}' if where else ''}; install it "
+                         "or fix that import)") from err
+    except Exception as err:  # a syntax error, or the module's own code raised
+        raise ValueError(f"{what} {spec!r}: importing {module_name!r} failed: "
+                         f"{describe_error(err, None)}; {_fix(err, 'the module')}") from err
 
 
 def _load_file(path: Path, spec: str, what: str) -> ModuleType:
@@ -106,7 +118,7 @@ def _load_file(path: Path, spec: str, what: str) -> ModuleType:
     except Exception as err:
         del sys.modules[name]
         raise ValueError(f"{what} {spec!r}: running {path} failed: "
-                         f"{_describe(err, path)}; {_fix(err, 'the file')}") from err
+                         f"{describe_error(err, path)}; {_fix(err, 'the file')}") from err
     except BaseException:  # Ctrl-C, SystemExit: as they are
         del sys.modules[name]
         raise
@@ -122,7 +134,7 @@ def call_builder(func: Callable[..., Any], spec: str, what: str, **kwargs: Any) 
         module_name = spec.rpartition(":")[0]
         path = Path(module_name).expanduser() if module_name.endswith(".py") else None
         raise ValueError(f"{what} {spec!r}: {spec.rpartition(':')[2]}() raised "
-                         f"{_describe(err, path)}; {_fix(err, 'the builder')}") from err
+                         f"{describe_error(err, path)}; {_fix(err, 'the builder')}") from err
 
 
 def check_built(model: object, who: str) -> None:
@@ -151,21 +163,26 @@ def exported_program_message(who: str) -> str:
             "weights loaded)")
 
 
-def _describe(err: BaseException, path: Path | None) -> str:
+def describe_error(err: BaseException, path: Path | None = None) -> str:
     """``SyntaxError: invalid syntax (nets.py line 3)``: the error's type, its first line,
     and the line that raised it (in ``path`` when the traceback passes through it)."""
     first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
     if isinstance(err, SyntaxError):  # the file and line are the point, not the message
         first = err.msg or "invalid syntax"
-        where = f"{err.filename} line {err.lineno}" if err.filename else None
-    else:
-        frames = traceback.extract_tb(err.__traceback__)
-        mine = [f for f in frames if path is not None
-                and os.path.realpath(f.filename) == os.path.realpath(path)]
-        frame = (mine or frames or [None])[-1]
-        where = f"{frame.filename} line {frame.lineno}" if frame is not None else None
+    where = _where(err, path)
     text = f"{type(err).__name__}: {first[:200]}" if first else type(err).__name__
     return f"{text} ({where})" if where else text
+
+
+def _where(err: BaseException, path: Path | None) -> str | None:
+    """``file line N`` of the line that raised ``err`` (the last in ``path`` if any)."""
+    if isinstance(err, SyntaxError):
+        return f"{err.filename} line {err.lineno}" if err.filename else None
+    frames = traceback.extract_tb(err.__traceback__)
+    mine = [f for f in frames if path is not None
+            and os.path.realpath(f.filename) == os.path.realpath(path)]
+    frame = (mine or frames or [None])[-1]
+    return f"{frame.filename} line {frame.lineno}" if frame is not None else None
 
 
 def _fix(err: BaseException, what: str) -> str:

@@ -59,7 +59,7 @@ from .callbacks import (
 )
 from .config import Config, ConfigError, checked_config, config_to_dict, config_to_yaml
 from .data import Batch, DatasetSplits, load_dataset, make_loader, stratified_split
-from .entry_points import absolute_spec
+from .entry_points import absolute_spec, describe_error
 from .guard import (
     StepGuard,
     generator_warnings,
@@ -123,6 +123,7 @@ class Trainer(CheckpointedRun):
         if splits is None and cfg.data.name != "cifar10-sample":
             cfg.data.root = str(Path(cfg.data.root).expanduser().absolute())
         cfg.model.name = absolute_spec(cfg.model.name)  # your own nets.py:build
+        cfg.train.callbacks = [absolute_spec(spec) for spec in cfg.train.callbacks]
         self.dist = distributed.init_distributed(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)  # one GPU per process
@@ -130,6 +131,9 @@ class Trainer(CheckpointedRun):
         self._warned: set[str] = set()  # generator warnings already shown
         self.global_batch = cfg.data.batch_size * self.dist.world_size
         check_test_attacks(cfg.train.test_attacks)
+        # before the data and the model (minutes on a big dataset), so a typo fails at once,
+        # and before the seed, so a module drawing random numbers leaves the weights alone
+        configured = [load_callback(spec) for spec in cfg.train.callbacks]
         resume = self._resume_path()  # checked before the data loads: a refusal costs nothing
         named = named_run_dir(cfg, resume)
         if named is not None and self.dist.is_main:  # another process still at work there
@@ -165,7 +169,7 @@ class Trainer(CheckpointedRun):
         self.state = TrainState()
         self.callbacks: list[Callback] = [ValidationCallback(), CheckpointCallback(),
                                           TensorBoardCallback()]
-        for cb in [*map(load_callback, t.callbacks), *callbacks]:
+        for cb in [*configured, *callbacks]:
             self.add_callback(cb)
         # after every check that could fail; rank 0 creates it, the others learn its name
         self.run_dir, cfg.train.run_name = distributed.run_on_main(
@@ -243,11 +247,12 @@ class Trainer(CheckpointedRun):
                 self.run_dir, RUN_IN_USE_FIX))
         try:
             return self._fit(first)
-        except BaseException:  # no train_end: let TensorBoard's files and thread go now
+        except BaseException as error:  # no train_end: let TensorBoard's files and thread go now
             for callback in self.callbacks:
                 if isinstance(callback, TensorBoardCallback) and callback.writer is not None:
                     callback.writer.close()
                     callback.writer = None
+            self._emit_error(error)
             raise
         finally:
             self._unlock()
@@ -494,6 +499,23 @@ class Trainer(CheckpointedRun):
     def _emit(self, event: str, *args: Any) -> None:
         for callback in self.callbacks:
             getattr(callback, event)(self, *args)
+
+    def _emit_error(self, error: BaseException) -> None:
+        """``train_error`` on every callback; one that raises is reported in one line and
+        the rest still run (a Ctrl-C or exit skips them): ``error`` is what fit() raises."""
+        for callback in self.callbacks:
+            try:
+                callback.on_train_error(self, error)
+            except BaseException as err:  # reported; the original error goes on
+                name = getattr(getattr(callback, "fn", None), "__qualname__",
+                               type(callback).__name__)
+                rank = f" (rank {self.dist.rank})" if self.dist.enabled else ""
+                rest = "" if isinstance(err, Exception) else "; skipped the other callbacks"
+                print(f"warning{rank}: callback {name} failed in train_error: "
+                      f"{describe_error(err)}{rest}; raising the original "
+                      f"{type(error).__name__}", file=sys.stderr)
+                if not isinstance(err, Exception):
+                    return
 
     # -- state and the end of a run ---------------------------------------------------
     def _trained_modules(self) -> tuple[list[torch.nn.Module], list]:
