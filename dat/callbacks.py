@@ -129,7 +129,13 @@ def load_callback(spec: str) -> Callback:
             raise ConfigError(f"{what} {spec!r}: {owner} has no {part!r}{hint}")
         owner, target = f"{owner}.{part}", getattr(target, part)
     if isinstance(target, type) and issubclass(target, Callback):
-        return target()
+        try:
+            return target()
+        except TypeError as err:  # an __init__ that needs arguments the config cannot give
+            raise ConfigError(
+                f"{what} {spec!r}: {owner}() failed ({err}); a class named in the config is "
+                "built without arguments: give its arguments defaults, or add it from "
+                f"Python with trainer.add_callback({owner.rpartition('.')[2]}(...))") from err
     if isinstance(target, Callback):
         return target
     if not callable(target):

@@ -37,6 +37,11 @@ def record(trainer, event, payload):
     EVENTS.append((event, payload))
 
 
+class NeedsArgs(Callback):
+    def __init__(self, every):
+        self.every = every
+
+
 class Early(Callback):
     before_checkpoint = True
 
@@ -110,6 +115,15 @@ def test_a_missing_or_uncallable_attribute_is_named_with_the_fix(
     _module(tmp_path, "hooks_attr", HOOKS, monkeypatch)
     err = _error_line(capsys, tmp_path, f"train.callbacks=[{entry}]")
     assert err == f"error: train.callbacks {entry!r}: {expected}"
+
+
+def test_a_callback_class_needing_arguments_says_how_to_give_them(
+        capsys, monkeypatch, tmp_path) -> None:
+    _module(tmp_path, "hooks_args", HOOKS, monkeypatch)
+    err = _error_line(capsys, tmp_path, "train.callbacks=[hooks_args:NeedsArgs]")
+    assert err.startswith("error: train.callbacks 'hooks_args:NeedsArgs': hooks_args.NeedsArgs() "
+                          "failed (") and "'every'" in err, err
+    assert "trainer.add_callback(NeedsArgs(...))" in err, err
 
 
 def test_a_callbacks_file_loads_by_path_and_the_run_stores_it_absolute(
