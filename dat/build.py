@@ -38,6 +38,7 @@ __all__ = [
     "resolve_channels_last",
     "resolve_device",
     "resolve_fused_split_bn",
+    "precision_warning",
     "resolve_precision",
     "seed_everything",
 ]
@@ -54,10 +55,29 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype: ``auto`` = bf16 on CUDA, fp32 (None) on CPU."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    """Autocast dtype: ``auto`` = bf16 on a GPU with bf16 tensor cores, else fp32 (None).
+
+    GPUs before compute capability 8.0 (V100, T4, ...) run bf16 emulated, slower than
+    fp32, so ``auto`` keeps fp32 there (:func:`precision_warning` says so).
+    """
+    if precision == "bf16" or (precision == "auto" and _native_bf16(device)):
         return torch.bfloat16
     return None
+
+
+def precision_warning(precision: str, device: torch.device) -> str | None:
+    """What to tell a user whose GPU has no bf16 tensor cores, or None."""
+    if device.type != "cuda" or precision not in ("auto", "bf16") or _native_bf16(device):
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    kept = "training in fp32" if precision == "auto" else "bf16 runs emulated, slower"
+    return (f"this GPU (sm_{major}{minor}) has no bf16 tensor cores: {kept}; "
+            "perf.precision=fp32 is the fast choice here")
+
+
+def _native_bf16(device: torch.device) -> bool:
+    """bf16 tensor cores: NVIDIA compute capability 8.0 (A100) and later."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def compile_model(model: nn.Module, mode: str, backend: str = "inductor") -> nn.Module:

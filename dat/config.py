@@ -133,7 +133,7 @@ COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 class PerfConfig:
     """Fast-path switches; each can be turned off to compare with the plain path."""
 
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 on GPUs with bf16 tensor cores, else fp32) | bf16 | fp32
     channels_last: str = "auto"  # auto (CUDA and CPU; not where CPU backward crashes) | on | off
     batched_branches: str = "auto"  # auto (on for CUDA) | on | off: x and x_hat as one 2B batch
     fused_split_bn: str = "auto"  # auto (off until timed on a GPU) | on | off: split BN as one

@@ -300,6 +300,30 @@ def test_an_odd_batch_on_resnet_tiny_trains_with_two_threads(tmp_path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+@pytest.mark.parametrize(("capability", "auto", "warns"), [
+    ((9, 0), torch.bfloat16, None),  # H100: bf16 tensor cores
+    ((8, 0), torch.bfloat16, None),  # A100
+    ((7, 5), None, "sm_75"),  # T4: bf16 emulated, fp32 is faster
+    ((7, 0), None, "sm_70"),  # V100
+])
+def test_auto_precision_is_bf16_only_where_the_gpu_has_bf16_tensor_cores(
+        monkeypatch, capability, auto, warns) -> None:
+    from dat.build import precision_warning, resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_precision("auto", cuda) is auto
+    assert resolve_precision("bf16", cuda) is torch.bfloat16  # asked for: as asked
+    assert resolve_precision("fp32", cuda) is None and resolve_precision("auto", cpu) is None
+    assert precision_warning("fp32", cuda) is None and precision_warning("auto", cpu) is None
+    if warns is None:
+        assert precision_warning("auto", cuda) is None and precision_warning("bf16", cuda) is None
+    else:
+        assert f"this GPU ({warns}) has no bf16 tensor cores: training in fp32" in (
+            precision_warning("auto", cuda))
+        assert "bf16 runs emulated, slower" in precision_warning("bf16", cuda)
+
+
 def test_perf_auto_picks_the_measured_cpu_fast_path(tmp_path) -> None:
     """auto on a CPU: channels_last on, branches as two B batches, fp32 (BENCHMARKS.md)."""
     from dat.build import resolve_batched, resolve_channels_last
