@@ -178,7 +178,7 @@ def _check_fits(model: nn.Module, name: str, shape: tuple[int, int, int],
             f"images of size {shape[0]}x{shape[1]}x{shape[2]} do not fit model {name} "
             f"({detail}); resize the images, choose a model made for this size, or build "
             "it for this size in a file of your own (model.name=nets.py:build, e.g. a timm "
-            "ViT with img_size=" + str(shape[1]) + ")") from None
+            "ViT with img_size=" + str(shape[1]) + ")") from err  # for Python callers
     finally:
         model.train(was_training)
     if tuple(out.shape) != (2, num_classes):
@@ -193,7 +193,7 @@ def build_model(cfg: Config, num_classes: int, image_shape: tuple[int, int, int]
         model = create(cfg.model.name, num_classes=num_classes, dual_bn=needs_dual_bn(cfg))
     except ValueError as err:  # a builder's own errors already name model.name
         raise ConfigError(str(err) if is_spec(cfg.model.name) else
-                          f"model.name={cfg.model.name!r}: {err}") from None
+                          f"model.name={cfg.model.name!r}: {err}") from err.__cause__
     model = model.to(device)
     if resolve_channels_last(cfg.perf.channels_last, device, model):
         model = model.to(memory_format=torch.channels_last)

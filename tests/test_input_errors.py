@@ -795,3 +795,17 @@ def test_weights_for_another_class_count_name_it(make_tiny_model, tmp_path, caps
                           "--out", str(tmp_path / "e")]) == 2
     err = _one_line_error(capsys, "check the model name and number of classes")
     assert "outputs at" not in err
+
+
+def test_from_python_a_builders_error_stays_chained_for_debuggers(tmp_path) -> None:
+    """The CLI prints one line; a Python caller still reaches the builder's own traceback."""
+    from dat.build import build_model
+
+    (tmp_path / "bad.py").write_text(
+        "def build(num_classes=10):\n    raise RuntimeError('no weights')\n")
+    cfg = Config()
+    cfg.model.name = f"{tmp_path / 'bad.py'}:build"
+    with pytest.raises(ConfigError, match=r"build\(\) raised RuntimeError") as info:
+        build_model(cfg, 10, (3, 32, 32), torch.device("cpu"))
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert str(info.value.__cause__) == "no weights"
