@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from dat.attacks import eaeg, eval_mode, is_compiled, pgd, project, trades_kl
 from dat.losses import cw_margin
+from dat.models import bn_branch
 from dat.spectral import decompose, mix_amplitude
 
 EPS, ALPHA = 8 / 255, 2 / 255
@@ -188,3 +189,99 @@ def test_eval_mode_context_restores_flags_after_errors(make_tiny_model) -> None:
         assert not model.training
         raise RuntimeError
     assert model.training and not model.bn1.training and model.layer1.training
+
+
+def _linear_model(weight: Tensor) -> nn.Module:
+    """f(x) = W x on the flattened image, float64, no bias: its input gradients are known."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(weight.shape[1], weight.shape[0], bias=False))
+    model = model.double()
+    with torch.no_grad():
+        model[1].weight.copy_(weight)
+    return model
+
+
+def _linear_case(seed: int, scale: float, classes: int = 4):
+    gen = torch.Generator().manual_seed(seed)
+    w = scale * torch.randn(classes, 12, generator=gen, dtype=torch.float64)
+    x = 0.3 + 0.4 * torch.rand(6, 1, 3, 4, generator=gen, dtype=torch.float64)  # (6, 1, 3, 4)
+    y = torch.randint(0, classes, (6,), generator=gen)
+    noise = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    return w, x, y, noise
+
+
+def _step_by_hand(x_adv: Tensor, x: Tensor, grad: Tensor, eps: float, alpha: float) -> Tensor:
+    x_adv = x_adv + alpha * grad.sign()
+    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+
+
+@pytest.mark.parametrize("labels", [True, False])
+def test_eaeg_and_trades_kl_follow_the_closed_form_gradient(labels: bool) -> None:
+    """METHOD.md section 3 on f(x) = W x: the input gradient of
+    CE(f(x'), y) + beta * KL(p(x) || p(x')) is W^T [(q - t) + beta (q - p)] with
+    q = softmax(f(x')), t the smoothed one-hot label and p = softmax(f(x)) fixed;
+    trades_kl ascends the KL term alone. Four classes and a large ball, so p(x') moves far
+    from p(x): the direction of the KL and a stray CE term both change some signs."""
+    w, x, y, noise = _linear_case(seed=0, scale=1.0)
+    model = _linear_model(w)
+    eps, alpha, steps, beta, smoothing, std = 0.3, 0.05, 6, 15.0, 0.5, 0.01
+    if labels:
+        got = eaeg(model, x, y, eps, alpha, steps, beta=beta, label_smoothing=smoothing,
+                   init_std=std, noise=noise)
+    else:
+        got = trades_kl(model, x, eps, alpha, steps, init_std=std, noise=noise)
+    p = torch.softmax(x.flatten(1) @ w.T, dim=1)  # (6, 4), computed once
+    t = F.one_hot(y, 4) * (1 - smoothing) + smoothing / 4
+    want = torch.min(torch.max(x + std * noise, x - eps), x + eps).clamp(0, 1)
+    for _ in range(steps):
+        q = torch.softmax(want.flatten(1) @ w.T, dim=1)
+        dz = beta * (q - p) + ((q - t) if labels else 0.0)
+        want = _step_by_hand(want, x, (dz @ w).view_as(x), eps, alpha)
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+    assert (got - x).abs().max() > eps / 2  # it moved
+
+
+def test_cw_pgd_ascends_the_margin_not_cross_entropy() -> None:
+    """CW-inf (METHOD.md section 7) is PGD on max_{j != y} z_j - z_y: on f(x) = W x its
+    input gradient is w_j* - w_y for the largest wrong logit j*. With four classes this
+    differs from the cross-entropy direction, so a CW attack that runs CE fails here."""
+    w, x, y, _ = _linear_case(seed=1, scale=0.3)  # no class dominates: CE and margin differ
+    model = _linear_model(w)
+    eps, alpha, steps = 0.1, 0.02, 3
+    got = pgd(model, x, y, eps, alpha, steps, random_start=False, loss="cw")
+    want = x.clone()
+    for _ in range(steps):
+        logits = want.flatten(1) @ w.T
+        wrong = logits.scatter(1, y[:, None], float("-inf")).argmax(dim=1)
+        want = _step_by_hand(want, x, (w[wrong] - w[y]).view_as(x), eps, alpha)
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+    assert not torch.equal(got, pgd(model, x, y, eps, alpha, steps, random_start=False))
+
+
+def test_pgd_random_start_is_uniform_over_the_whole_eps_ball() -> None:
+    """Madry's start is x + U(-eps, eps) (steps = 0 returns it): both signs, the whole
+    radius, centred; random_start=False starts at x itself."""
+    model = _linear_model(torch.zeros(3, 3 * 16 * 16, dtype=torch.float64))
+    x = torch.full((4, 3, 16, 16), 0.5, dtype=torch.float64)  # far from 0 and 1
+    y = torch.zeros(4, dtype=torch.int64)
+    delta = pgd(model, x, y, EPS, ALPHA, steps=0) - x  # (4, 3, 16, 16): 3072 draws
+    assert delta.abs().max() <= EPS + 1e-12
+    assert delta.min() < -0.95 * EPS and delta.max() > 0.95 * EPS
+    assert abs(delta.mean().item()) < 0.05 * EPS
+    assert delta.std().item() == pytest.approx(EPS / 3**0.5, rel=0.05)  # U(-eps, eps)
+    assert torch.equal(pgd(model, x, y, EPS, ALPHA, steps=0, random_start=False), x)
+
+
+def test_eaeg_kl_target_uses_the_branch_being_attacked(make_warm_model, sample_batch) -> None:
+    """METHOD.md section 3: the attack of x_hat runs in the auxiliary branch, and so does
+    its KL target p(x_hat) (the warm model's branches differ)."""
+    x, y = sample_batch
+    model = make_warm_model(dual_bn=True).eval()
+    noise = torch.randn_like(x)
+    with torch.no_grad():
+        with bn_branch(model, "aux"):
+            target_aux = model(x)
+        target_main = model(x)
+    kw = dict(steps=3, beta=15.0, noise=noise, branch="aux")
+    got = eaeg(model, x, y, EPS, ALPHA, **kw)
+    assert torch.equal(got, eaeg(model, x, y, EPS, ALPHA, target_logits=target_aux, **kw))
+    assert not torch.equal(got, eaeg(model, x, y, EPS, ALPHA, target_logits=target_main, **kw))

@@ -81,6 +81,31 @@ def test_l_dat_by_hand():
     assert want == pytest.approx(2.755283, abs=1e-5)  # the same sum, done on paper
 
 
+@pytest.mark.parametrize("outer", ["pgd_at", "trades"])
+def test_l_dat_of_the_outer_variants_by_hand(outer):
+    """AAG + PGD-AT: (CE(f(x'), y) + CE(f(x_hat'), y)) / 2 + omega * JS(f(x), f(x_hat));
+    AAG + TRADES: L_DAT with TRADES' beta. Identity 'model' as in test_l_dat_by_hand."""
+    model = nn.Flatten()
+    dummy = nn.Parameter(torch.zeros(1))
+    step = DATStep(model, None, torch.optim.SGD([dummy], lr=0.1), split_bn=False,
+                   amplitude_source="random_image", batched=False, outer=outer, beta=6.0,
+                   label_smoothing=0.5)
+
+    def img(a, b):
+        return torch.tensor([a, b]).view(1, 2, 1, 1)
+
+    y = torch.tensor([1])
+    r = [0.75, 0.25]  # softmax([0, -ln 3])
+    # f(x) = P, f(x') = U, f(x_hat) = r, f(x_hat') = P: no two roles give the same loss
+    loss, _ = step.loss(img(0.0, LN3), img(0.0, 0.0), img(0.0, -LN3), img(0.0, LN3), y)
+    if outer == "pgd_at":
+        want = (_ce(T_SMOOTH, U) + _ce(T_SMOOTH, P)) / 2 + 2 * _js(P, r)
+    else:
+        want = (_ce(T_SMOOTH, P) + 6 * _kl(P, U) + _ce(T_SMOOTH, r) + 6 * _kl(r, P)) / 2 \
+            + 2 * _js(P, r)
+    assert loss.item() == pytest.approx(want, abs=1e-5)
+
+
 def _softmax(z):
     e = [math.exp(v) for v in z]
     return [v / sum(e) for v in e]

@@ -11,7 +11,7 @@ import torch
 from reference_dat import reference_dat_step
 
 import dat
-from dat.attacks import eval_mode, pgd
+from dat.attacks import eaeg, eval_mode, pgd, trades_kl
 from dat.config import DataConfig
 from dat.data import load_dataset, make_loader
 from dat.generator import AmplitudeGenerator, mean_amplitude
@@ -188,6 +188,69 @@ def test_bn_branches_only_see_their_images(batch, update):
         assert torch.allclose(got[k], want[k], atol=1e-6), k
         if k.endswith("running_var"):
             assert not torch.allclose(got[k], start[k])  # both branches really moved
+
+
+def test_draws_cover_their_ranges():
+    """lam ~ U(0, mu), crop corners in {0, ..., 2 * padding} (both ends), fair flips,
+    U(-1, 1) or N(0, 1) attack starts, z ~ N(0, I); DATStep draws with its own settings."""
+    gen = torch.Generator().manual_seed(0)
+    d = DATDraws.sample(4000, (1, 2, 2), mu=0.4, padding=3, init="uniform", generator=gen)
+    assert sorted(d.offsets.unique().tolist()) == list(range(7))
+    assert 0.45 < d.flip.float().mean() < 0.55
+    assert d.lam.min() >= 0 and 0.39 < d.lam.max() < 0.4
+    assert d.lam.mean().item() == pytest.approx(0.2, abs=0.01)
+    for noise in (d.noise_x, d.noise_xh):
+        assert noise.abs().max() <= 1 and noise.min() < -0.99 and noise.max() > 0.99
+        assert abs(noise.mean().item()) < 0.02
+    assert d.z.shape == (4000, 100) and d.z.std().item() == pytest.approx(1.0, abs=0.02)
+    g = DATDraws.sample(4000, (1, 2, 2), init="gaussian", generator=gen)
+    assert g.noise_x.std().item() == pytest.approx(1.0, abs=0.03) and g.noise_x.min() < -3
+    model = dat.models.create("resnet_tiny")
+    step = DATStep(model, None, _sgd(model.parameters()), split_bn=False, mu=0.25,
+                   amplitude_source="random_image", recombined_padding=1, attack_init="uniform")
+    torch.manual_seed(0)
+    s = step.sample_draws(torch.zeros(1000, 1, 2, 2))
+    assert s.lam.max() < 0.25 and sorted(s.offsets.unique().tolist()) == [0, 1, 2]
+    assert s.noise_x.abs().max() <= 1 and s.noise_x.min() < -0.99
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("outer", ["dat", "trades", "pgd_at"])
+def test_each_attack_has_its_branch_noise_target_and_loss(batch, outer, batched):
+    """x' and x_hat' are the outer method's attack (METHOD.md section 3 for DAT; TRADES'
+    KL ascent; PGD-AT's CE with the step's smoothing from eps * U(-1, 1)) of x with the
+    main BN branch and noise_x, and of x_hat with the auxiliary branch and noise_xh, on the
+    model before the step; the KL target of x_hat is its logits in the auxiliary branch.
+    The branches are first trained apart so that using the wrong one shows."""
+    x, y = batch[0][:8], batch[1][:8]
+    model, gen, opt, gopt = _players()
+    with torch.no_grad():
+        for _ in range(10):  # running statistics: main of x, aux of darker images
+            model.train()(x)
+            with bn_branch(model, "aux"):
+                model(x * 0.5)
+    before = copy.deepcopy(model)
+    with torch.no_grad(), eval_mode(before):
+        main_logits = before(x)
+        with bn_branch(before, "aux"):
+            assert (before(x) - main_logits).abs().max() > 0.1 * main_logits.abs().max()
+    kw = {"dat": {}, "trades": dict(outer="trades", beta=6.0, label_smoothing=0.0),
+          "pgd_at": dict(outer="pgd_at", attack_init="uniform", label_smoothing=0.5)}[outer]
+    step = DATStep(model, gen, opt, gopt, batched=batched, keep_images=8, **kw)
+    d = DATDraws.sample(8, (3, 32, 32), init=step.attack_init,
+                        generator=torch.Generator().manual_seed(5))
+    step.run(x, y, draws=d)  # x_raw = x: the clean logits double as x's KL target
+    im = step.last_images()
+    for key, image, noise, branch in (("x_adv", x, d.noise_x, "main"),
+                                      ("x_hat_adv", im["x_hat"], d.noise_xh, "aux")):
+        common = dict(eps=8 / 255, alpha=2 / 255, steps=5, branch=branch)
+        if outer == "pgd_at":
+            want = pgd(before, image, y, start=8 / 255 * noise, label_smoothing=0.5, **common)
+        elif outer == "trades":
+            want = trades_kl(before, image, noise=noise, **common)
+        else:
+            want = eaeg(before, image, y, beta=15.0, label_smoothing=0.5, noise=noise, **common)
+        assert ((im[key] - want).abs() > 1e-6).float().mean() < 1e-3, key
 
 
 VARIANTS = {

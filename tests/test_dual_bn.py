@@ -310,6 +310,32 @@ def test_fused_split_handles_batchnorm1d_mixed_eps_and_layers_without_affine():
     assert torch.allclose(fused, plain, atol=1e-6)
 
 
+def test_fused_split_is_batchnorm_with_its_eps():
+    """Each half is (h - running_mean) / sqrt(running_var + eps) * weight + bias: with a
+    large eps, shared by every layer, a fused map that forgot it would be far off."""
+    torch.manual_seed(0)
+    model = convert_dual_bn(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, eps=0.5)))
+    with torch.no_grad():
+        model.train()(torch.randn(16, 3, 4, 4))
+        with bn_branch(model, "aux"):
+            model(torch.randn(16, 3, 4, 4) * 2 + 1)  # aux statistics differ from main
+        for bn in (model[1].main, model[1].aux):
+            bn.weight.uniform_(0.5, 2.0)
+            bn.bias.uniform_(-1.0, 1.0)
+    model.eval()
+    x = torch.randn(8, 3, 4, 4)
+    with torch.no_grad():
+        h = model[0](x)
+        want = torch.cat([
+            (part - bn.running_mean[:, None, None]) / (bn.running_var + 0.5).sqrt()[:, None, None]
+            * bn.weight[:, None, None] + bn.bias[:, None, None]
+            for part, bn in zip(h.chunk(2), (model[1].main, model[1].aux), strict=True)])
+        with bn_branch(model, "split"), fused_split(model):
+            assert model[1].fused is not None
+            fused = model(x)
+    assert torch.allclose(fused, want, atol=1e-5)
+
+
 def test_an_aux_branch_on_a_single_bn_model_is_refused() -> None:
     """It used to run the only BN set silently, so an 'aux' attack was a main one."""
     plain = create("resnet_tiny")

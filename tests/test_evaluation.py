@@ -13,13 +13,14 @@ from pyautoattack import AutoAttack
 from torch import Tensor, nn
 
 import dat
+from dat.attacks import pgd
 from dat.config import Config, config_to_dict
 from dat.data import augment_batch, stratified_split
 from dat.evaluation import EvaluationError, evaluate, make_attack
 from dat.evaluation.cli import evaluate_main
 from dat.evaluation.report import format_markdown
 from dat.evaluation.runner import collect_examples
-from dat.evaluation.suite import attack_points
+from dat.evaluation.suite import ALPHA, BoundsStats, attack_points, sweep_alpha
 from dat.models.folding import fold_batchnorm
 
 EPS = 0.05  # L-inf radius of the margin test, [0, 1] scale
@@ -65,6 +66,66 @@ def test_attack_succeeds_exactly_below_margin(attack: str) -> None:
     report = evaluate(model, (x, y), attacks=["clean", attack], eps=EPS, progress=False)
     assert report["results"][attack] == pytest.approx(100.0 * float((margins > EPS).float().mean()))
     assert report["checks"]["bounds"]["status"] == "pass"
+
+
+class _Blind(nn.Module):
+    """Logits that do not depend on the image: every input gradient is exactly zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.tensor([1.0, 0.0]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.flatten(1)[:, :2] * 0 + self.bias
+
+
+@pytest.mark.parametrize("attack", ["pgd20", "cw"])
+def test_pgd_and_cw_start_uniformly_in_the_eps_ball(attack: str) -> None:
+    """Both report random_start 'uniform': with no gradient to follow, the attack stays
+    at its start x + U(-eps, eps), which must fill the ball on both sides."""
+    x = torch.full((4, 3, 8, 8), 0.5)
+    delta = make_attack(attack, EPS).fn(_Blind(), x, torch.zeros(4, dtype=torch.int64)) - x
+    assert delta.abs().max() <= EPS + 1e-6
+    assert delta.min() < -0.9 * EPS and delta.max() > 0.9 * EPS
+
+
+def test_cw_is_pgd_on_the_margin_loss() -> None:
+    """The suite's cw is dat.attacks.pgd(loss='cw') (checked against the margin's closed
+    form in test_attacks) with 100 steps of 2/255, and not the cross-entropy PGD, which ends
+    elsewhere on this four-class model."""
+    gen = torch.Generator().manual_seed(1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4)).eval()
+    with torch.no_grad():
+        model[1].weight.copy_(0.3 * torch.randn(4, 12, generator=gen))
+    x = 0.3 + 0.4 * torch.rand(6, 1, 3, 4, generator=gen)
+    y = torch.randint(0, 4, (6,), generator=gen)
+    runs = {}
+    for name, loss in (("suite", None), ("cw", "cw"), ("ce", "ce")):
+        torch.manual_seed(0)  # the same uniform start
+        runs[name] = (make_attack("cw", EPS).fn(model, x, y) if loss is None else
+                      pgd(model, x, y, eps=EPS, alpha=2 / 255, steps=100, loss=loss))
+    assert torch.equal(runs["suite"], runs["cw"])
+    assert not torch.equal(runs["cw"], runs["ce"])
+
+
+def test_bounds_check_counts_examples_beyond_eps_or_outside_0_1() -> None:
+    x = torch.full((4, 1, 2, 2), 0.5)
+    x_adv = x.clone()
+    x_adv[0, 0, 0, 0] += 1.5 * EPS  # beyond the ball
+    x_adv[1, 0, 0, 0] += EPS  # on its edge: fine
+    x_adv[2, 0, 1, 1] -= 0.5 * EPS  # inside: fine
+    stats = BoundsStats(EPS)
+    stats.update(x_adv, x)
+    near_one = torch.full((2, 1, 2, 2), 0.99)
+    stats.update(near_one + torch.tensor([0.0, 0.02]).view(2, 1, 1, 1), near_one)  # 1.01 > 1
+    assert (stats.count, stats.outside) == (6, 2)
+    assert stats.max_perturbation == pytest.approx(1.5 * EPS)
+    assert stats.max_value == pytest.approx(1.01)
+
+
+def test_sweep_step_is_2_over_255_or_madrys_2_5_eps_over_steps() -> None:
+    assert sweep_alpha(8 / 255, 20) == ALPHA == 2 / 255  # 2.5 * eps / 20 is smaller
+    assert sweep_alpha(0.5, 20) == pytest.approx(2.5 * 0.5 / 20)  # large radius: cross it
 
 
 def _downsampled(splits, part: str, n: int | None = None) -> tuple[Tensor, Tensor]:

@@ -136,6 +136,16 @@ def test_amplitude_mix_keeps_phase_and_labels(sample_images):
     assert torch.equal(AmplitudeMix(mu=0.0)(x), x)  # mu = 0: no mixing at all
 
 
+def test_amplitude_mix_draws_lam_from_zero_to_mu(sample_images):
+    """lam ~ U(0, mu) per sample for any mu, not only the end points 0 and 1."""
+    x = sample_images[:8].float() / 255
+    got = AmplitudeMix(mu=0.4, generator=torch.Generator().manual_seed(1))(x)
+    gen = torch.Generator().manual_seed(1)
+    partner = partner_index(8, gen)
+    lam = torch.rand(8, generator=gen) * 0.4  # (8,) in [0, 0.4)
+    assert torch.allclose(got, mix_amplitude(x, decompose(x)[0][partner], lam), atol=1e-6)
+
+
 def test_amplitude_mix_rejects_bad_input():
     with pytest.raises(ValueError, match="float"):
         AmplitudeMix()(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))

@@ -149,6 +149,49 @@ def _method_loss(name: str, x, x_adv, y):
     return loss_of
 
 
+@pytest.mark.parametrize(("name", "init"), [("pgd_at", "uniform"), ("pgd_at", "gaussian"),
+                                           ("trades", None), ("mart", "uniform")])
+def test_each_baseline_attacks_and_scores_as_its_paper_says(name, init, train_batch) -> None:
+    """The step's x' is its paper's attack with every setting (steps, start, smoothing) and
+    the same random draws, on the model before the step; its loss is the paper's loss at
+    those weights in train mode: PGD-AT CE(f(x'), y), TRADES CE(f(x), y) + beta KL(p(x) ||
+    p(x')), MART its BCE + beta weighted KL (no smoothing: its attack takes none)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from dat.attacks import pgd, trades_kl
+    from dat.losses import trades_loss
+
+    x, y = train_batch[0][:8], train_batch[1][:8]
+    torch.manual_seed(0)
+    model = create_model("resnet_tiny", num_classes=10)
+    before = copy.deepcopy(model)
+    smoothing = 0.0 if name == "mart" else 0.3
+    kw = {"init": init} if init else {}
+    kw.update({} if name == "pgd_at" else {"beta": 6.0})
+    step = BASELINES[name](model, torch.optim.SGD(model.parameters(), lr=0.1), steps=3,
+                           label_smoothing=smoothing, keep_images=8, **kw)
+    torch.manual_seed(1)
+    stats = step.run(x, y)
+    torch.manual_seed(1)  # the same draws, now by hand
+    if name == "trades":
+        want = trades_kl(before, x, EPS, 2 / 255, 3)
+    else:
+        start = 0.001 * torch.randn_like(x) if init == "gaussian" else None
+        want = pgd(before, x, y, EPS, 2 / 255, 3, start=start, label_smoothing=smoothing)
+    assert torch.equal(step.last_images()["x_adv"], want)
+    with torch.no_grad():
+        clean, adv = before.train()(x), before(want)
+    if name == "pgd_at":
+        loss = F.cross_entropy(adv, y, label_smoothing=smoothing)
+    elif name == "trades":
+        loss = trades_loss(clean, adv, y, 6.0, label_smoothing=smoothing)[0]
+    else:
+        loss = mart_loss(clean, adv, y, 6.0)[0]
+    assert float(stats["loss"]) == pytest.approx(float(loss), abs=1e-5)
+
+
 @pytest.mark.parametrize("name", sorted(BASELINES))
 def test_awp_step_is_sgd_at_the_perturbed_weights(name, train_batch) -> None:
     """Each baseline with AWP takes its gradient at w + v (v from the method's own loss on
