@@ -37,6 +37,7 @@ __all__ = [
     "check_unit_range",
     "compiled_step",
     "eaeg",
+    "eval_logits",
     "eval_mode",
     "explain_dtype_mismatch",
     "frozen_parameters",
@@ -144,6 +145,23 @@ def _objective(logits: Tensor, y: Tensor | None, target: Tensor | None, beta: fl
         return ce
     kl = beta * kl_divergence(target, logits, reduction="sum")
     return kl if ce is None else kl + ce
+
+
+def eval_logits(model: nn.Module, x: Tensor, branch: str | None = None,
+                as_attack: bool = True) -> Tensor:
+    """Eval-mode logits of ``x``, detached (an attack's KL target, the AAG's input).
+
+    Of a compiled model with ``as_attack``, the forward runs as an attack step runs it:
+    gradients on, parameters frozen, an input that requires grad. It then reuses the
+    graph of the attack on ``x`` that follows instead of compiling an inference graph of
+    its own (tens of seconds on a GPU). Anything else runs under ``no_grad``.
+    """
+    with eval_mode(model), _branch(model, branch):
+        if not (as_attack and is_compiled(model)):
+            with torch.no_grad():
+                return model(x)
+        with frozen_parameters(model), torch.enable_grad():
+            return model(x.detach().requires_grad_(True)).detach()
 
 
 def _ascent_step(model: nn.Module, x_adv: Tensor, low: Tensor, high: Tensor,
@@ -393,9 +411,8 @@ def eaeg(
         check_unit_range(x, who)
     x, y = x.detach(), as_class_indices(y)
     with explain_dtype_mismatch(model, x, who):
-        if target_logits is None:
-            with torch.no_grad(), eval_mode(model), _branch(model, branch):
-                target_logits = model(x)
+        if target_logits is None:  # compiled attack steps trace the plain module instead
+            target_logits = eval_logits(model, x, branch, as_attack=compile_mode == "off")
         target_logits = target_logits.detach()
         x_adv = _gaussian_start(x, init_std, eps, noise)
         return _ascend(model, x, x_adv, eps, alpha, steps, branch, y=y, target=target_logits,

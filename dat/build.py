@@ -83,9 +83,11 @@ def _native_bf16(device: torch.device) -> bool:
 def compile_model(model: nn.Module, mode: str, backend: str = "inductor") -> nn.Module:
     """``torch.compile(model, mode=...)`` with static shapes, or ``model`` for ``off``.
 
-    A DAT step calls the model in up to 7 guard variants (train/eval, BN branch, grad
-    mode, B or 2B images), so the recompile limit is raised to 32 instead of falling back
-    to eager at torch's default of 8.
+    A DAT step calls the model in up to 5 guard variants (train/eval, BN branch, whether
+    x_hat requires grad, B, 2B or 4B images), so the recompile limit is raised to 32
+    instead of falling back to eager at torch's default of 8. The trainer runs an epoch's
+    last, smaller batch eagerly rather than compile them all again for it
+    (BENCHMARKS.md, "Compile counts").
     """
     if mode == "off":
         return model

@@ -420,7 +420,8 @@ class Trainer(CheckpointedRun):
         if self.cfg.perf.compile == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # a new step: CUDA graph outputs rotate
         self.guard.snapshot()
-        stats = self.method.run(x, y, x_raw)
+        with self._eager_if_odd(len(y)):
+            stats = self.method.run(x, y, x_raw)
         ok = self.guard.commit(stats.get("loss"))  # restores the pre-step state if not ok
         s = self.state
         s.global_step, s.step_in_epoch, s.images_seen = (
@@ -431,6 +432,17 @@ class Trainer(CheckpointedRun):
         self._accumulate(stats, ok)
         self._bar.update(1)
         return stats
+
+    def _eager_if_odd(self, batch_size: int) -> contextlib.AbstractContextManager:
+        """Eager for a batch of another size than the others (an epoch's last one), when
+        the model or the attack steps are compiled: static shapes would compile each of
+        their graphs again for that one step per epoch (7 graphs for a DAT step, tens of
+        seconds each on a GPU). A loader of one batch per epoch stays compiled."""
+        perf = self.cfg.perf
+        if ((perf.compile == "off" and perf.compile_attacks == "off")
+                or batch_size == self.cfg.data.batch_size or len(self.loader) < 2):
+            return contextlib.nullcontext()
+        return torch.compiler.set_stance("force_eager")
 
     def _accumulate(self, stats: dict[str, torch.Tensor], ok: torch.Tensor) -> None:
         """Device-side sums of the good steps' stats: one stack, one where and one add for

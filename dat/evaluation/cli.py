@@ -339,8 +339,10 @@ def _outputs(model: torch.nn.Module, x: torch.Tensor) -> int:
     """How many logits ``model`` gives (one forward on one image, in eval mode); -1 when
     it fails (the evaluation's own probe then names the problem)."""
     from ..attacks import eval_mode
+    from .prepare import eager_module
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    model = eager_module(model)  # compiled: no graph for one image
     try:
         with torch.no_grad(), eval_mode(model):
             out = model(x[:1].to(device))

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..attacks import eval_mode
+from ..attacks import eval_mode, frozen_parameters, is_compiled
 from ..entry_points import exported_program, exported_program_message
 from ..folder_lock import hold_folder
 from ..models.dual_bn import bn_branch, has_dual_bn
@@ -26,6 +26,7 @@ from .prepare import (
     FOLD_CHECK_EXAMPLES,
     FastForward,
     channels_last_failure,
+    eager_module,
     fold_for_attacks,
     has_hooks,
     model_device,
@@ -320,11 +321,16 @@ def evaluate(
         hooked = has_hooks(model)  # before the monitor adds its own
         branch = bn_branch(model, "main") if has_dual_bn(model) else contextlib.nullcontext()
         start = time.perf_counter()
-        with eval_mode(model), branch, monitor.watch(model):
-            probe(model, x[:2].to(device))
+        # A compiled model's parameters are frozen throughout, as dat's own attacks freeze
+        # them: torchattacks, AutoAttack, dat's CW and the gradient check then share one
+        # graph, whose backward computes no weight gradients.
+        frozen = frozen_parameters(model) if is_compiled(model) else contextlib.nullcontext()
+        with eval_mode(model), branch, monitor.watch(model), frozen:
+            probe(eager_module(model), x[:2].to(device))  # compiled: no graph for it
             target, fold = fold_for_attacks(model, fold_bn, x[:FOLD_CHECK_EXAMPLES].to(device),
                                             hooked)
-            failure = channels_last_failure(target, x[:2].to(device)) if channels_last else None
+            failure = (channels_last_failure(eager_module(target), x[:2].to(device))
+                       if channels_last else None)
             if failure and chosen_layout:
                 raise EvaluationError(
                     f"the model fails on channels_last images ({failure}); evaluate it with "

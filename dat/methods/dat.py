@@ -25,7 +25,7 @@ from ..attacks import (
     check_compile_mode,
     check_radius,
     eaeg,
-    eval_mode,
+    eval_logits,
     explain_dtype_mismatch,
     is_compiled,
     pgd,
@@ -264,8 +264,11 @@ class DATStep(MethodStep):
         return torch.autocast(device_type=device, dtype=self.autocast_dtype)
 
     def _eval_logits(self, x: Tensor, branch: str) -> Tensor:
-        with torch.no_grad(), eval_mode(self.model), bn_branch(self.model, branch), self._amp():
-            return self.model(x)
+        # as an attack step, where an attack on x in that branch follows (a compiled model
+        # then reuses that attack's graph): two separate attacks, through the model's graph
+        as_attack = not self._batch_now and self.compile_attacks == "off"
+        with self._amp():
+            return eval_logits(self.model, x, branch, as_attack=as_attack)
 
     def _attack(self, x: Tensor, y: Tensor, noise: Tensor, branch: str,
                 target: Tensor | None = None) -> Tensor:

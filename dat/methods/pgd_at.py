@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attacks import check_compile_mode, eval_mode, pgd
+from ..attacks import check_compile_mode, eval_logits, pgd
 from .awp import AWP, check_awp_gamma
 from .base import MethodStep, check_optimizer, train_mode
 
@@ -124,8 +124,8 @@ class PGDATStep(BaselineStep):
             x_adv = pgd(self.model, x, y, self.eps, self.alpha, self.steps, start=start,
                         label_smoothing=self.label_smoothing, compile_mode=self.compile_attacks,
                         check_range=False)  # (B, C, H, W); checked on the first batch
-            with torch.no_grad(), eval_mode(self.model):
-                clean_logits = self.model(x)
+            # compiled model: through the attack's graph, not an inference graph of its own
+            clean_logits = eval_logits(self.model, x, as_attack=self.compile_attacks == "off")
 
         def loss_of(model: nn.Module) -> tuple[Tensor, Tensor]:
             with self._autocast(x):
