@@ -12,9 +12,14 @@ import re
 import warnings
 from collections.abc import Iterator
 
-__all__ = ["one_line", "one_line_warnings"]
+__all__ = ["count", "one_line", "one_line_warnings"]
 
 _RAISED = re.compile(r"^[\w.]+(Error|Exception|Warning): ")
+
+
+def count(n: int, noun: str) -> str:
+    """``1 epoch``, ``2 epochs``: a number with its noun in the right number."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def one_line(err: BaseException) -> str:

@@ -130,7 +130,9 @@ class CheckpointedRun:
             print(f"resumed from {used} in epoch {self.state.epoch + 1} (1-based, as in "
                   f"metrics.json), after {self.state.step_in_epoch} of its steps")
             if self.state.epoch >= self.cfg.train.epochs:
-                print(f"note: the run already completed all {self.state.epoch} epochs; "
+                n = self.state.epoch
+                done = "its one epoch" if n == 1 else f"all {n} epochs"
+                print(f"note: the run already completed {done}; "
                       "nothing to train, re-running the final test (to train longer, "
                       f"resume with train.epochs={self.state.epoch + 1} or more)")
 

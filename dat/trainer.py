@@ -67,6 +67,7 @@ from .guard import (
     owned_modules_and_optimizers,
     unique_objects,
 )
+from .messages import count
 from .models import export_main_branch, has_dual_bn
 from .run_state import CheckpointedRun, TrainState
 
@@ -361,8 +362,9 @@ class Trainer(CheckpointedRun):
     def _say_stopped(self) -> None:
         if self.dist.is_main:
             s = self.state
-            print(f"stopped early by trainer.request_stop() after {s.global_step} steps "
-                  f"({s.epoch} epochs and {s.step_in_epoch} steps of the next)", file=sys.stderr)
+            print(f"stopped early by trainer.request_stop() after {count(s.global_step, 'step')} "
+                  f"({count(s.epoch, 'epoch')} and {count(s.step_in_epoch, 'step')} of the next)",
+                  file=sys.stderr)
 
     @contextlib.contextmanager
     def _deferred_interrupt(self) -> Iterator[None]:

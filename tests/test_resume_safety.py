@@ -129,6 +129,16 @@ def test_resume_of_a_finished_run_says_nothing_is_left_to_train(
     assert json.loads((out / "demo" / "metrics.json").read_text())["epochs"] == 2
 
 
+def test_resume_of_a_finished_one_epoch_run_counts_its_one_epoch(capsys, tmp_path) -> None:
+    one = [o for o in TINY if not o.startswith("train.epochs=")]
+    run = [f"train.out_dir={tmp_path}", "train.run_name=one"]
+    assert train_main(["--no-progress", *one, "train.epochs=1", "method.name=pgd_at", *run]) == 0
+    capsys.readouterr()
+    assert train_main(["--no-progress", "--resume", "auto", *run]) == 0
+    printed = capsys.readouterr().out
+    assert "already completed its one epoch; nothing to train" in printed
+
+
 def _tiny_cfg(out: Path, *extra: str):
     return load_config(None, [*TINY, "method.name=trades", f"train.out_dir={out}", *extra])
 

@@ -90,7 +90,7 @@ def test_a_second_trainer_on_the_same_run_name_cannot_overwrite_the_first(tmp_pa
     one.fit()  # the trainer that wrote the run may fit again
 
 
-def test_a_callback_can_stop_training_early(tmp_path):
+def test_a_callback_can_stop_training_early(tmp_path, capsys):
     trainer = Trainer(_cfg(tmp_path, "train.run_name=early", "train.epochs=3"), progress=False)
 
     def stop_after_first_epoch(tr, event, payload):
@@ -101,11 +101,13 @@ def test_a_callback_can_stop_training_early(tmp_path):
     metrics = trainer.fit()
     assert (metrics["epochs"], metrics["steps"]) == (1, 2)
     assert json.loads((trainer.run_dir / "metrics.json").read_text())["steps"] == 2
+    assert "after 2 steps (1 epoch and 0 steps of the next)" in capsys.readouterr().err
     mid = Trainer(_cfg(tmp_path, "train.run_name=mid", "train.epochs=3"), progress=False)
     mid.add_callback(lambda tr, event, payload: event == "step_end"
                      and tr.state.global_step == 3 and tr.request_stop())
     metrics = mid.fit()
     assert metrics["steps"] == 3
+    assert "after 3 steps (1 epoch and 1 step of the next)" in capsys.readouterr().err
     last = load_checkpoint(mid.run_dir / "checkpoints" / "last.pt")["trainer"]
     assert (last["epoch"], last["step_in_epoch"], last["global_step"]) == (1, 1, 3)
     assert mid.fit()["steps"] == 6  # fit() again continues to train.epochs
