@@ -37,6 +37,7 @@ __all__ = [
     "check_unit_range",
     "compiled_step",
     "eaeg",
+    "eager_module",
     "eval_logits",
     "eval_mode",
     "explain_dtype_mismatch",
@@ -120,6 +121,13 @@ def is_compiled(model: nn.Module) -> bool:
                or getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
 
 
+def eager_module(model: nn.Module) -> nn.Module:
+    """The module inside a ``torch.compile`` wrapper (``model`` itself otherwise): for a
+    one-off forward (a probe, a label check) that would compile a graph of its own, and
+    for compiled attack steps, which trace the plain module."""
+    return getattr(model, "_orig_mod", model)
+
+
 def _frozen_if_compiled(model: nn.Module):
     return frozen_parameters(model) if is_compiled(model) else contextlib.nullcontext(model)
 
@@ -199,7 +207,7 @@ def _ascend(model, x, x_adv, eps, alpha, steps, branch, *, y=None, target=None, 
     frozen = frozen_parameters if compile_mode != "off" else _frozen_if_compiled
     # enable_grad: callers often attack inside torch.no_grad() (evaluation loops).
     with eval_mode(model), _branch(model, branch), frozen(model), torch.enable_grad():
-        net = model if compile_mode == "off" else getattr(model, "_orig_mod", model)
+        net = model if compile_mode == "off" else eager_module(model)
         for _ in range(steps):
             x_adv = step(net, x_adv, low, high, y, target, beta, label_smoothing, loss, alpha)
     return x_adv.detach()

@@ -6,7 +6,8 @@ Built in: :class:`ValidationCallback` (clean + PGD accuracy on held-out images, 
 :class:`Callback`, or pass any ``fn(trainer, event, payload)`` to
 ``trainer.add_callback(fn)`` or name it in the config as ``train.callbacks:
 ["module:function"]`` (or ``"path/file.py:function"``; loaded by ``Trainer(cfg)`` before the
-data and the model, so a typo costs no waiting). Events: ``train_start``, ``step_start``,
+data, the model and the seed, so a typo costs no waiting; draws at import or in ``__init__``
+are not seeded by ``train.seed``). Events: ``train_start``, ``step_start``,
 ``step_end`` (payload: stats as device tensors, do not sync), ``log`` (payload: means as
 floats), ``epoch_end`` (payload: the 0-based epoch index; ``payload.number`` is the 1-based
 epoch of ``metrics.json``), ``train_end`` (payload: metrics), ``train_error`` (payload: the

@@ -347,22 +347,23 @@ def _check_attack(a: AttackConfig, key: str) -> None:
 
 
 def _check_model_name(name: str, known: list[str]) -> None:
+    """``name`` in the order :func:`dat.models.create` reads it: timm/, registered, builder."""
     from .entry_points import check_spec, is_spec
+    from .models.timm_models import check_timm_name
 
-    if is_spec(name):  # your own builder: its form and file now, the import at build time
+    if name.startswith("timm/"):
+        try:
+            check_timm_name(name.removeprefix("timm/"))
+        except ValueError as err:
+            raise ConfigError(f"model.name={name!r}: {err}") from None
+    elif name in known:
+        return
+    elif is_spec(name):  # your own builder: its form and file now, the import at build time
         try:
             check_spec(name, "model.name")
         except ValueError as err:
             raise ConfigError(str(err)) from None
-    elif name.startswith("timm/"):
-        import timm  # only when asked for: importing timm takes about a second
-
-        if not timm.is_model(name.removeprefix("timm/")):
-            raise ConfigError(
-                f"model.name={name!r}: timm has no model {name.removeprefix('timm/')!r}; "
-                "pick a name from timm.list_models()"
-            )
-    elif name not in known:
+    else:
         raise ConfigError(f"model.name={name!r} is unknown; use one of {known}, timm/<name>, or "
                           "your own builder as module:function or path/file.py:function")
 

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed, folder_lock, methods
+from .attacks import eager_module
 from .averaging import create_averager
 from .build import (
     RUN_IN_USE_FIX,
@@ -439,12 +440,14 @@ class Trainer(CheckpointedRun):
         """Eager for a batch of another size than the others (an epoch's last one), when
         the model or the attack steps are compiled: static shapes would compile each of
         their graphs again for that one step per epoch (7 graphs for a DAT step, tens of
-        seconds each on a GPU). A loader of one batch per epoch stays compiled."""
+        seconds each on a GPU). A loader of one batch per epoch stays compiled, and so does
+        torch < 2.6, which has no ``torch.compiler.set_stance``."""
         perf = self.cfg.perf
-        if ((perf.compile == "off" and perf.compile_attacks == "off")
+        set_stance = getattr(torch.compiler, "set_stance", None)
+        if ((perf.compile == "off" and perf.compile_attacks == "off") or set_stance is None
                 or batch_size == self.cfg.data.batch_size or len(self.loader) < 2):
             return contextlib.nullcontext()
-        return torch.compiler.set_stance("force_eager")
+        return set_stance("force_eager")
 
     def _accumulate(self, stats: dict[str, torch.Tensor], ok: torch.Tensor) -> None:
         """Device-side sums of the good steps' stats: one stack, one where and one add for
@@ -540,7 +543,7 @@ class Trainer(CheckpointedRun):
         modules, optimizers = [self.model], [self.optimizer]
         for owner in (self.method, getattr(self.method, "awp", None)):
             more_modules, more_optimizers = owned_modules_and_optimizers(owner)
-            modules += [getattr(m, "_orig_mod", m) for m in more_modules]  # compiled: inner
+            modules += [eager_module(m) for m in more_modules]  # compiled: the inner one
             optimizers += more_optimizers
         return unique_objects(modules), unique_objects(optimizers)
 

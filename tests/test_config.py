@@ -142,3 +142,14 @@ def test_invalid_stored_config_is_rejected() -> None:
     data["extra"] = 1
     with pytest.raises(ConfigError, match="extra"):
         config_from_dict(data)
+
+
+def test_model_name_is_read_in_the_order_create_reads_it(monkeypatch) -> None:
+    """A registered name comes before module:function, as in dat.models.create: one with a
+    colon but no builder's form used to be refused ("must look like module:function")."""
+    from dat.models import registry
+
+    monkeypatch.setitem(registry._REGISTRY, "lab:net-v2", registry._REGISTRY["resnet_tiny"])
+    assert load_config(None, ["model.name=lab:net-v2"]).model.name == "lab:net-v2"
+    with pytest.raises(ConfigError, match="must look like module:function"):
+        load_config(None, ["model.name=lab:net-v3"])

@@ -107,7 +107,8 @@ def test_none_keyword_arguments_are_ignored() -> None:
 
 @pytest.mark.parametrize(
     "name, match",
-    [("resnet19", "unknown model 'resnet19'"), ("timm/not_a_model_xyz", "unknown timm model")],
+    [("resnet19", "unknown model 'resnet19'"),
+     ("timm/not_a_model_xyz", "timm has no model 'not_a_model_xyz'")],
 )
 def test_unknown_names_give_clear_errors(name: str, match: str) -> None:
     with pytest.raises(ValueError, match=match) as info:

@@ -22,6 +22,8 @@ from torch import Tensor, nn
 
 from ..config import Config, config_from_dict
 from ..models import convert_dual_bn, create, has_dual_bn, list_models
+from ..models.registry import is_model_name
+from ..models.timm_models import check_timm_name
 
 __all__ = ["CheckpointError", "LoadedCheckpoint", "load_checkpoint", "load_entry_point",
            "load_state_file"]
@@ -361,7 +363,7 @@ def prepare_entry_point(spec: str, weights: str | Path | None = None,
     bad ``--model`` or ``--weights`` fails at once."""
     from ..entry_points import is_spec
 
-    if _registry_name(spec):
+    if is_model_name(spec):  # as create reads it: a name before module:function
         func = _registry_builder(spec, weights, mean, std)
     elif not is_spec(spec):
         raise _unknown_model(spec)
@@ -376,32 +378,24 @@ def prepare_entry_point(spec: str, weights: str | Path | None = None,
     return func, state
 
 
-def _registry_name(spec: str) -> bool:
-    """Whether ``spec`` names a ``dat.models`` architecture: ``timm/<name>`` or a registered
-    name, tried before ``module:function`` in the order ``create`` tries them, so a string
-    resolves as it does in train.py's ``model.name``."""
-    return spec.startswith("timm/") or spec in list_models()
-
-
 def _registry_builder(name: str, weights: str | Path | None, mean: tuple[float, ...] | None,
                       std: tuple[float, ...] | None) -> functools.partial:
     """``create(name, ...)`` waiting for ``num_classes``; refusals before any data loads."""
     if name.startswith("timm/"):
-        import timm  # only when asked for: importing timm takes about a second
-
-        if not timm.is_model(name.removeprefix("timm/")):
-            raise CheckpointError(f"--model {name}: timm has no model "
-                                  f"{name.removeprefix('timm/')!r}; pick a name from "
-                                  "timm.list_models()")
+        try:
+            check_timm_name(name.removeprefix("timm/"))
+        except ValueError as err:
+            raise CheckpointError(f"--model {name}: {err}") from None
     if weights is None:  # a registry model starts from random weights
         raise CheckpointError(f"--model {name} is a dat.models name, whose weights start "
                               "random; pass --weights FILE, a state dict of that architecture "
                               "(python -m dat.export writes one)")
-    if (mean is None) != (std is None) or mean is not None and not (
-            len(mean) == len(std) == 3 and all(0 <= m <= 1 for m in mean)
-            and all(0 < s <= 1 for s in std)):
-        raise CheckpointError(f"mean={mean}, std={std}: give both, three values each (RGB) on "
-                              "the [0, 1] scale with std > 0, or neither (CIFAR-10's)")
+    if (mean is None) != (std is None):
+        raise CheckpointError(f"mean={mean}, std={std}: give both, or neither (CIFAR-10's)")
+    if mean is not None and not (len(mean) == len(std) == 3 and all(0 <= m <= 1 for m in mean)
+                                 and all(0 < s <= 1 for s in std)):  # also NaN
+        raise CheckpointError(f"mean={mean}, std={std}: three values each (RGB) on the [0, 1] "
+                              "scale with std > 0 (divide 0-255 values by 255)")
     return functools.partial(create, name, mean=mean, std=std)  # None: the model's own
 
 

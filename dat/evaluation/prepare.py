@@ -14,7 +14,7 @@ from ..models.folding import FoldError, fold_batchnorm, max_logit_gap, summarize
 from .suite import EvaluationError
 
 __all__ = ["FOLD_CHECK_EXAMPLES", "FOLD_TOLERANCE", "FastForward", "channels_last_failure",
-           "eager_module", "exact_matmuls",
+           "exact_matmuls",
            "fold_for_attacks", "has_hooks", "model_device", "probe"]
 
 FOLD_CHECK_EXAMPLES = 64  # inputs on which the BN-folded model must match the original
@@ -50,13 +50,6 @@ class FastForward(nn.Module):
             x = _ToChannelsLast.apply(x)
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self.model(x).float()
-
-
-def eager_module(model: nn.Module) -> nn.Module:
-    """The module inside a ``torch.compile`` wrapper (``model`` itself otherwise), for the
-    one-off probes: each would compile a graph of its own (two images, one image, grad
-    mode) that the evaluation never runs again, tens of seconds each on a GPU."""
-    return getattr(model, "_orig_mod", model)
 
 
 def channels_last_failure(model: nn.Module, x: Tensor) -> str | None:

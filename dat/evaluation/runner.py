@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..attacks import eval_mode, frozen_parameters, is_compiled
+from ..attacks import eager_module, eval_mode, frozen_parameters, is_compiled
 from ..entry_points import exported_program, exported_program_message
 from ..folder_lock import hold_folder
 from ..models.dual_bn import bn_branch, has_dual_bn
@@ -26,7 +26,6 @@ from .prepare import (
     FOLD_CHECK_EXAMPLES,
     FastForward,
     channels_last_failure,
-    eager_module,
     fold_for_attacks,
     has_hooks,
     model_device,

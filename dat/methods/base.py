@@ -12,6 +12,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..attacks import (
     as_class_indices,
     check_unit_range,
+    eager_module,
     eval_mode,
     explain_dtype_mismatch,
     train_mode,
@@ -145,7 +146,7 @@ class MethodStep:
         model = getattr(self, "model", None)
         if model is None or len(y) == 0:
             return
-        model = getattr(model, "_orig_mod", model)  # compiled: no extra graph for one image
+        model = eager_module(model)  # compiled: no extra graph for one image
         branch = bn_branch(model, "main") if has_dual_bn(model) else contextlib.nullcontext()
         with explain_dtype_mismatch(model, x, who), torch.no_grad(), eval_mode(model), branch:
             classes = model(x[:1]).shape[-1]

@@ -108,7 +108,7 @@ class PGDATStep(BaselineStep):
     """Madry PGD-AT: ``x' = PGD-K(x)`` (CE ascent), then one SGD step on ``CE(f(x'), y)``.
 
     ``init="uniform"`` (Madry) starts from U(-eps, eps); ``"gaussian"`` from 0.001 N(0, I).
-    Returns loss, clean accuracy (eval-mode forward, no gradient) and adversarial accuracy.
+    Returns loss, clean accuracy (eval-mode forward, detached) and adversarial accuracy.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-__all__ = ["create", "list_models", "register"]
+__all__ = ["create", "is_model_name", "list_models", "register"]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -26,6 +26,12 @@ def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn
 def list_models() -> list[str]:
     """Names accepted by :func:`create` (``timm/<name>`` is accepted too)."""
     return sorted(_REGISTRY)
+
+
+def is_model_name(name: str) -> bool:
+    """Whether :func:`create` reads ``name`` as a model (``timm/<name>`` or a registered
+    name) rather than a builder ``module:function``: it tries those first."""
+    return name.startswith("timm/") or name in _REGISTRY
 
 
 def create(name: str, num_classes: int = 10, dual_bn: bool = False, **kwargs) -> nn.Module:

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .normalize import CIFAR10_MEAN, CIFAR10_STD, Normalize
 
-__all__ = ["TimmClassifier", "create_timm"]
+__all__ = ["TimmClassifier", "check_timm_name", "create_timm"]
 
 
 class TimmClassifier(nn.Module):
@@ -23,6 +23,14 @@ class TimmClassifier(nn.Module):
         return self.net(self.normalize(x))
 
 
+def check_timm_name(name: str) -> None:
+    """ValueError naming the fix when timm has no architecture ``name`` (no ``timm/``)."""
+    import timm  # only when asked for: importing timm takes about a second
+
+    if not timm.is_model(name):
+        raise ValueError(f"timm has no model {name!r}; pick a name from timm.list_models()")
+
+
 def create_timm(
     name: str,
     num_classes: int = 10,
@@ -34,8 +42,7 @@ def create_timm(
     """Build ``timm.create_model(name)`` with random weights (no network access needed)."""
     import timm
 
-    if not timm.is_model(name):
-        raise ValueError(f"unknown timm model {name!r}; see timm.list_models() for names")
+    check_timm_name(name)
     if kwargs.pop("pretrained", False):
         raise ValueError(
             f"create('timm/{name}') builds random weights and never downloads; for pretrained "
