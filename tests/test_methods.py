@@ -155,7 +155,7 @@ def test_each_baseline_attacks_and_scores_as_its_paper_says(name, init, train_ba
     """The step's x' is its paper's attack with every setting (steps, start, smoothing) and
     the same random draws, on the model before the step; its loss is the paper's loss at
     those weights in train mode: PGD-AT CE(f(x'), y), TRADES CE(f(x), y) + beta KL(p(x) ||
-    p(x')), MART its BCE + beta weighted KL (no smoothing: its attack takes none)."""
+    p(x')), MART its BCE + beta weighted KL; smoothing in the attack's CE and the loss's."""
     import copy
 
     import torch.nn.functional as F
@@ -167,7 +167,7 @@ def test_each_baseline_attacks_and_scores_as_its_paper_says(name, init, train_ba
     torch.manual_seed(0)
     model = create_model("resnet_tiny", num_classes=10)
     before = copy.deepcopy(model)
-    smoothing = 0.0 if name == "mart" else 0.3
+    smoothing = 0.3
     kw = {"init": init} if init else {}
     kw.update({} if name == "pgd_at" else {"beta": 6.0})
     step = BASELINES[name](model, torch.optim.SGD(model.parameters(), lr=0.1), steps=3,
@@ -188,7 +188,7 @@ def test_each_baseline_attacks_and_scores_as_its_paper_says(name, init, train_ba
     elif name == "trades":
         loss = trades_loss(clean, adv, y, 6.0, label_smoothing=smoothing)[0]
     else:
-        loss = mart_loss(clean, adv, y, 6.0)[0]
+        loss = mart_loss(clean, adv, y, 6.0, label_smoothing=smoothing)[0]
     assert float(stats["loss"]) == pytest.approx(float(loss), abs=1e-5)
 
 

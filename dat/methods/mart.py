@@ -39,7 +39,8 @@ def mart_loss(clean_logits: Tensor, adv_logits: Tensor, y: Tensor, beta: float,
 class MARTStep(BaselineStep):
     """One MART step: PGD-K on CE (uniform start), then the MART loss in train mode.
 
-    beta = 6 by default (the MART paper's CIFAR-10 setting).
+    beta = 6 by default (the MART paper's CIFAR-10 setting). ``label_smoothing`` (0 in the
+    preset) smooths the attack's CE and the loss's CE alike, as in PGD-AT.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
@@ -53,6 +54,7 @@ class MARTStep(BaselineStep):
         start = 0.001 * torch.randn_like(x) if self.init == "gaussian" else None
         with self._autocast(x):
             x_adv = pgd(self.model, x, y, self.eps, self.alpha, self.steps, start=start,
+                        label_smoothing=self.label_smoothing,
                         compile_mode=self.compile_attacks, check_range=False)
 
         def loss_of(model: nn.Module) -> tuple[Tensor, ...]:
