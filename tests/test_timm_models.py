@@ -13,7 +13,8 @@ from timm.layers import BatchNormAct2d
 from torch import Tensor, nn
 
 import dat
-from dat.evaluation.loading import _needs_two_branches, load_checkpoint
+from dat.evaluation.loading import load_checkpoint
+from dat.evaluation.weights import needs_two_branches
 from dat.models import DualBatchNorm, bn_branch, convert_dual_bn, fused_split
 from dat.sync_bn import convert_sync_bn
 
@@ -180,9 +181,9 @@ def test_checkpoint_of_a_model_with_a_submodule_named_main_loads(tmp_path, dual)
 def test_weights_with_a_submodule_named_main_are_not_taken_for_two_branches():
     single = dat.models.create("timm/efficientvit_b0")
     dual = dat.models.create("timm/efficientvit_b0", dual_bn=True)
-    assert not _needs_two_branches(dat.models.create("timm/efficientvit_b0"),
+    assert not needs_two_branches(dat.models.create("timm/efficientvit_b0"),
                                    single.state_dict())
-    assert _needs_two_branches(dat.models.create("timm/efficientvit_b0"), dual.state_dict())
+    assert needs_two_branches(dat.models.create("timm/efficientvit_b0"), dual.state_dict())
 
 
 def test_dat_step_refuses_gradient_checkpointing_with_split_bn():
