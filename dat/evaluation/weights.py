@@ -24,11 +24,7 @@ __all__ = ["CheckpointError", "has_branch_keys", "load_state_file", "load_strict
 
 
 _PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
-
-
 _STATE_KEYS = ("model_state_dict", "state_dict", "model", "net", "ema")  # common layouts
-
-
 # averaged weights other codebases store beside the raw ones (timm, DeiT/ConvNeXt, SWA): never
 # chosen over a raw key above, but named in the note, and loaded when they are the only ones
 _AVERAGED_KEYS = ("model_ema", "state_dict_ema", "ema_state_dict", "ema_model", "swa_model",
