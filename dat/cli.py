@@ -131,6 +131,11 @@ def train_main(argv: list[str] | None = None) -> int:
             if args.resume:  # the resume's own refusal, before anything is printed
                 state, _ = load_for_resume(cfg.train.resume, warn=lambda msg: None)
                 check_compatible(state, cfg.model.name, None, config_to_dict(cfg))
+                from .build import named_run_dir
+
+                named = named_run_dir(cfg, Path(cfg.train.resume))
+                if named is not None:  # the folder the resumed run writes into, as Trainer
+                    cfg.train.run_name = named.name
             print(config_to_yaml(cfg), end="")
             return 0
         with one_line_warnings():

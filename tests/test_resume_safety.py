@@ -95,6 +95,9 @@ def test_print_config_with_resume_checks_the_resume_first(capsys, finished) -> N
     assert train_main(["--print-config", *_resume(finished[0], "train.epochs=3")]) == 0
     printed = capsys.readouterr().out
     assert "epochs: 3" in printed and "name: dat" in printed
+    # by folder: the run name is the folder the resumed run writes into, as training stamps it
+    assert train_main(["--print-config", "--resume", str(finished[0] / "demo")]) == 0
+    assert "run_name: demo\n" in capsys.readouterr().out
 
 
 def test_resume_dat_as_trades_reports_the_method_change(capsys, finished) -> None:
