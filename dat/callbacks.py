@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import inspect
 import json
 import sys
 from collections.abc import Callable
@@ -85,6 +86,17 @@ class FunctionCallback(Callback):
     """Adapts ``fn(trainer, event, payload)`` to :class:`Callback`."""
 
     def __init__(self, fn: Callable[[Any, str, Any], None]) -> None:
+        if not callable(fn):
+            raise TypeError(f"a callback must be a Callback or fn(trainer, event, payload), "
+                            f"not {type(fn).__name__}")
+        try:
+            inspect.signature(fn).bind(None, "train_start", None)
+        except TypeError:  # fails now, not at the first event after the data has loaded
+            raise TypeError(f"callback {getattr(fn, '__qualname__', fn)}{inspect.signature(fn)} "
+                            "cannot take (trainer, event, payload); give it those three "
+                            "parameters") from None
+        except ValueError:  # no signature to read (some builtins): called as it is
+            pass
         self.fn = fn
 
     def on_train_start(self, trainer):
@@ -143,7 +155,10 @@ def load_callback(spec: str) -> Callback:
         raise ConfigError(f"{what} {spec!r}: {owner} ({type(target).__name__}) is not "
                           "callable; name a function fn(trainer, event, payload), a Callback "
                           "subclass or an instance of one")
-    return FunctionCallback(target)
+    try:
+        return FunctionCallback(target)
+    except TypeError as err:
+        raise ConfigError(f"{what} {spec!r}: {err}") from None
 
 
 @torch.no_grad()

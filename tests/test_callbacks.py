@@ -37,6 +37,10 @@ def record(trainer, event, payload):
     EVENTS.append((event, payload))
 
 
+def two_params(trainer, event):
+    pass
+
+
 class NeedsArgs(Callback):
     def __init__(self, every):
         self.every = every
@@ -124,6 +128,21 @@ def test_a_callback_class_needing_arguments_says_how_to_give_them(
     assert err.startswith("error: train.callbacks 'hooks_args:NeedsArgs': hooks_args.NeedsArgs() "
                           "failed (") and "'every'" in err, err
     assert "trainer.add_callback(NeedsArgs(...))" in err, err
+
+
+def test_a_callback_function_with_the_wrong_parameters_fails_at_once(
+        capsys, monkeypatch, tmp_path) -> None:
+    """It used to fail at train_start, after the data and the model were built."""
+    _module(tmp_path, "hooks_sig", HOOKS, monkeypatch)
+    err = _error_line(capsys, tmp_path, "train.callbacks=[hooks_sig:two_params]")
+    assert err == ("error: train.callbacks 'hooks_sig:two_params': callback two_params(trainer, "
+                   "event) cannot take (trainer, event, payload); give it those three parameters")
+    trainer = Trainer(_cfg(tmp_path), progress=False)
+    with pytest.raises(TypeError, match="cannot take"):
+        trainer.add_callback(lambda trainer, event: None)
+    with pytest.raises(TypeError, match="not int"):
+        trainer.add_callback(42)
+    trainer.add_callback(lambda *args: None)  # any signature that takes three arguments
 
 
 def test_a_callbacks_file_loads_by_path_and_the_run_stores_it_absolute(
