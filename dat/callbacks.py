@@ -303,7 +303,7 @@ class TensorBoardCallback(Callback):
 class AutoAttackCallback(Callback):
     """Reference AutoAttack on ``n`` validation images every ``every`` epochs (rank 0).
 
-    A robustness check during training that PGD alone cannot give (METHOD.md section 7:
+    A robustness check during training that PGD alone cannot give (docs/method.md, section 14:
     label smoothing can mask cross-entropy attacks). Each result is appended to
     ``autoattack.json`` in the run directory (kept across resumes) and printed. Name it in
     a config as ``train.callbacks: ["dat.callbacks:autoattack_every_10_epochs"]``, or add

@@ -155,7 +155,7 @@ class TrainConfig:
     val_every: int = 1  # epochs between validation PGD runs (0 = never)
     val_pgd_steps: int = 20  # PGD steps for checkpoint selection (the published code: 20)
     val_examples: int = 1000  # validation images used for selection
-    # final test of best.pt; AA and a margin attack next to PGD (METHOD.md section 7)
+    # final test of best.pt; AA and a margin attack next to PGD (docs/method.md, section 14)
     test_attacks: list[str] = field(default_factory=lambda: ["clean", "pgd20", "cw", "aa"])
     image_every: int = 500  # steps between TensorBoard image grids (0 = never)
     weight_averaging: str = "none"  # none | ema | swa

@@ -1,12 +1,12 @@
 """The Adversarial Amplitude Generator (AAG): noise + logits -> a half amplitude spectrum.
 
-The AAG is an MLP (METHOD.md section 2) trained to MAXIMISE the DAT loss, so the
+The AAG is an MLP (docs/method.md, section 4) trained to MAXIMISE the DAT loss, so the
 amplitudes it produces are the ones the classifier currently handles worst. It outputs
 only the non-redundant half spectrum (C, H, W//2+1) because images are real.
 
 Two amplitude scales:
 - ``official``: the sigmoid output as is, values in (0, 1). Mixed with raw |FFT| values
-  (DC up to H*W) this is, to first order, a random darkening (METHOD.md section 9).
+  (DC up to H*W) this is, to first order, a random darkening (docs/method.md, section 4).
 - ``dataset``: the sigmoid output times twice the training set's mean amplitude
   spectrum, so generated amplitudes live at natural-image scale.
 """

@@ -35,7 +35,7 @@ __all__ = [
 
 ALPHA = 2 / 255  # L-inf step of FGSM-free attacks (PGD-N), [0, 1] scale
 CW_STEPS = 100  # PGD steps on the CW margin, as the published DAT evaluation (eval.py)
-CW_ALPHA = 2 / 255  # CW-inf step size (METHOD.md: every evaluation attack uses 2/255)
+CW_ALPHA = 2 / 255  # CW-inf step size (docs/method.md, section 14: every PGD-type attack, 2/255)
 BOUNDS_TOL = 1e-6  # float32 round-off allowed beyond eps and [0, 1]
 _PGD_NAME = re.compile(r"^pgd([1-9]\d*)$")  # pgd0 would be a random start only
 KNOWN = ("clean", "fgsm", "pgd20", "pgd100", "cw", "aa")

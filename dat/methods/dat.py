@@ -1,10 +1,10 @@
 """DAT (Li et al., NeurIPS 2024): adversarial training with generative amplitude mix-up.
 
-One :class:`DATStep` call does the whole per-batch procedure of METHOD.md section 4:
+One :class:`DATStep` call does the whole per-batch procedure of docs/method.md, section 2:
 attack x (main BN) -> the AAG's amplitude mixed into the un-augmented image, then flip +
 crop -> attack x_hat (auxiliary BN) -> model step on
 ``L_DAT = (L_AT(x) + L_AT(x_hat)) / 2 + omega * JS(f(x), f(x_hat))`` -> AAG step that
-MAXIMISES L_DAT. Every variant of METHOD.md section 5 is a constructor switch, and all
+MAXIMISES L_DAT. Every variant of docs/method.md, section 11 is a constructor switch, and all
 random draws can be injected (:class:`DATDraws`) so the fused path can be checked
 against the plain reference in tests/reference_dat.py.
 """
@@ -77,7 +77,7 @@ class DATStep(MethodStep):
         mu (1): lam ~ U(0, mu). mix: ``mix`` | ``replace`` (lam = 1).
         amplitude_source: ``generator`` | ``random_image`` | ``brightness`` ((1-lam) x).
         split_bn, second_attack, recombined_branch, outer (``dat`` | ``pgd_at`` |
-            ``trades``), recombined_padding (3): variants of METHOD.md section 5.
+            ``trades``), recombined_padding (3): variants of docs/method.md, section 11.
         generator_update: ``alternating`` (published) | ``reversal`` (one backward).
         awp_gamma, awp_warmup (epochs): adversarial weight perturbation (0 = off).
         batched: attack x and x_hat as one 2B batch with split BN, and run the loss's
