@@ -151,8 +151,10 @@ class Trainer(CheckpointedRun):
         self.channels_last = resolve_channels_last(cfg.perf.channels_last, self.device,
                                                    self.model)
         net = compile_model(self.model, cfg.perf.compile)
-        if (message := precision_warning(cfg.perf.precision, self.device)) and self.dist.is_main:
-            warnings.warn(message, stacklevel=2)
+        for message in (precision_warning(cfg.perf.precision, self.device),
+                        methods.baseline_settings_warning(cfg)):
+            if message and self.dist.is_main:
+                warnings.warn(message, stacklevel=2)
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
             weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)

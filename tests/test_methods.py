@@ -292,3 +292,27 @@ def test_bn_layers_frozen_by_the_user_stay_frozen(name, train_batch) -> None:
     model = create_model("resnet_tiny", num_classes=10).eval()
     BASELINES[name](model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2)(x, y)
     assert not model.training
+
+
+def test_a_baseline_on_dat_defaults_is_warned_towards_its_preset() -> None:
+    """method.name=trades on the defaults trains TRADES with DAT's smoothing, beta and
+    5-step attack: say so, naming the preset with the paper's settings."""
+    from dat.config import load_config
+    from dat.methods import baseline_settings_warning
+
+    message = baseline_settings_warning(load_config(None, ["method.name=trades"]))
+    assert message == (
+        "method.name=trades keeps DAT's defaults for method.beta=15.0, "
+        "method.label_smoothing=0.5, method.attack.steps=5; the trades paper uses beta=6.0, "
+        "label_smoothing=0.0, attack.steps=10: start from --config trades_cifar10_resnet18 "
+        "for the paper's settings")
+    kept = baseline_settings_warning(load_config(None, ["method.name=mart", "method.beta=6",
+                                                        "method.label_smoothing=0"]))
+    assert "method.attack.steps=5, method.attack.init=gaussian;" in kept and "beta" not in kept
+    for preset in ("pgd_at_cifar10_resnet18", "trades_cifar10_resnet18", "mart_cifar10_resnet18",
+                   "pgd_at_awp_cifar10_resnet18", "trades_awp_cifar10_resnet18",
+                   "dat_cifar10_resnet18", "aag_trades"):
+        assert baseline_settings_warning(load_config(preset, [])) is None, preset
+    assert baseline_settings_warning(load_config(None, [
+        "method.name=pgd_at", "method.attack.steps=3", "method.attack.init=uniform",
+        "method.label_smoothing=0.1"])) is None  # the user's own choices: nothing to say

@@ -125,3 +125,9 @@ def test_a_failing_callback_closes_the_tensorboard_writer(tmp_path):
         trainer.fit()
     tensorboard = [cb for cb in trainer.callbacks if type(cb).__name__ == "TensorBoardCallback"]
     assert tensorboard[0].writer is None
+
+
+def test_the_trainer_warns_a_baseline_run_on_dat_defaults(tmp_path) -> None:
+    with pytest.warns(UserWarning, match="method.name=trades keeps DAT's defaults for "
+                                         "method.beta=15.0"):
+        Trainer(_cfg(tmp_path, "method.name=trades"), progress=False)

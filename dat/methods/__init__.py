@@ -25,10 +25,44 @@ __all__ = [
     "MethodStep",
     "PGDATStep",
     "TRADESStep",
+    "baseline_settings_warning",
     "build_dat",
     "create",
     "needs_dual_bn",
 ]
+
+# each baseline's paper settings, as its preset sets them (dat/configs/<name>_cifar10_resnet18)
+_PAPER_SETTINGS = {
+    "pgd_at": {"label_smoothing": 0.0, "attack.steps": 10, "attack.init": "uniform"},
+    "trades": {"beta": 6.0, "label_smoothing": 0.0, "attack.steps": 10,
+               "attack.init": "gaussian"},
+    "mart": {"beta": 6.0, "label_smoothing": 0.0, "attack.steps": 10, "attack.init": "uniform"},
+}
+
+
+def baseline_settings_warning(cfg: Config) -> str | None:
+    """What to tell a user who switched ``method.name`` to a baseline and kept DAT's
+    defaults (label smoothing 0.5, beta 15, 5 Gaussian-start steps), or None."""
+    from ..config import MethodConfig
+
+    paper = _PAPER_SETTINGS.get(cfg.method.name)
+    if paper is None:
+        return None
+    dat_default, ours = MethodConfig(), cfg.method
+
+    def value(method: MethodConfig, key: str):
+        owner, _, name = key.rpartition(".")
+        return getattr(getattr(method, owner) if owner else method, name)
+
+    kept = [key for key in paper
+            if value(ours, key) == value(dat_default, key) != paper[key]]
+    if not kept:
+        return None
+    name = cfg.method.name
+    return (f"method.name={name} keeps DAT's defaults for "
+            f"{', '.join(f'method.{k}={value(ours, k)}' for k in kept)}; the {name} paper uses "
+            f"{', '.join(f'{k}={paper[k]}' for k in kept)}: start from --config "
+            f"{name}_cifar10_resnet18 for the paper's settings")
 
 
 def needs_dual_bn(cfg: Config) -> bool:
