@@ -89,6 +89,9 @@ class FunctionCallback(Callback):
         if not callable(fn):
             raise TypeError(f"a callback must be a Callback or fn(trainer, event, payload), "
                             f"not {type(fn).__name__}")
+        if isinstance(fn, type) and issubclass(fn, Callback):  # the class, not an instance
+            raise TypeError(f"{fn.__name__} is a Callback class; add an instance of it: "
+                            f"{fn.__name__}(...)")
         try:
             inspect.signature(fn).bind(None, "train_start", None)
         except TypeError:  # fails now, not at the first event after the data has loaded

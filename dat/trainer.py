@@ -137,11 +137,16 @@ class Trainer(CheckpointedRun):
         # before the data and the model (minutes on a big dataset), so a typo fails at once,
         # and before the seed, so a module drawing random numbers leaves the weights alone
         configured = [load_callback(spec) for spec in cfg.train.callbacks]
+        given = [cb if isinstance(cb, Callback) else FunctionCallback(cb) for cb in callbacks]
         resume = self._resume_path()  # checked before the data loads: a refusal costs nothing
         named = named_run_dir(cfg, resume)
         if named is not None and self.dist.is_main:  # another process still at work there
             folder_lock.check_free(named, RUN_IN_USE_FIX)
         loaded = self.load_resumable(resume) if resume is not None else None
+        # once, as the run starts and before the data loads: a resume may not change method.*
+        message = methods.baseline_settings_warning(cfg) if resume is None else None
+        if message and self.dist.is_main:
+            warnings.warn(message, stacklevel=2)
         seed_everything(cfg.train.seed)  # the same on every rank: identical initial weights
         self.splits = splits if splits is not None else load_dataset(cfg.data)
         self._own_splits = splits is not None  # the caller's: not read by data.* settings
@@ -151,10 +156,8 @@ class Trainer(CheckpointedRun):
         self.channels_last = resolve_channels_last(cfg.perf.channels_last, self.device,
                                                    self.model)
         net = compile_model(self.model, cfg.perf.compile)
-        for message in (precision_warning(cfg.perf.precision, self.device),
-                        methods.baseline_settings_warning(cfg)):
-            if message and self.dist.is_main:
-                warnings.warn(message, stacklevel=2)
+        if (message := precision_warning(cfg.perf.precision, self.device)) and self.dist.is_main:
+            warnings.warn(message, stacklevel=2)
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
             weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
@@ -176,7 +179,7 @@ class Trainer(CheckpointedRun):
         self.state = TrainState()
         self.callbacks: list[Callback] = [ValidationCallback(), CheckpointCallback(),
                                           TensorBoardCallback()]
-        for cb in [*configured, *callbacks]:
+        for cb in [*configured, *given]:
             self.add_callback(cb)
         # after every check that could fail; rank 0 creates it, the others learn its name
         self.run_dir, cfg.train.run_name = distributed.run_on_main(

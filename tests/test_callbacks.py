@@ -143,6 +143,8 @@ def test_a_callback_function_with_the_wrong_parameters_fails_at_once(
     with pytest.raises(TypeError, match="not int"):
         trainer.add_callback(42)
     trainer.add_callback(lambda *args: None)  # any signature that takes three arguments
+    with pytest.raises(TypeError, match=r"^Callback is a Callback class; add an instance"):
+        trainer.add_callback(Callback)  # the class itself
 
 
 def test_a_callbacks_file_loads_by_path_and_the_run_stores_it_absolute(
@@ -177,6 +179,9 @@ def test_config_callbacks_load_before_the_data_and_the_model_in_their_order(
     with pytest.raises(ConfigError, match="hooks_early has no 'recrod'"):
         Trainer(_cfg(tmp_path, "train.callbacks=[hooks_early:recrod]"), progress=False)
     assert loaded == [] and built == []  # nothing was loaded or built for it
+    with pytest.raises(TypeError, match="cannot take"):  # a Python callback, as early
+        Trainer(_cfg(tmp_path), callbacks=(lambda trainer, event: None,), progress=False)
+    assert loaded == [] and built == []
     monkeypatch.delitem(sys.modules, "hooks_early")  # imported again below
 
     def mine(tr, event, payload) -> None: ...

@@ -4,6 +4,7 @@ process, stopping early from a callback, TensorBoard after a failing callback.""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import yaml
@@ -131,3 +132,14 @@ def test_the_trainer_warns_a_baseline_run_on_dat_defaults(tmp_path) -> None:
     with pytest.warns(UserWarning, match="method.name=trades keeps DAT's defaults for "
                                          "method.beta=15.0"):
         Trainer(_cfg(tmp_path, "method.name=trades"), progress=False)
+
+
+def test_a_resumed_baseline_run_is_not_warned_again(tmp_path) -> None:
+    """The warning's advice (start from the preset) cannot apply to a resume, which refuses
+    any change to method.*: it is given once, when the run starts."""
+    with pytest.warns(UserWarning, match="keeps DAT's defaults"):
+        Trainer(_cfg(tmp_path, "train.run_name=r", "train.epochs=1"), progress=False).fit()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(_cfg(tmp_path, "train.run_name=r", "train.resume=auto"), progress=False)
+    assert not [w for w in caught if "keeps DAT's defaults" in str(w.message)]

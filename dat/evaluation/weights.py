@@ -78,6 +78,8 @@ def _safetensors_metadata(path: Path) -> dict[str, str]:
 
 
 def read_torch_file(path: Path) -> object:
+    """``torch.load(path, weights_only=True)``; a safetensors, TorchScript or torch.export
+    file, or one that is not a readable torch file, is refused with the fix."""
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; pass the path of a .pt/.safetensors file")
     if _is_safetensors(path):
@@ -120,6 +122,8 @@ def read_torch_file(path: Path) -> object:
 
 
 def strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` without the DDP / torch.compile prefix every key shares, and without an
+    AveragedModel's counter."""
     if "n_averaged" in state and len(state) > 1 and all(
             k.startswith("module.") for k in state if k != "n_averaged"):
         # torch.optim.swa_utils.AveragedModel: the averaged net under module., plus a counter
@@ -206,6 +210,8 @@ def _common_prefix_match(own: dict[str, Tensor], state: dict[str, Tensor]) -> st
 
 
 def load_strict(model: nn.Module, state: dict[str, Tensor], what: str) -> None:
+    """A strict ``load_state_dict`` that explains a mismatch (``what`` names the pair) and
+    takes keys shifted by one wrapper prefix or missing BatchNorm counters."""
     own = model.state_dict()
     shift = None if set(own) == set(state) else _common_prefix_match(own, state)
     if shift is not None:

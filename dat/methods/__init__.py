@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, MethodConfig, load_config
 from .base import MethodStep
 from .dat import DATDraws, DATStep
 from .dat_build import build_dat
@@ -31,38 +31,31 @@ __all__ = [
     "needs_dual_bn",
 ]
 
-# each baseline's paper settings, as its preset sets them (dat/configs/<name>_cifar10_resnet18)
-_PAPER_SETTINGS = {
-    "pgd_at": {"label_smoothing": 0.0, "attack.steps": 10, "attack.init": "uniform"},
-    "trades": {"beta": 6.0, "label_smoothing": 0.0, "attack.steps": 10,
-               "attack.init": "gaussian"},
-    "mart": {"beta": 6.0, "label_smoothing": 0.0, "attack.steps": 10, "attack.init": "uniform"},
-}
+_BASELINES = ("pgd_at", "trades", "mart")  # each has a preset <name>_cifar10_resnet18
+_COMPARED = ("beta", "label_smoothing", "attack.steps", "attack.init")  # DAT's differ
+
+
+def _value(method: MethodConfig, key: str):
+    owner, _, name = key.rpartition(".")
+    return getattr(getattr(method, owner) if owner else method, name)
 
 
 def baseline_settings_warning(cfg: Config) -> str | None:
     """What to tell a user who switched ``method.name`` to a baseline and kept DAT's
-    defaults (label smoothing 0.5, beta 15, 5 Gaussian-start steps), or None."""
-    from ..config import MethodConfig
-
-    paper = _PAPER_SETTINGS.get(cfg.method.name)
-    if paper is None:
+    defaults (label smoothing 0.5, beta 15, 5 Gaussian-start steps), or None; the paper's
+    settings are read from the baseline's preset, so the two cannot drift apart."""
+    name = cfg.method.name
+    if name not in _BASELINES:
         return None
-    dat_default, ours = MethodConfig(), cfg.method
-
-    def value(method: MethodConfig, key: str):
-        owner, _, name = key.rpartition(".")
-        return getattr(getattr(method, owner) if owner else method, name)
-
-    kept = [key for key in paper
-            if value(ours, key) == value(dat_default, key) != paper[key]]
+    paper, dat_default = load_config(f"{name}_cifar10_resnet18").method, MethodConfig()
+    kept = [key for key in _COMPARED
+            if _value(cfg.method, key) == _value(dat_default, key) != _value(paper, key)]
     if not kept:
         return None
-    name = cfg.method.name
     return (f"method.name={name} keeps DAT's defaults for "
-            f"{', '.join(f'method.{k}={value(ours, k)}' for k in kept)}; the {name} paper uses "
-            f"{', '.join(f'{k}={paper[k]}' for k in kept)}: start from --config "
-            f"{name}_cifar10_resnet18 for the paper's settings")
+            f"{', '.join(f'method.{k}={_value(cfg.method, k)}' for k in kept)}; the {name} "
+            f"paper uses {', '.join(f'{k}={_value(paper, k)}' for k in kept)}: start from "
+            f"--config {name}_cifar10_resnet18 for the paper's settings")
 
 
 def needs_dual_bn(cfg: Config) -> bool:
