@@ -150,7 +150,8 @@ def _method_loss(name: str, x, x_adv, y):
 
 
 @pytest.mark.parametrize(("name", "init"), [("pgd_at", "uniform"), ("pgd_at", "gaussian"),
-                                           ("trades", None), ("mart", "uniform")])
+                                           ("trades", None), ("trades", "uniform"),
+                                           ("mart", "uniform")])
 def test_each_baseline_attacks_and_scores_as_its_paper_says(name, init, train_batch) -> None:
     """The step's x' is its paper's attack with every setting (steps, start, smoothing) and
     the same random draws, on the model before the step; its loss is the paper's loss at
@@ -175,7 +176,10 @@ def test_each_baseline_attacks_and_scores_as_its_paper_says(name, init, train_ba
     torch.manual_seed(1)
     stats = step.run(x, y)
     torch.manual_seed(1)  # the same draws, now by hand
-    if name == "trades":
+    if name == "trades" and init == "uniform":  # eps * U(-1, 1), as PGD-AT's start
+        want = trades_kl(before, x, EPS, 2 / 255, 3, init_std=EPS,
+                         noise=torch.empty_like(x).uniform_(-1, 1))
+    elif name == "trades":
         want = trades_kl(before, x, EPS, 2 / 255, 3)
     else:
         start = 0.001 * torch.randn_like(x) if init == "gaussian" else None
@@ -232,7 +236,8 @@ def test_awp_waits_for_its_warmup_epoch_and_comes_from_the_config(train_batch) -
     assert seen == [False, False, True, True]
     step.on_epoch_start(0)  # off in warm-up: the same update as TRADES without AWP
     twin = copy.deepcopy(model)
-    plain = TRADESStep(twin, torch.optim.SGD(twin.parameters(), lr=0.1), steps=3, beta=6.0)
+    plain = TRADESStep(twin, torch.optim.SGD(twin.parameters(), lr=0.1), steps=3, beta=6.0,
+                       init="uniform")  # as the config's method.attack.init
     torch.manual_seed(1)
     step.run(x, y)
     torch.manual_seed(1)
@@ -316,3 +321,9 @@ def test_a_baseline_on_dat_defaults_is_warned_towards_its_preset() -> None:
     assert baseline_settings_warning(load_config(None, [
         "method.name=pgd_at", "method.attack.steps=3", "method.attack.init=uniform",
         "method.label_smoothing=0.1"])) is None  # the user's own choices: nothing to say
+
+
+def test_trades_refuses_an_unknown_start() -> None:
+    model = create_model("resnet_tiny", num_classes=10)
+    with pytest.raises(ValueError, match="init='zeros'; use 'gaussian' or 'uniform'"):
+        TRADESStep(model, torch.optim.SGD(model.parameters(), lr=0.1), init="zeros")

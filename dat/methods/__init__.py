@@ -85,7 +85,7 @@ def create(
     if m.name == "pgd_at":
         return PGDATStep(model, optimizer, init=m.attack.init, **common)
     if m.name == "trades":
-        return TRADESStep(model, optimizer, beta=m.beta, **common)
+        return TRADESStep(model, optimizer, beta=m.beta, init=m.attack.init, **common)
     if m.name == "mart":
         return MARTStep(model, optimizer, beta=m.beta, init=m.attack.init, **common)
     raise ConfigError(f"method.name={m.name!r} is not valid; use pgd_at, trades, mart or dat")

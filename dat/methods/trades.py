@@ -16,19 +16,25 @@ class TRADESStep(BaselineStep):
     """One TRADES step.
 
     Inner maximisation: K signed-gradient steps on KL(p(x) || p(x')) from
-    ``x + 0.001 N(0, I)`` (eval mode, target computed once). Outer loss (train mode, two
+    ``x + 0.001 N(0, I)`` (``init="gaussian"``, the paper's) or ``x + eps U(-1, 1)``
+    (``"uniform"``), in eval mode, target computed once. Outer loss (train mode, two
     separate forwards as in the paper so BN sees clean and adversarial batches apart):
     ``CE(f(x), y) + beta * KL(p(x) || p(x'))`` with p(x) not detached. beta = 6 by default.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
-                 beta: float = 6.0, **kwargs) -> None:
+                 beta: float = 6.0, init: str = "gaussian", **kwargs) -> None:
         super().__init__(model, optimizer, **kwargs)
-        self.beta = beta
+        if init not in ("uniform", "gaussian"):
+            raise ValueError(f"init={init!r}; use 'gaussian' or 'uniform'")
+        self.beta, self.init = beta, init
 
     def run(self, x: Tensor, y: Tensor, x_raw: Tensor | None = None) -> dict[str, Tensor]:
+        uniform = self.init == "uniform"  # else trades_kl draws its 0.001 N(0, I) itself
+        noise = torch.empty_like(x).uniform_(-1, 1) if uniform else None
         with self._autocast(x):
             x_adv = trades_kl(self.model, x, self.eps, self.alpha, self.steps,
+                              init_std=self.eps if uniform else 0.001, noise=noise,
                               compile_mode=self.compile_attacks,
                               check_range=False)  # (B, C, H, W); checked on the first batch
 
