@@ -325,5 +325,5 @@ def test_a_baseline_on_dat_defaults_is_warned_towards_its_preset() -> None:
 
 def test_trades_refuses_an_unknown_start() -> None:
     model = create_model("resnet_tiny", num_classes=10)
-    with pytest.raises(ValueError, match="init='zeros'; use 'gaussian' or 'uniform'"):
+    with pytest.raises(ValueError, match="init='zeros'; use 'uniform' or 'gaussian'"):
         TRADESStep(model, torch.optim.SGD(model.parameters(), lr=0.1), init="zeros")

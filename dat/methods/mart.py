@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..attacks import pgd
 from ..losses import kl_divergence
-from .pgd_at import BaselineStep, accuracy
+from .pgd_at import BaselineStep, accuracy, check_attack_init
 
 __all__ = ["MARTStep", "mart_loss"]
 
@@ -46,9 +46,7 @@ class MARTStep(BaselineStep):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  beta: float = 6.0, init: str = "uniform", **kwargs) -> None:
         super().__init__(model, optimizer, **kwargs)
-        if init not in ("uniform", "gaussian"):
-            raise ValueError(f"init={init!r}; use 'uniform' or 'gaussian'")
-        self.beta, self.init = beta, init
+        self.beta, self.init = beta, check_attack_init(init)
 
     def run(self, x: Tensor, y: Tensor, x_raw: Tensor | None = None) -> dict[str, Tensor]:
         start = 0.001 * torch.randn_like(x) if self.init == "gaussian" else None

@@ -17,7 +17,14 @@ from ..attacks import check_compile_mode, eval_logits, pgd
 from .awp import AWP, check_awp_gamma
 from .base import MethodStep, check_optimizer, train_mode
 
-__all__ = ["BaselineStep", "PGDATStep", "accuracy"]
+__all__ = ["BaselineStep", "PGDATStep", "accuracy", "check_attack_init"]
+
+
+def check_attack_init(init: str) -> str:
+    """``init`` if it names an attack start a baseline knows (uniform or gaussian)."""
+    if init not in ("uniform", "gaussian"):
+        raise ValueError(f"init={init!r}; use 'uniform' or 'gaussian'")
+    return init
 
 
 def accuracy(logits: Tensor, y: Tensor) -> Tensor:
@@ -114,9 +121,7 @@ class PGDATStep(BaselineStep):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  init: str = "uniform", **kwargs) -> None:
         super().__init__(model, optimizer, **kwargs)
-        if init not in ("uniform", "gaussian"):
-            raise ValueError(f"init={init!r}; use 'uniform' or 'gaussian'")
-        self.init = init
+        self.init = check_attack_init(init)
 
     def run(self, x: Tensor, y: Tensor, x_raw: Tensor | None = None) -> dict[str, Tensor]:
         start = 0.001 * torch.randn_like(x) if self.init == "gaussian" else None

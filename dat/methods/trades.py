@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from ..attacks import trades_kl
 from ..losses import trades_loss
-from .pgd_at import BaselineStep, accuracy
+from .pgd_at import BaselineStep, accuracy, check_attack_init
 
 __all__ = ["TRADESStep"]
 
@@ -25,9 +25,7 @@ class TRADESStep(BaselineStep):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  beta: float = 6.0, init: str = "gaussian", **kwargs) -> None:
         super().__init__(model, optimizer, **kwargs)
-        if init not in ("uniform", "gaussian"):
-            raise ValueError(f"init={init!r}; use 'gaussian' or 'uniform'")
-        self.beta, self.init = beta, init
+        self.beta, self.init = beta, check_attack_init(init)
 
     def run(self, x: Tensor, y: Tensor, x_raw: Tensor | None = None) -> dict[str, Tensor]:
         uniform = self.init == "uniform"  # else trades_kl draws its 0.001 N(0, I) itself
