@@ -131,7 +131,7 @@ def _compiled(s: _Setup, fn: Callable[[], object], mode: str,
     fn()
     _sync(s.device)
     s.notes.append(f"{what}({mode}): first step took {time.perf_counter() - start:.1f} s")
-    if mode == "reduce-overhead" and what == "compile":  # as the trainer does
+    if mode in ("reduce-overhead", "max-autotune") and what == "compile":  # as the trainer
         def step():
             torch.compiler.cudagraph_mark_step_begin()
             return fn()
@@ -325,8 +325,8 @@ def main(argv: list[str] | None = None) -> dict:
             lambda mode=mode: _compiled(s, _baseline_row(s, PGDATStep, compile_attacks=mode,
                                                          **base), mode,
                               "pgd_at10 compile_attacks"))
-    # dat.evaluate's defaults: channels_last and BN folding on for CPU
-    ev = dict(channels_last=auto.type == "cpu", fold=auto.type == "cpu",
+    # dat.evaluate's defaults: channels_last and BN folding on for CPU and CUDA
+    ev = dict(channels_last=auto.type in ("cpu", "cuda"), fold=auto.type in ("cpu", "cuda"),
               n=args.eval_examples)
     cl_label = "no channels_last" if ev["channels_last"] else "channels_last"
     fold_label = "BN not folded" if ev["fold"] else "BN folded"

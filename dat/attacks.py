@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import COMPILE_MODES, ConfigError
+from .config import COMPILE_MODES, CUDA_GRAPH_MODES, ConfigError
 from .losses import cw_margin, kl_divergence
 from .models.dual_bn import bn_branch
 
@@ -47,6 +47,7 @@ __all__ = [
     "project",
     "trades_kl",
     "train_mode",
+    "uses_cuda_graphs",
 ]
 
 
@@ -121,6 +122,38 @@ def is_compiled(model: nn.Module) -> bool:
                or getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
 
 
+def uses_cuda_graphs(model: nn.Module) -> bool:
+    """Whether ``model`` or a sub-module is ``torch.compile``d to replay CUDA graphs (modes
+    ``reduce-overhead`` and ``max-autotune``, the ``cudagraphs`` backend).
+
+    Such a graph's outputs and saved activations live in memory that later replays reuse,
+    and a forward whose backward never runs makes the following replays overwrite them
+    (an H100 run of ``perf.compile=reduce-overhead`` failed so, BENCHMARKS.md). Read from
+    torch's compile wrapper; where that cannot be read (``Module.compile()``, another torch
+    layout) the answer is True, the safe side.
+    """
+    for m in model.modules():
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            return True
+        context = getattr(m, "dynamo_ctx", None)
+        if context is not None and _cuda_graphs_flag(context) is not False:
+            return True
+    return False
+
+
+def _cuda_graphs_flag(context: object) -> bool | None:
+    """The CUDA-graph switch of a ``torch.compile`` wrapper's backend (None: unreadable)."""
+    convert = getattr(getattr(context, "callback", None), "_torchdynamo_orig_backend", None)
+    backend = getattr(convert, "_torchdynamo_orig_backend", None)
+    options = getattr(backend, "config", None)
+    if isinstance(options, dict):  # inductor: its options over the global default
+        from torch._inductor import config as inductor_config
+
+        return bool(options.get("triton.cudagraphs", inductor_config.triton.cudagraphs))
+    name = getattr(backend, "compiler_name", None)
+    return name == "cudagraphs" if isinstance(name, str) else None
+
+
 def eager_module(model: nn.Module) -> nn.Module:
     """The module inside a ``torch.compile`` wrapper (``model`` itself otherwise): for a
     one-off forward (a probe, a label check) that would compile a graph of its own, and
@@ -162,12 +195,16 @@ def eval_logits(model: nn.Module, x: Tensor, branch: str | None = None,
     Of a compiled model with ``as_attack``, the forward runs as an attack step runs it:
     gradients on, parameters frozen, an input that requires grad. It then reuses the
     graph of the attack on ``x`` that follows instead of compiling an inference graph of
-    its own (tens of seconds on a GPU). Anything else runs under ``no_grad``.
+    its own (tens of seconds on a GPU). Not for a model that replays CUDA graphs
+    (:func:`uses_cuda_graphs`): a forward whose backward never runs would let the attack's
+    replays overwrite its memory, so there, as for anything else, the forward runs under
+    ``no_grad`` (and its logits are copied out of the graph's memory).
     """
     with eval_mode(model), _branch(model, branch):
-        if not (as_attack and is_compiled(model)):
+        if not (as_attack and is_compiled(model)) or uses_cuda_graphs(model):
             with torch.no_grad():
-                return model(x)
+                logits = model(x)
+            return logits.clone() if is_compiled(model) else logits
         with frozen_parameters(model), torch.enable_grad():
             return model(x.detach().requires_grad_(True)).detach()
 
@@ -265,7 +302,7 @@ def compiled_step(mode: str) -> Callable[..., Tensor]:
                 f"({reason[:160]}); use perf.compile_attacks=off (compile_mode='off' in the "
                 "Python API)") from err
         # a CUDA graph's output is overwritten by its next replay: keep a copy
-        return out.clone() if mode == "reduce-overhead" else out
+        return out.clone() if mode in CUDA_GRAPH_MODES else out
 
     return run
 

@@ -127,6 +127,7 @@ class OptimConfig:
 
 
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # graphs replayed as CUDA graphs
 
 
 @dataclass

@@ -59,7 +59,14 @@ from .callbacks import (
     ValidationCallback,
     load_callback,
 )
-from .config import Config, ConfigError, checked_config, config_to_dict, config_to_yaml
+from .config import (
+    CUDA_GRAPH_MODES,
+    Config,
+    ConfigError,
+    checked_config,
+    config_to_dict,
+    config_to_yaml,
+)
 from .data import Batch, DatasetSplits, load_dataset, make_loader, stratified_split
 from .entry_points import absolute_spec, describe_error
 from .guard import (
@@ -425,7 +432,7 @@ class Trainer(CheckpointedRun):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
             x_raw = x_raw.contiguous(memory_format=torch.channels_last)
-        if self.cfg.perf.compile == "reduce-overhead":
+        if self.cfg.perf.compile in CUDA_GRAPH_MODES:
             torch.compiler.cudagraph_mark_step_begin()  # a new step: CUDA graph outputs rotate
         self.guard.snapshot()
         with self._eager_if_odd(len(y)):

@@ -7,7 +7,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dat.attacks import eaeg, eval_mode, is_compiled, pgd, project, trades_kl
+import dat.attacks as attacks_module
+from dat.attacks import (
+    eaeg,
+    eval_logits,
+    eval_mode,
+    is_compiled,
+    pgd,
+    project,
+    trades_kl,
+    uses_cuda_graphs,
+)
 from dat.losses import cw_margin
 from dat.models import bn_branch
 from dat.spectral import decompose, mix_amplitude
@@ -118,6 +128,39 @@ def test_attacks_freeze_a_compiled_model_and_restore_every_flag(make_warm_model,
     with pytest.raises(ValueError, match="batch_size"):
         pgd(compiled, x, y[:1], EPS, ALPHA, steps=2)  # fails inside the attack
     assert all(p.requires_grad for p in model.parameters() if p is not user_frozen)
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({}, False), ({"mode": "reduce-overhead"}, True), ({"mode": "max-autotune"}, True),
+    ({"mode": "max-autotune-no-cudagraphs"}, False), ({"backend": "aot_eager"}, False),
+    ({"backend": "cudagraphs"}, True), ({"options": {"triton.cudagraphs": True}}, True)])
+def test_uses_cuda_graphs_reads_the_compile_mode(kwargs, expected):
+    """Read from the (lazy, never run) compile wrapper, also of a sub-module; an eager
+    model replays none."""
+    net = nn.Sequential(nn.Linear(2, 2))
+    assert uses_cuda_graphs(torch.compile(net, **kwargs)) is expected
+    assert uses_cuda_graphs(nn.Sequential(torch.compile(net, **kwargs))) is expected
+    assert not uses_cuda_graphs(net)
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_eval_logits_of_a_cuda_graph_model_leave_no_pending_backward(
+        make_warm_model, sample_batch, monkeypatch, cuda_graphs):
+    """A compiled model's KL targets reuse the attack's graph (gradients on) unless the
+    model replays CUDA graphs: there a forward whose backward never runs let the attack's
+    replays overwrite its memory on an H100, so its targets run under no_grad, copied."""
+    model = make_warm_model()
+    x, _ = sample_batch
+    compiled = torch.compile(model, backend="eager", dynamic=False)
+    monkeypatch.setattr(attacks_module, "uses_cuda_graphs", lambda m: cuda_graphs)
+    seen = []
+    compiled.register_forward_hook(lambda m, i, out: seen.append(
+        (torch.is_grad_enabled(), out.requires_grad)))
+    logits = eval_logits(compiled, x)
+    assert seen == [(not cuda_graphs, not cuda_graphs)]
+    assert not logits.requires_grad and model.training  # detached; the mode is restored
+    with torch.no_grad(), eval_mode(model):
+        torch.testing.assert_close(logits, model(x))
 
 
 def test_eager_attacks_under_autocast_cast_each_weight_once(make_warm_model, sample_batch):

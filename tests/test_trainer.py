@@ -248,11 +248,14 @@ def test_autoattack_callback_without_validation_images_says_so(capsys) -> None:
     assert "no validation images (data.val_size=0); skipped" in capsys.readouterr().err
 
 
-def test_perf_compile_compiles_the_trained_model(tmp_path, monkeypatch) -> None:
-    """perf.compile=reduce-overhead reaches torch.compile, the run trains through the
-    compiled module (aot_eager here: no code generation on the test CPU) and saves the
-    plain model's weights."""
-    real_compile, modes = torch.compile, []
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_perf_compile_compiles_the_trained_model(tmp_path, monkeypatch, mode) -> None:
+    """perf.compile=reduce-overhead / max-autotune reaches torch.compile, each step starts
+    a new CUDA-graph generation (both modes replay CUDA graphs), the run trains through
+    the compiled module (aot_eager here: no code generation on the test CPU) and saves
+    the plain model's weights."""
+    real_compile, modes, marks = torch.compile, [], []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
 
     def aot_eager_compile(model, mode=None, dynamic=None, **kw):
         modes.append((mode, dynamic))
@@ -261,12 +264,12 @@ def test_perf_compile_compiles_the_trained_model(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(torch, "compile", aot_eager_compile)
     torch._dynamo.reset()
     cfg = load_config(None, [*TINY, "method.name=dat", "train.steps_per_epoch=2",
-                             "perf.compile=reduce-overhead", "train.test_attacks=[clean]",
+                             f"perf.compile={mode}", "train.test_attacks=[clean]",
                              f"train.out_dir={tmp_path}", "train.run_name=compiled"])
     trainer = Trainer(cfg, progress=False)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     metrics = trainer.fit()
-    assert modes == [("reduce-overhead", False)]
+    assert modes == [(mode, False)] and len(marks) == 2
     assert metrics["steps"] == 2 and metrics["bad_steps"] == 0  # finite, nothing rolled back
     after = trainer.model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained
