@@ -159,11 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report folder (default: eval_<name> next to the checkpoint)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
-                   help="feed the model channels_last images (auto: on for CPU, except "
-                        "models whose channels_last CPU backward crashes torch)")
+                   help="feed the model channels_last images (auto: on for CPU and CUDA, "
+                        "except models whose channels_last CPU backward crashes torch)")
     p.add_argument("--fold-bn", choices=("auto", "on", "off"), default="auto",
                    help="attack a copy with eval-mode BatchNorm folded into the convolutions "
-                        "(auto: on for CPU)")
+                        "(auto: on for CPU and CUDA)")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--device", default="auto",
                    help="auto (CUDA when available) | cpu | cuda | cuda:N")

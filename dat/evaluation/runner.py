@@ -265,13 +265,13 @@ def evaluate(
     ``diagnostics``: an attack name (True = pgd20) for the amplitude/phase table;
     ``heatmap``: the Fourier heat map. Returns the report; ``report["results"][name]`` is
     accuracy in percent. Dual-BN models are evaluated on their main branch, in eval mode.
-    ``channels_last``: feed the model channels_last images (None: on for CPU, where it is
-    measured faster, except for models whose channels_last CPU backward crashes torch,
-    :func:`dat.build.cpu_channels_last_crashes`; off elsewhere). Attacks always run on NCHW
-    tensors.
+    ``channels_last``: feed the model channels_last images (None: on for CPU and CUDA,
+    where it is measured faster, except for models whose channels_last CPU backward
+    crashes torch, :func:`dat.build.cpu_channels_last_crashes`; off elsewhere). Attacks
+    always run on NCHW tensors.
     ``fold_bn``: attack a copy with each eval-mode BN folded into the convolution before
-    it (:func:`dat.models.folding.fold_batchnorm`; None: on for CPU, where it is measured
-    faster on most models, BENCHMARKS.md). The copy must match the model's logits on the
+    it (:func:`dat.models.folding.fold_batchnorm`; None: on for CPU and CUDA, where it is
+    measured faster on most models, BENCHMARKS.md). The copy must match the model's logits on the
     first examples, else the model is attacked as given; ``report["fold_bn"]`` says which
     ran and why.
     Ctrl-C during the attacks raises :class:`EvaluationInterrupted`, whose ``report`` holds
@@ -310,12 +310,14 @@ def evaluate(
         x, y = collect_examples(data, n_examples)
         device = model_device(model)
         chosen_layout = channels_last is not None
-        if channels_last is None:  # on for CPU, except where torch's CPU backward crashes
+        measured = device.type in ("cpu", "cuda")  # where both are timed faster
+        if channels_last is None:  # except where torch's CPU backward crashes
             from ..build import cpu_channels_last_crashes
 
-            channels_last = device.type == "cpu" and not cpu_channels_last_crashes(model)
+            channels_last = measured and not (device.type == "cpu"
+                                              and cpu_channels_last_crashes(model))
         channels_last = bool(channels_last)
-        fold_bn = device.type == "cpu" if fold_bn is None else bool(fold_bn)
+        fold_bn = measured if fold_bn is None else bool(fold_bn)
         given_training, before, monitor = model.training, C.buffers_snapshot(model), C.ModeMonitor()
         hooked = has_hooks(model)  # before the monitor adds its own
         branch = bn_branch(model, "main") if has_dual_bn(model) else contextlib.nullcontext()
