@@ -53,17 +53,19 @@ python bench/throughput.py --device $DEV --batch-size 512 --iters ${ITERS512:-10
 pack throughput512
 fi
 # 2. same-budget training reference vs fast, bf16 attack objective, WRN-34-10 memory
+#    (GC_ARGS adds options, e.g. "--fast-precision fp32")
 if want 2; then
-python bench/gpu_check.py --data $DATA --out "$R" --epochs ${GC_EPOCHS:-2} --seeds ${GC_SEEDS:-1} $GC 2>&1 | tee "$R/gpu_check.txt"
+python bench/gpu_check.py --data $DATA --out "$R" --epochs ${GC_EPOCHS:-2} --seeds ${GC_SEEDS:-1} $GC ${GC_ARGS:-} 2>&1 | tee "$R/gpu_check.txt"
 pack gpu_check
 fi
 # 3. the real trainer on the GPU, then evaluate.py with AutoAttack on 1,000 test images
+#    (TRAIN_PERF adds overrides, e.g. "perf.compile=reduce-overhead perf.compile_attacks=reduce-overhead")
 if want 3; then
 rm -rf /tmp/c10 /tmp/runs/gpu
 python bench/unpack_npz.py $DATA /tmp/c10 >/dev/null
 python train.py data.name=imagefolder data.root=/tmp/c10 train.epochs=${TRAIN_EPOCHS:-5} \
   optim.schedule=cosine data.batch_size=256 optim.lr=0.2 train.image_every=0 \
-  train.out_dir=/tmp/runs train.run_name=gpu $TR 2>&1 | tr '\r' '\n' | grep -v '%|' | tee "$R/train.txt"
+  train.out_dir=/tmp/runs train.run_name=gpu $TR ${TRAIN_PERF:-} 2>&1 | tr '\r' '\n' | grep -v '%|' | tee "$R/train.txt"
 cp /tmp/runs/gpu/metrics.json "$R/train_metrics.json" 2>/dev/null
 pack train
 python evaluate.py --checkpoint /tmp/runs/gpu/checkpoints/best.pt $EV \
