@@ -131,10 +131,10 @@ def resolve_batched(setting: str, device: torch.device) -> bool:
 
 
 def resolve_fused_split_bn(setting: str, device: torch.device) -> bool:
-    """``auto`` -> off on every device for now: fused split BN (4 operations fewer per BN
-    layer and step of the batched attack, BENCHMARKS.md) has not run on a GPU yet, and a
-    CPU does not batch the attack. ``on`` turns it on."""
-    del device  # auto will turn it on for CUDA once it is timed there
+    """``auto`` -> off on every device: fused split BN (4 operations fewer per BN layer
+    and step of the batched attack) ran slower on an H100 (1,085 against 1,295 img/s,
+    BENCHMARKS.md), and a CPU does not batch the attack. ``on`` turns it on."""
+    del device
     return setting == "on"
 
 

@@ -137,7 +137,7 @@ class PerfConfig:
     precision: str = "auto"  # auto (bf16 on GPUs with bf16 tensor cores, else fp32) | bf16 | fp32
     channels_last: str = "auto"  # auto (CUDA and CPU; not where CPU backward crashes) | on | off
     batched_branches: str = "auto"  # auto (on for CUDA) | on | off: x and x_hat as one 2B batch
-    fused_split_bn: str = "auto"  # auto (off until timed on a GPU) | on | off: split BN as one
+    fused_split_bn: str = "auto"  # auto (off: slower on an H100) | on | off: split BN as one
     # affine map in the batched attack (equal up to float rounding)
     compile: str = "off"  # off | default | reduce-overhead (CUDA graphs) | max-autotune
     compile_attacks: str = "off"  # the same modes: each training-attack step as one graph
