@@ -4,7 +4,8 @@
 
 1. Same budget, same data order: train ResNet-18 with the plain reference DAT step and
    with the fast DATStep, then PGD-20 on held-out test images (robustness must match);
-   ``--seeds N`` repeats both for N seeds and reports the means.
+   ``--seeds N`` repeats both for N seeds and reports the means; ``--fast-precision``
+   picks the fast run's autocast dtype (``auto``: bf16 on CUDA, fp32 elsewhere).
 2. bf16 vs fp32 training attack: the EAEG objective reached on a fixed batch.
 3. Peak memory of a fast DAT step for WRN-34-10 at batch 128.
 The ``--data`` file has the layout of dat/assets/cifar10_sample.npz (scripts/make_sample.py).
@@ -49,6 +50,13 @@ def _load(path: str, device: torch.device):
     return out
 
 
+def _fast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype of the fast run: ``auto`` = bf16 on CUDA, fp32 (None) elsewhere."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
 def _train(kind: str, data, args, device, seed: int = 0) -> tuple[torch.nn.Module, float]:
     torch.manual_seed(seed)
     model = dat.models.create(args.model, 10, dual_bn=True).to(device)
@@ -59,7 +67,7 @@ def _train(kind: str, data, args, device, seed: int = 0) -> tuple[torch.nn.Modul
     if fast and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     step = DATStep(model, gen, opt, gopt, generator_update=args.fast_update,
-                   autocast_dtype=torch.bfloat16 if fast and device.type == "cuda" else None)
+                   autocast_dtype=_fast_dtype(args.fast_precision, device) if fast else None)
     images, labels = data["train"]
     images, labels = images[: args.train_n], labels[: args.train_n]
     g = torch.Generator().manual_seed(seed)
@@ -130,6 +138,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--test-n", type=int, default=1000)
     p.add_argument("--fast-update", default="alternating")
+    p.add_argument("--fast-precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="fast run's autocast: auto = bf16 on CUDA, fp32 elsewhere")
     p.add_argument("--seeds", type=int, default=1, help="repeat both runs with seeds 0..N-1")
     p.add_argument("--skip-wrn", action="store_true")
     args = p.parse_args()
@@ -137,7 +147,8 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     data = _load(args.data, device)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "args": vars(args)}
+              "torch": torch.__version__, "args": vars(args),
+              "fast_autocast": "bf16" if _fast_dtype(args.fast_precision, device) else "fp32"}
     for seed in range(args.seeds):
         for kind in ("reference", "fast"):
             model, seconds = _train(kind, data, args, device, seed)
