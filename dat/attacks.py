@@ -200,11 +200,12 @@ def eval_logits(model: nn.Module, x: Tensor, branch: str | None = None,
     replays overwrite its memory, so there, as for anything else, the forward runs under
     ``no_grad`` (and its logits are copied out of the graph's memory).
     """
+    compiled = is_compiled(model)
     with eval_mode(model), _branch(model, branch):
-        if not (as_attack and is_compiled(model)) or uses_cuda_graphs(model):
+        if not (as_attack and compiled) or uses_cuda_graphs(model):
             with torch.no_grad():
                 logits = model(x)
-            return logits.clone() if is_compiled(model) else logits
+            return logits.clone() if compiled else logits
         with frozen_parameters(model), torch.enable_grad():
             return model(x.detach().requires_grad_(True)).detach()
 
