@@ -36,6 +36,7 @@ from dat.build import (  # noqa: E402
     resolve_channels_last,
     resolve_fused_split_bn,
 )
+from dat.config import CUDA_GRAPH_MODES  # noqa: E402
 from dat.generator import AmplitudeGenerator  # noqa: E402
 from dat.methods.dat import DATDraws, DATStep  # noqa: E402
 from dat.methods.pgd_at import PGDATStep  # noqa: E402
@@ -131,7 +132,7 @@ def _compiled(s: _Setup, fn: Callable[[], object], mode: str,
     fn()
     _sync(s.device)
     s.notes.append(f"{what}({mode}): first step took {time.perf_counter() - start:.1f} s")
-    if mode in ("reduce-overhead", "max-autotune") and what == "compile":  # as the trainer
+    if mode in CUDA_GRAPH_MODES and what == "compile":  # as the trainer does
         def step():
             torch.compiler.cudagraph_mark_step_begin()
             return fn()
@@ -348,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
         skips = _cudagraph_skips()
         try:  # one failing row (e.g. a compile mode this machine lacks) must not end the run
             table[name] = _measure(name, build(), name in eval_rows, args, device)
-            if "reduce-overhead" in name and device.type == "cuda":  # did CUDA graphs take it?
+            if any(m in name for m in CUDA_GRAPH_MODES) and device.type == "cuda":  # taken?
                 s.notes.append(f"{name}: {_cudagraph_skips() - skips} graph(s) ran without "
                                "CUDA graphs (TORCH_LOGS=cudagraphs says why)")
             print(f"  measured {name}: {table[name]['img_per_s']:.1f} img/s", file=sys.stderr,
