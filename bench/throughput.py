@@ -172,16 +172,20 @@ def _plain_row(s: _Setup, *, bf16: bool, channels_last: bool):
     return step
 
 
-def _pgd20_eval_row(s: _Setup, *, bf16: bool, channels_last: bool, fold: bool, n: int):
+def _pgd20_eval_row(s: _Setup, *, bf16: bool, channels_last: bool, fold: bool, n: int,
+                    compile_mode: str = "off"):
     """The evaluation suite's PGD-20 through dat.evaluate's forward wrapper, on the
-    BN-folded copy of the model when ``fold``."""
-    from dat.evaluation.prepare import FastForward
+    BN-folded copy of the model when ``fold``, compiled as ``dat.evaluate(compile_mode=)``
+    does (parameters frozen; the first, compiling call is timed and noted)."""
+    from dat.evaluation.prepare import FastForward, compile_for_attacks
     from dat.evaluation.suite import make_attack
     from dat.models.folding import fold_batchnorm
 
     model, _ = s.model(dual_bn=False)
     model = fold_batchnorm(model)[0] if fold else model.eval()
-    net = FastForward(model, bf16, channels_last).eval()
+    net = compile_for_attacks(FastForward(model, bf16, channels_last).eval(), compile_mode)
+    if compile_mode != "off":
+        model.requires_grad_(False)  # this row's own model: nothing to restore
     gen = torch.Generator().manual_seed(1)
     x = torch.rand(n, 3, 32, 32, generator=gen).to(s.device)
     y = torch.randint(0, 10, (n,), generator=gen).to(s.device)
@@ -192,6 +196,8 @@ def _pgd20_eval_row(s: _Setup, *, bf16: bool, channels_last: bool, fold: bool, n
         for xb, yb in zip(x.split(bs), y.split(bs), strict=True):
             attack.fn(net, xb, yb)
 
+    if compile_mode != "off":
+        return _compiled(s, run, compile_mode, f"pgd20_eval {'bf16' if bf16 else 'fp32'} compile")
     return run
 
 
@@ -253,6 +259,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="comma list of modes for dat.attacks.compiled_step (default, "
                         "reduce-overhead, max-autotune): fast_dat and pgd_at10 rows with each "
                         "training-attack step as one compiled graph")
+    parser.add_argument("--eval-compile", default="",
+                        help="comma list of dat.evaluate compile modes (default, "
+                        "max-autotune-no-cudagraphs): pgd20_eval fp32 and bf16 rows with each")
     parser.add_argument("--count-ops", action="store_true",
                         help="also count the ATen operations (kernels) of one training step")
     parser.add_argument("--rows", default="all", help="comma list of row-name prefixes")
@@ -338,6 +347,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"pgd20_eval fp32, {fold_label}": lambda: _pgd20_eval_row(
             s, bf16=False, **{**ev, "fold": not ev["fold"]}),
         "pgd20_eval bf16": lambda: _pgd20_eval_row(s, bf16=True, **ev),
+        **{f"pgd20_eval {p} + compile({mode})": (
+            lambda p=p, mode=mode: _pgd20_eval_row(s, bf16=p == "bf16", compile_mode=mode, **ev))
+           for mode in filter(None, args.eval_compile.split(",")) for p in ("fp32", "bf16")},
         "autoattack (standard, pyautoattack)":
             lambda: _autoattack_row(s, args.aa_examples, args.aa_checkpoint),
     }

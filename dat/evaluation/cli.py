@@ -30,6 +30,7 @@ from .loading import (
     load_checkpoint,
     prepare_entry_point,
 )
+from .prepare import COMPILE_MODES
 from .progress import PROGRESS_FILE, finished_attacks
 
 __all__ = ["build_parser", "evaluate_main", "parse_eps"]
@@ -164,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold-bn", choices=("auto", "on", "off"), default="auto",
                    help="attack a copy with eval-mode BatchNorm folded into the convolutions "
                         "(auto: on for CPU and CUDA)")
+    p.add_argument("--compile", choices=COMPILE_MODES, default="off",
+                   help="run the attacked forward under torch.compile (default: off; "
+                        "see README, Evaluation speed)")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--device", default="auto",
                    help="auto (CUDA when available) | cpu | cuda | cuda:N")
@@ -332,6 +336,7 @@ def _evaluate(args: argparse.Namespace, device: torch.device, out: Path) -> dict
         tensorboard=args.tensorboard,
         channels_last=None if args.channels_last == "auto" else args.channels_last == "on",
         fold_bn=None if args.fold_bn == "auto" else args.fold_bn == "on", resume=args.resume,
+        compile_mode=args.compile,
         class_names=classes if len(classes) == outputs else None)
 
 

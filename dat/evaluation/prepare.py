@@ -1,5 +1,6 @@
 """The model the attacks run: a probe that names what cannot be evaluated, a BN-folded copy
-checked against the original's logits, and a wrapper for bf16 autocast / channels_last."""
+checked against the original's logits, a wrapper for bf16 autocast / channels_last, and
+an optional ``torch.compile`` of the result."""
 
 from __future__ import annotations
 
@@ -9,16 +10,21 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from ..attacks import is_compiled
+from ..attacks import _compiler_supported, is_compiled
 from ..models.folding import FoldError, fold_batchnorm, max_logit_gap, summarize_unfolded
 from .suite import EvaluationError
 
-__all__ = ["FOLD_CHECK_EXAMPLES", "FOLD_TOLERANCE", "FastForward", "channels_last_failure",
-           "exact_matmuls",
+__all__ = ["COMPILE_MODES", "FOLD_CHECK_EXAMPLES", "FOLD_TOLERANCE", "FastForward",
+           "channels_last_failure", "check_compile_mode", "compile_for_attacks",
+           "compile_errors", "exact_matmuls",
            "fold_for_attacks", "has_hooks", "model_device", "probe"]
 
 FOLD_CHECK_EXAMPLES = 64  # inputs on which the BN-folded model must match the original
 FOLD_TOLERANCE = 1e-4  # relative logit gap, fp32 without TF32: rounding gives ~1e-6
+# torch.compile modes for the evaluated forward. No CUDA graphs: the attacks run on many
+# batch sizes (only still-correct points), and AutoAttack reads logits of earlier calls,
+# which a graph replay would overwrite.
+COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs")
 
 
 class _ToChannelsLast(torch.autograd.Function):
@@ -164,3 +170,44 @@ def model_device(model: nn.Module) -> torch.device:
     """Where the model's first parameter or buffer lives (CPU for a model with neither)."""
     tensor = next(iter(list(model.parameters()) + list(model.buffers())), None)
     return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def check_compile_mode(mode: str) -> None:
+    """One-line EvaluationError for a compile mode the evaluation does not run."""
+    if mode in ("reduce-overhead", "max-autotune"):
+        raise EvaluationError(
+            f"compile mode {mode!r} replays CUDA graphs, which the evaluation does not use "
+            "(its attacks run on many batch sizes); use default or max-autotune-no-cudagraphs")
+    if mode not in COMPILE_MODES:
+        raise EvaluationError(f"compile mode {mode!r}; use one of {', '.join(COMPILE_MODES)}")
+    if mode != "off" and not _compiler_supported():
+        raise EvaluationError(f"compiling the evaluation needs torch >= 2.11 (this is "
+                              f"{torch.__version__}); upgrade torch or use compile mode off")
+
+
+def compile_for_attacks(net: nn.Module, mode: str) -> nn.Module:
+    """``net`` under ``torch.compile`` (``mode``), or ``net`` itself for "off".
+
+    Batch sizes vary (the last batch, the points still correct after an attack): torch
+    recompiles once with a dynamic batch dimension and then reuses that graph. The caller
+    freezes the parameters, so the backward computes only the input gradient.
+    """
+    check_compile_mode(mode)
+    if mode == "off":
+        return net
+    return torch.compile(net, mode=None if mode == "default" else mode)
+
+
+@contextlib.contextmanager
+def compile_errors(mode: str) -> Iterator[None]:
+    """Turn a compiler failure (torch._dynamo / _inductor) into one line naming the fix."""
+    try:
+        yield
+    except Exception as err:
+        if mode == "off" or not type(err).__module__.startswith(
+                ("torch._dynamo", "torch._inductor", "torch.fx")):
+            raise
+        reason = next((line.strip() for line in str(err).splitlines() if line.strip()),
+                      type(err).__name__)
+        raise EvaluationError(f"the model does not compile ({reason[:160]}); evaluate it with "
+                              "compile_mode='off' (--compile off)") from err

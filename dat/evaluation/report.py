@@ -93,13 +93,18 @@ def _fold_text(fold: dict | None) -> str:
     return f", BatchNorm not folded ({fold['note']})"
 
 
+def _compile_text(mode: str | None) -> str:
+    return f", compiled ({mode})" if mode not in (None, "off") else ""
+
+
 def format_markdown(report: dict) -> str:
     """The report as a Markdown page: results, AA breakdown, sweep, diagnostics, checks."""
     lines = ["# Robustness evaluation", "",
              f"{report['n']} examples, L-inf eps = {report['eps_255']:.3g}/255, "
              f"precision {report['precision']}"
              f"{', channels_last' if report.get('channels_last') else ''}"
-             f"{_fold_text(report.get('fold_bn'))}, seed {report['seed']}, device "
+             f"{_fold_text(report.get('fold_bn'))}"
+             f"{_compile_text(report.get('compile'))}, seed {report['seed']}, device "
              f"{report['device']}, {report['seconds']:.1f} s.", ""]
     if report.get("interrupted"):
         lines += [f"**Partial report**: {report['interrupted']}.", ""]

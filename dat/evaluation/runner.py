@@ -26,6 +26,9 @@ from .prepare import (
     FOLD_CHECK_EXAMPLES,
     FastForward,
     channels_last_failure,
+    check_compile_mode,
+    compile_errors,
+    compile_for_attacks,
     fold_for_attacks,
     has_hooks,
     model_device,
@@ -52,7 +55,7 @@ MODEL_CHECK_EXAMPLES = 256  # inputs for the determinism / logits / gradient che
 
 
 def _validate_args(attacks: Sequence[str], eps: float, batch_size: int, precision: str,
-                   n_examples: int | None) -> None:
+                   n_examples: int | None, compile_mode: str) -> None:
     validate_attack_names(list(attacks))
     if not 0 <= eps <= 1:
         hint = f"; write {eps:g}/255" if eps > 1 else ""
@@ -63,6 +66,7 @@ def _validate_args(attacks: Sequence[str], eps: float, batch_size: int, precisio
         raise EvaluationError(f"precision={precision!r}; use fp32 or bf16")
     if n_examples is not None and n_examples < 1:
         raise EvaluationError(f"n_examples={n_examples} must be >= 1 (or None for all)")
+    check_compile_mode(compile_mode)
 
 
 def _pct(mask: Tensor) -> float:
@@ -97,6 +101,7 @@ class _Run:
         self.masks: dict[str, Tensor] = {}  # per point: still correct after that attack
         self.worst: Tensor | None = None  # per point: correct after every attack run
         self.class_names: list[str] | None = None  # heads the per-class table
+        self.compile_mode = "off"  # how the attacked forward was compiled
         self.stage = "the clean forward"  # what runs now, for an interrupted report
         with torch.no_grad():
             logits = [net(xb.to(device)).cpu() for xb in x.split(batch_size)]  # (B, K) each
@@ -241,7 +246,7 @@ def _summary(run: _Run, eps: float, precision: str, channels_last: bool, fold: d
     return {**_spread(run), "class_names": run.class_names,
             "n": len(run.y), "eps": eps, "eps_255": eps * 255, "num_classes": run.num_classes,
             "precision": precision, "channels_last": channels_last, "fold_bn": fold,
-            "seed": run.seed,
+            "compile": run.compile_mode, "seed": run.seed,
             "device": str(run.device), "attacks": run.info,
             "reused": list(run.cache.reused) if run.cache is not None else [],
             "bounds": {k: b.to_dict() for k, b in run.bounds.items()}}
@@ -255,7 +260,7 @@ def evaluate(
     heatmap: bool = False, heatmap_norm: float = 4.0, heatmap_examples: int = 256,
     check_examples: int = 500, tensorboard: bool = False, channels_last: bool | None = None,
     fold_bn: bool | None = None, resume: bool | str = False,
-    class_names: Sequence[str] | None = None,
+    class_names: Sequence[str] | None = None, compile_mode: str = "off",
 ) -> dict:
     """Evaluate ``model`` (a module mapping [0, 1] images to logits) against ``attacks``.
 
@@ -281,9 +286,14 @@ def evaluate(
     (:mod:`dat.evaluation.progress`) and runs only the rest; a file of another evaluation is
     an error (``"auto"``: it is ignored instead).
     ``class_names`` label the per-class accuracy (``report["per_class"]``).
+    ``compile_mode``: run the attacked forward (folded, wrapped) under ``torch.compile``:
+    off, default or max-autotune-no-cudagraphs; its parameters are frozen meanwhile.
     """
     attacks = list(attacks)
-    _validate_args(attacks, eps, batch_size, precision, n_examples)
+    _validate_args(attacks, eps, batch_size, precision, n_examples, compile_mode)
+    if compile_mode != "off" and is_compiled(model):
+        raise EvaluationError("the model is already compiled; evaluate it with "
+                              "compile_mode='off' (--compile off), or pass the plain model")
     if exported_program(model):  # its eval() raises NotImplementedError
         raise EvaluationError(exported_program_message("the model is"))
     radii = list(DEFAULT_SWEEP) if sweep is True else (list(sweep) if sweep else None)
@@ -326,8 +336,10 @@ def evaluate(
         # them: torchattacks, AutoAttack, dat's CW and the gradient check then share one
         # graph, whose backward computes no weight gradients.
         frozen = frozen_parameters(model) if is_compiled(model) else contextlib.nullcontext()
-        with eval_mode(model), branch, monitor.watch(model), frozen:
-            probe(eager_module(model), x[:2].to(device))  # compiled: no graph for it
+        with eval_mode(model), branch, frozen, contextlib.ExitStack() as stack:
+            with monitor.watch(model):
+                probe(eager_module(model), x[:2].to(device))  # compiled: no graph for it
+            # unwatched: a folded copy made while the monitor's hooks are on would keep them
             target, fold = fold_for_attacks(model, fold_bn, x[:FOLD_CHECK_EXAMPLES].to(device),
                                             hooked)
             failure = (channels_last_failure(eager_module(target), x[:2].to(device))
@@ -337,37 +349,45 @@ def evaluate(
                     f"the model fails on channels_last images ({failure}); evaluate it with "
                     "channels_last=False (--channels-last off)")
             channels_last = channels_last and failure is None  # auto: NCHW for this model
-            with monitor.watch(target) if target is not model else contextlib.nullcontext():
-                # built inside eval_mode: a wrapper left in train mode would make torchattacks
-                # "restore" train mode on the whole model after its first attack
-                fast = precision == "bf16" or channels_last
-                net = (FastForward(target, precision == "bf16", channels_last).eval() if fast
-                       else target)
-                run = _Run(net, x, y, batch_size, device, seed, progress)
-                if class_names is not None:
-                    if len(class_names) != run.num_classes:
-                        raise EvaluationError(
-                            f"{len(class_names)} class_names for a model with {run.num_classes} "
-                            "outputs; pass one name per output (or none)")
-                    run.class_names = [str(c) for c in class_names]
-                if out_dir is not None:
-                    run.cache = AttackCache(out_dir, fingerprint(
-                        model, x, y, run.clean, seed=seed, precision=precision,
-                        device=device.type, channels_last=channels_last, fold_bn=fold["folded"]),
-                        resume)
-                try:
-                    results, aa_messages = _run_attacks(run, attacks, eps)
-                    swept = _run_sweep(run, radii) if radii else None
-                    run.stage = "the integrity checks"
-                    found = (_sanity_checks(run, results, swept, aa_messages, check_examples)
-                             if checks else [])
-                    run.stage = "the diagnostics"
-                    diag = _diagnostics(run, eps, diagnostics, heatmap, heatmap_norm,
-                                        heatmap_examples)
-                except KeyboardInterrupt:
-                    raise EvaluationInterrupted(_interrupted_report(
-                        run, eps, precision, channels_last, fold, start, out_dir,
-                        tensorboard)) from None
+            # built inside eval_mode: a wrapper left in train mode would make torchattacks
+            # "restore" train mode on the whole model after its first attack
+            fast = precision == "bf16" or channels_last
+            net = (FastForward(target, precision == "bf16", channels_last).eval() if fast
+                   else target)
+            if compile_mode != "off":
+                stack.enter_context(frozen_parameters(target))
+                net = compile_for_attacks(net, compile_mode)
+            # watched through net, whose modules are the attacked ones (model's own, or
+            # the folded copy's): a monitor hook inside compiled code would recompile it
+            # at every call
+            stack.enter_context(monitor.watch(net))
+            stack.enter_context(compile_errors(compile_mode))
+            run = _Run(net, x, y, batch_size, device, seed, progress)
+            run.compile_mode = compile_mode
+            if class_names is not None:
+                if len(class_names) != run.num_classes:
+                    raise EvaluationError(
+                        f"{len(class_names)} class_names for a model with {run.num_classes} "
+                        "outputs; pass one name per output (or none)")
+                run.class_names = [str(c) for c in class_names]
+            if out_dir is not None:
+                run.cache = AttackCache(out_dir, fingerprint(
+                    model, x, y, run.clean, seed=seed, precision=precision,
+                    device=device.type, channels_last=channels_last, fold_bn=fold["folded"],
+                    **({"compile": compile_mode} if compile_mode != "off" else {})), resume)
+            try:
+                results, aa_messages = _run_attacks(run, attacks, eps)
+                swept = _run_sweep(run, radii) if radii else None
+                run.stage = "the integrity checks"
+                found = (_sanity_checks(run, results, swept, aa_messages, check_examples)
+                         if checks else [])
+                run.stage = "the diagnostics"
+                diag = _diagnostics(run, eps, diagnostics, heatmap, heatmap_norm,
+                                    heatmap_examples)
+            except KeyboardInterrupt:
+                raise EvaluationInterrupted(_interrupted_report(
+                    run, eps, precision, channels_last, fold, start, out_dir,
+                    tensorboard)) from None
         if checks:
             found = [C.check_eval_mode(given_training, monitor),
                      C.check_bn_statistics(before, C.buffers_snapshot(model)),
