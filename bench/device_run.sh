@@ -4,7 +4,7 @@
 # made here by `bash bench/prepare_device.sh`.
 # Everything lands in /tmp/res and is packed into $OUT/results.tgz after each stage, so a
 # timeout still returns what finished (the device tool returns at most 8 files).
-# STAGES picks stages (default "1 2 3 4"; 5 runs only when named), so the checks can be
+# STAGES picks stages (default "1 2 3 4"; 5 and 6 run only when named), so the checks can be
 # split over calls;
 # BATCHES (default "128 512") picks stage 1's batch sizes.
 # SMOKE=1 runs every stage on the CPU with tiny models and sizes (a few minutes), to check
@@ -100,4 +100,12 @@ python evaluate.py --checkpoint /tmp/runs/robust/checkpoints/best.pt \
   --attacks clean,pgd20,cw,aa --n-examples $AAN --out "$R/eval_robust" --no-progress 2>&1 \
   | tee "$R/eval_robust.txt"
 pack eval_robust
+fi
+# 6. (only when named) PGD-20 evaluation on 10,000 images: the eager rows and, per mode in
+#    EVAL_COMPILE, fp32 and bf16 rows with the attacked forward compiled as
+#    dat.evaluate(compile_mode=) does (the PGD-20 <= 3 s target); eval batch EVAL_BS
+if want 6; then
+python bench/throughput.py --device $DEV --rows pgd20_eval --eval-compile "${EVAL_COMPILE-default}" \
+  --eval-batch-size ${EVAL_BS:-2500} $TP --json "$R/pgd20_eval.json" 2>&1 | grep -v '^W1' | tee "$R/pgd20_eval.txt"
+pack pgd20_eval
 fi
