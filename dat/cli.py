@@ -53,6 +53,8 @@ def _resume_config(args: argparse.Namespace):
         path = find_run_checkpoint(located.train.out_dir, located.train.run_name)
     path = resume_target(path)  # a run directory means its last.pt
     saved = Path(path).parent.parent / "config.yaml"
+    if Path(path).parent.name == "checkpoints":  # the run continues in its own folder
+        _refuse_other_run_folder(args.overrides, Path(path).parent.parent)
     if Path(path).parent.name == "checkpoints" and os.environ.get("RANK", "0") == "0":
         from .build import RUN_IN_USE_FIX
         from .folder_lock import check_free
@@ -68,6 +70,20 @@ def _resume_config(args: argparse.Namespace):
         file = Path(tmp) / "config.yaml"
         file.write_text(config_to_yaml(config_from_dict(state["config"])))
         return load_config(str(file), overrides)
+
+
+def _refuse_other_run_folder(overrides: list[str], run_dir: Path) -> None:
+    """``--resume PATH train.run_name=NEW`` would write into PATH's own run folder, not NEW:
+    refuse it instead of overwriting that run's best.pt, metrics.json and report."""
+    from .config import ConfigError
+
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "train.run_name" and value.strip() not in ("", run_dir.name):
+            raise ConfigError(
+                f"--resume continues the run in {run_dir}, not in train.run_name={value.strip()}; "
+                f"drop train.run_name, or copy the run first (cp -r {run_dir} "
+                f"{run_dir.parent / value.strip()}) and resume the copy")
 
 
 def _summary(metrics: dict) -> str:

@@ -254,8 +254,27 @@ def _merge(base: Any, update: Any, where: str) -> Any:
             raise ConfigError(f"{where}: {key} takes a list; write {key}=[...] on the "
                               f"command line or '{key.rpartition('.')[2]}: [...]' in YAML"
                               ) from None
+        section = re.search(r"is not a subclass of (\w+)", first)
+        if section and section.group(1) in _section_paths():
+            path, example = _section_paths()[section.group(1)]
+            raise ConfigError(f"{where}: {path} is a section, not a value; set one of its keys, "
+                              f"e.g. {path}.{example}=... on the command line or "
+                              f"'{path.rpartition('.')[2]}: {{{example}: ...}}' in YAML"
+                              ) from None
         hint = f" at {key}" if key else ""
         raise ConfigError(f"{where}{hint}: {first} (see dat/config.py for valid keys)") from None
+
+
+def _section_paths(cls: type | None = None, prefix: str = "") -> dict[str, tuple[str, str]]:
+    """Section class name -> (dotted path, its first key), e.g. 'ModelConfig' -> ('model',
+    'name'), for the message when a whole section is given a single value."""
+    found: dict[str, tuple[str, str]] = {}
+    for f in fields(cls or Config):
+        sub = f.default_factory if is_dataclass(f.default_factory) else None
+        if sub is not None:
+            found[sub.__name__] = (prefix + f.name, fields(sub)[0].name)
+            found.update(_section_paths(sub, f"{prefix}{f.name}."))
+    return found
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
@@ -289,6 +308,7 @@ def checked_config(cfg: Config, where: str = "the config") -> Config:
     if not isinstance(cfg, Config):
         raise ConfigError(f"{where} is a {type(cfg).__name__}, not a dat.config.Config; build "
                           "one with dat.load_config(...), e.g. dat.load_config('quickstart')")
+    _check_no_unknown_attributes(cfg, "", where)
     try:
         data = _fractions_to_floats(asdict(cfg))
     except ConfigError as err:
@@ -297,6 +317,22 @@ def checked_config(cfg: Config, where: str = "the config") -> Config:
         raise ConfigError(f"{where}: {err}; assign single values, e.g. cfg.train.epochs = 3"
                           ) from None
     return _to_config(data, where)
+
+
+def _check_no_unknown_attributes(section: Any, prefix: str, where: str) -> None:
+    """Refuse an attribute that is not a config key (``cfg.train.epoch = 3``): asdict()
+    would drop it, and the run would silently use the default of the key meant."""
+    import difflib
+
+    names = [f.name for f in fields(section)]
+    for key, value in vars(section).items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            raise ConfigError(f"{where}: {prefix}{key} is not a config key{hint} "
+                              "(see dat/config.py for valid keys)")
+        if is_dataclass(value) and not isinstance(value, type):
+            _check_no_unknown_attributes(value, f"{prefix}{key}.", where)
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -13,6 +13,7 @@ imported (torchattacks installs a clashing module of that name).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -111,13 +112,21 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"model": loaded.config.model.name, "num_classes": loaded.num_classes,
                 "input": "RGB in [0, 1], normalisation inside the model",
                 "bn_branch": "main" if loaded.dual_bn else "single"}
-        export_model(loaded.model, staged, args.format, metadata=meta)
+        try:
+            export_model(loaded.model, staged, args.format, metadata=meta)
+        except OSError as err:
+            raise OSError(f"cannot write {out} ({err.strerror or err}); pass a writable "
+                          "path with --out") from None
         diff = None if args.no_verify else _verify(loaded, staged)
         if diff is not None and diff > 1e-5:
             print(f"error: exported logits differ from the checkpoint's (max {diff:.2e}); "
                   f"nothing written to {out}", file=sys.stderr)
             return 1
-        os.replace(staged, out)
+        try:
+            os.replace(staged, out)
+        except OSError as err:
+            raise OSError(f"cannot write {out} ({err.strerror or err}); pass a writable "
+                          "path with --out") from None
         print(f"exported {meta['model']} ({loaded.num_classes} classes, {meta['bn_branch']} BN) "
               f"-> {out} [{args.format}]")
         if diff is not None:
@@ -126,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
-        staged.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. --out under a file: nothing was staged
+            staged.unlink(missing_ok=True)
     return 0
 
 

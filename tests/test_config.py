@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import dat.config as config_module
 from dat.config import (
     Config,
     ConfigError,
+    checked_config,
     config_from_dict,
     config_to_dict,
     config_to_yaml,
@@ -64,6 +66,36 @@ def test_bad_values_give_one_line_errors_naming_the_fix(overrides, match) -> Non
     with pytest.raises(ConfigError, match=match) as info:
         load_config(overrides=overrides)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("override", "words"), [
+    ("model=resnet_tiny", "model is a section, not a value; set one of its keys, e.g. "
+                          "model.name=... on the command line or 'model: {name: ...}' in YAML"),
+    ("method.attack=5", "method.attack is a section, not a value; set one of its keys, e.g. "
+                        "method.attack.eps=..."),
+])
+def test_a_section_given_one_value_names_its_keys(override, words) -> None:
+    with pytest.raises(ConfigError, match=re.escape(words)) as info:
+        load_config(overrides=[override])
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("attribute", "words"), [
+    ("train.epoch", "train.epoch is not a config key; did you mean train.epochs?"),
+    ("trainn", "trainn is not a config key; did you mean train?"),
+    ("method.attack.eps_255", "method.attack.eps_255 is not a config key; did you mean "
+                              "method.attack.eps?"),
+])
+def test_a_misspelled_attribute_set_in_python_is_refused(attribute, words) -> None:
+    """asdict() dropped it, so the run silently trained with the default of the key meant."""
+    cfg = load_config("quickstart")
+    *path, name = attribute.split(".")
+    section = cfg
+    for part in path:
+        section = getattr(section, part)
+    setattr(section, name, 3)
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        checked_config(cfg, "Trainer(cfg)")
 
 
 def test_perf_switches_that_were_booleans_still_load(tmp_path: Path) -> None:

@@ -66,6 +66,23 @@ def test_cli_exports_and_verifies(make_warm_model, tmp_path, capsys) -> None:
     assert capsys.readouterr().err.startswith("error:")
 
 
+@pytest.mark.parametrize("where", ["under_a_file", "a_folder"])
+def test_cli_names_an_unwritable_out_in_one_line(make_warm_model, tmp_path, capsys,
+                                                 where) -> None:
+    """--out under a file, or naming a folder: it raised a traceback from the clean-up, or
+    named the hidden staging file and no fix."""
+    _save_checkpoint(make_warm_model().eval(), tmp_path / "best.pt")
+    (tmp_path / "plain").write_text("a file")
+    (tmp_path / "x.safetensors").mkdir()
+    out = tmp_path / ("plain/a.safetensors" if where == "under_a_file" else "x.safetensors")
+    assert main(["--checkpoint", str(tmp_path / "best.pt"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: cannot write {out} (") and "\n" not in err
+    assert err.endswith("pass a writable path with --out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "plain", "x.safetensors"]
+    assert list((tmp_path / "x.safetensors").iterdir()) == []
+
+
 def test_model_entry_point_with_exported_weights(make_warm_model, sample_splits,
                                                  tmp_path) -> None:
     dual = make_warm_model(dual_bn=True).eval()

@@ -197,10 +197,10 @@ def test_a_timm_name_loads_plain_timm_weights(sample_splits, tmp_path, capsys, m
         model.train()(sample_splits.train.subset(torch.arange(32)).tensors()[0])
     model.eval()
     torch.save(model.net.state_dict(), tmp_path / "timm.pt")
-    monkeypatch.chdir(tmp_path)  # the report goes to eval_timm_resnet10t, not eval_timm/...
+    monkeypatch.chdir(tmp_path)  # the report goes to eval_timm_resnet10t-timm, not eval_timm/...
     assert evaluate_main(_quick_cli("--model", "timm/resnet10t", "--weights", "timm.pt")) == 0
     assert "the prefix 'net.' added" in capsys.readouterr().err
-    saved = json.loads((tmp_path / "eval_timm_resnet10t" / "report.json").read_text())
+    saved = json.loads((tmp_path / "eval_timm_resnet10t-timm" / "report.json").read_text())
     assert saved["results"] == _direct(model, sample_splits)
     x = sample_splits.test.tensors()[0][:8]
     assert _same_logits(evaluated[0], model, x)

@@ -89,6 +89,23 @@ def test_resume_refuses_another_experiment(capsys, finished, overrides, expected
     assert "cifar10-sample" in (out / "demo" / "config.yaml").read_text()
 
 
+def test_resume_into_another_run_name_is_refused(capsys, finished) -> None:
+    """--resume PATH train.run_name=NEW continued in PATH's own folder, overwriting that
+    run's best.pt and metrics.json, and never made NEW."""
+    out = finished[0]
+    before = (out / "demo" / "metrics.json").read_text()
+    err = _error(capsys, ["--resume", str(out / "demo" / "checkpoints" / "last.pt"),
+                          "train.epochs=3", "train.run_name=copy"])
+    assert f"--resume continues the run in {out / 'demo'}, not in train.run_name=copy" in err
+    assert f"cp -r {out / 'demo'} {out / 'copy'}" in err
+    assert (out / "demo" / "metrics.json").read_text() == before
+    assert not (out / "copy").exists()
+    # its own name is no change
+    assert train_main(["--print-config", "--resume", str(out / "demo"),
+                       "train.run_name=demo"]) == 0
+    capsys.readouterr()
+
+
 def test_print_config_with_resume_checks_the_resume_first(capsys, finished) -> None:
     err = _error(capsys, ["--print-config", *_resume(finished[0], "method.beta=3")])
     assert "(method.beta" in err and "resume without that override" in err

@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset name (default: the checkpoint's, else cifar10)")
     p.add_argument("--data-root", help="dataset folder (default: the checkpoint's)")
     p.add_argument("--split", choices=("test", "val"), default="test")
-    p.add_argument("--out", help="report folder (default: eval_<name> next to the checkpoint)")
+    p.add_argument("--out", help="report folder (default: eval_<name> next to the checkpoint; "
+                   "with --model, eval_<model>-<weights name> in the working folder)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
                    help="feed the model channels_last images (auto: on for CPU and CUDA, "
@@ -213,6 +214,8 @@ def _out_dir(args: argparse.Namespace) -> Path:
     from ..entry_points import is_spec
 
     name = args.model.rpartition(":")[2] if is_spec(args.model) else args.model
+    if args.weights:  # one folder per weights file: a second file would overwrite the first
+        name = f"{name}-{Path(args.weights).stem}"
     return Path("eval_" + re.sub(r"[^\w.-]", "_", name))  # timm/x -> eval_timm_x
 
 
