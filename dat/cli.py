@@ -141,8 +141,11 @@ def train_main(argv: list[str] | None = None) -> int:
         cfg.model.name = absolute_spec(cfg.model.name)  # as the run stores it
         cfg.train.callbacks = [absolute_spec(spec) for spec in cfg.train.callbacks]
         if args.print_config:
+            from .build import check_test_attacks
             from .checkpoint import check_compatible, load_for_resume
             from .config import config_to_dict, config_to_yaml
+
+            check_test_attacks(cfg.train.test_attacks)  # as a run checks them, at once
 
             if args.resume:  # the resume's own refusal, before anything is printed
                 state, _ = load_for_resume(cfg.train.resume, warn=lambda msg: None)

@@ -105,6 +105,33 @@ def test_sweep_radii_outside_the_pixel_scale_are_refused(ckpt, tmp_path, capsys,
     _one_line_error(capsys, needle)
 
 
+def test_sweep_radii_in_brackets_as_the_readme_writes_them(ckpt, tmp_path, monkeypatch) -> None:
+    """The README's synopsis shows ``[--sweep [0,1,2,4,8,16]]``; copied, it was refused."""
+    seen = {}
+
+    def record(model, data, **kwargs):
+        seen.update(kwargs)
+        raise SystemExit(0)
+    monkeypatch.setattr(dat.evaluation.runner, "evaluate", record)
+    with pytest.raises(SystemExit):
+        evaluate_main(_quick(ckpt, tmp_path, "--sweep", "[0,4,8]"))
+    assert seen["sweep"] == [0, 4 / 255, 8 / 255]
+
+
+def test_more_examples_than_the_split_has_says_so(ckpt, tmp_path, capsys) -> None:
+    """--n-examples 100000 on the 1,000-image sample used all of it without a word."""
+    from dat.data import load_dataset
+    from dat.evaluation.cli import _examples
+
+    cfg = dat.load_config("quickstart").data
+    cfg.test_subset = 0  # as evaluate.py reads the split: whole
+    total = len(load_dataset(cfg).test)
+    x, _, _ = _examples(cfg, "test", 100000)
+    assert len(x) == total
+    assert (f"note: --n-examples 100000 is more than the test split's {total} images; "
+            f"evaluating all {total}") in capsys.readouterr().err
+
+
 def test_the_api_refuses_sweep_radii_outside_0_1(make_tiny_model, sample_batch) -> None:
     with pytest.raises(dat.evaluation.EvaluationError, match=r"sweep radii .* \[0, 1\]"):
         dat.evaluate(make_tiny_model(), sample_batch, attacks=["clean"], sweep=[0, 8])

@@ -96,6 +96,9 @@ def test_print_config_prints_the_resolved_config_and_trains_nothing(capsys, monk
     assert capsys.readouterr().out == (tmp_path / "printed.yaml").read_text()
     assert train_main(["--print-config", "method.attack.eps=8"]) == 2  # still validated
     assert "write method.attack.eps=8/255" in capsys.readouterr().err
+    # the final test's attacks too, as a run checks them before it trains
+    assert train_main(["--print-config", "train.test_attacks=[clean,pgd7x]"]) == 2
+    assert "train.test_attacks: unknown attack 'pgd7x'" in capsys.readouterr().err
 
 
 BASELINE_PRESETS = [p for p in ALL if p.stem.startswith(("pgd_at_", "trades_", "mart_"))]

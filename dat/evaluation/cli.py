@@ -92,9 +92,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _radii(text: str) -> list[float]:
-    """A sweep list in 1/255 units: ``"0,1,2,4,8,16"``."""
+    """A sweep list in 1/255 units: ``"0,1,2,4,8,16"`` (``"[0,1,2]"`` too, as the
+    README's synopsis writes the optional value)."""
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
+        values = [float(v) for v in text.strip().strip("[]").split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"--sweep {text!r}: give radii in 1/255 units, e.g. 0,1,2,4,8,16") from None
@@ -303,6 +304,9 @@ def _examples(data_cfg: DataConfig, split: str, n: int | None):
     except DataError as err:  # worded for train.py's keys; name this tool's flags too
         raise DataError(f"{err} (on evaluate.py: --data and --data-root)") from None
     images = splits.test if split == "test" else splits.val
+    if n is not None and n > len(images):
+        print(f"note: --n-examples {n} is more than the {split} split's {len(images)} images; "
+              f"evaluating all {len(images)}", file=sys.stderr)
     if n is not None and n < len(images):
         _, chosen = stratified_split(images.labels, n, data_cfg.split_seed)
         images = images.subset(chosen)
