@@ -168,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attack a copy with eval-mode BatchNorm folded into the convolutions "
                         "(auto: on for CPU and CUDA)")
     p.add_argument("--compile", choices=COMPILE_MODES, default="off",
-                   help="run the attacked forward under torch.compile (default: off; "
-                        "see README, Evaluation speed)")
+                   help="run the attacked forward under torch.compile (off by default: "
+                        "compiling pays only on long evaluations; README, Evaluation)")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--device", default="auto",
                    help="auto (CUDA when available) | cpu | cuda | cuda:N")

@@ -22,8 +22,8 @@ __all__ = ["COMPILE_MODES", "FOLD_CHECK_EXAMPLES", "FOLD_TOLERANCE", "FastForwar
 FOLD_CHECK_EXAMPLES = 64  # inputs on which the BN-folded model must match the original
 FOLD_TOLERANCE = 1e-4  # relative logit gap, fp32 without TF32: rounding gives ~1e-6
 # torch.compile modes for the evaluated forward. No CUDA graphs: the attacks run on many
-# batch sizes (only still-correct points), and AutoAttack reads logits of earlier calls,
-# which a graph replay would overwrite.
+# batch sizes (only still-correct points), a graph replay overwrites the outputs of the
+# call before, and AutoAttack's code has not been checked for keeping such outputs.
 COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs")
 
 
