@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -308,6 +309,34 @@ def test_cli_evaluates_a_checkpoint(make_warm_model, sample_splits, tmp_path, ca
     assert saved["class_names"] == sample_splits.classes  # label the per-class table
     out = capsys.readouterr().out
     assert "| fgsm |" in out and "| attack | airplane | automobile |" in out
+
+
+def test_cli_report_names_what_it_evaluated(make_warm_model, tmp_path, capsys) -> None:
+    """report.json said nothing of the checkpoint or data; after a move, or with two weights
+    files of one architecture, the report could not be traced back."""
+    _checkpoint(make_warm_model().eval(), tmp_path / "best.pt")
+    assert evaluate_main(["--checkpoint", str(tmp_path / "best.pt"), "--attacks", "clean",
+                          "--n-examples", "8", "--out", str(tmp_path / "eval"),
+                          "--no-progress", "--no-checks"]) == 0
+    saved = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert saved["metadata"] == {"checkpoint": str(tmp_path / "best.pt"),
+                                 "data": "cifar10-sample", "split": "test"}
+    page = (tmp_path / "eval" / "report.md").read_text()
+    assert f"Evaluated: checkpoint `{tmp_path / 'best.pt'}`; data `cifar10-sample`" in page
+    capsys.readouterr()
+
+
+def test_metadata_must_be_a_dict_of_json_values(make_tiny_model, sample_batch) -> None:
+    report = evaluate(make_tiny_model().eval(), sample_batch, attacks=["clean"],
+                      progress=False, checks=False, metadata={"run": "a", "epoch": (3,)})
+    assert report["metadata"] == {"run": "a", "epoch": [3]}
+    assert evaluate(make_tiny_model().eval(), sample_batch, attacks=["clean"], progress=False,
+                    checks=False)["metadata"] is None
+    for bad, words in [("runs/x", "metadata is a str; pass a dict"),
+                       ({"path": Path("x")}, "metadata must hold JSON values")]:
+        with pytest.raises(EvaluationError, match=words) as err:
+            evaluate(make_tiny_model(), sample_batch, progress=False, metadata=bad)
+        assert "\n" not in str(err.value)
 
 
 def test_wilson_interval_matches_known_values() -> None:

@@ -201,6 +201,8 @@ def test_a_timm_name_loads_plain_timm_weights(sample_splits, tmp_path, capsys, m
     assert evaluate_main(_quick_cli("--model", "timm/resnet10t", "--weights", "timm.pt")) == 0
     assert "the prefix 'net.' added" in capsys.readouterr().err
     saved = json.loads((tmp_path / "eval_timm_resnet10t-timm" / "report.json").read_text())
+    assert saved["metadata"]["model"] == "timm/resnet10t"
+    assert saved["metadata"]["weights"] == str(tmp_path / "timm.pt")
     assert saved["results"] == _direct(model, sample_splits)
     x = sample_splits.test.tensors()[0][:8]
     assert _same_logits(evaluated[0], model, x)

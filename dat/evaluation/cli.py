@@ -343,8 +343,26 @@ def _evaluate(args: argparse.Namespace, device: torch.device, out: Path) -> dict
         tensorboard=args.tensorboard,
         channels_last=None if args.channels_last == "auto" else args.channels_last == "on",
         fold_bn=None if args.fold_bn == "auto" else args.fold_bn == "on", resume=args.resume,
-        compile_mode=args.compile,
+        compile_mode=args.compile, metadata=_metadata(args, data_cfg),
         class_names=classes if len(classes) == outputs else None)
+
+
+def _metadata(args: argparse.Namespace, data_cfg: DataConfig) -> dict:
+    """What this command evaluated, for the report: a folder of reports stays readable
+    after its files are moved or the weights change."""
+    def where(path: str) -> str:
+        return str(Path(path).expanduser().absolute())
+
+    if args.checkpoint:
+        meta = {"checkpoint": where(args.checkpoint)}
+    else:
+        meta = {"model": args.model, "weights": where(args.weights) if args.weights else None}
+        if args.normalize is not None:
+            meta["normalize"] = [list(args.normalize[0]), list(args.normalize[1])]
+    bundled = data_cfg.name == "cifar10-sample"  # ships with dat: no folder to name
+    root = data_cfg.root and not bundled and where(data_cfg.root)
+    return {**meta, "data": data_cfg.name, **({"data_root": root} if root else {}),
+            "split": args.split}
 
 
 def _outputs(model: torch.nn.Module, x: torch.Tensor) -> int:

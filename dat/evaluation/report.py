@@ -93,6 +93,10 @@ def _fold_text(fold: dict | None) -> str:
     return f", BatchNorm not folded ({fold['note']})"
 
 
+def _plain_value(value) -> str:
+    return f"`{value}`" if isinstance(value, str) else json.dumps(value)
+
+
 def _compile_text(mode: str | None) -> str:
     return f", compiled ({mode})" if mode not in (None, "off") else ""
 
@@ -106,6 +110,9 @@ def format_markdown(report: dict) -> str:
              f"{_fold_text(report.get('fold_bn'))}"
              f"{_compile_text(report.get('compile'))}, seed {report['seed']}, device "
              f"{report['device']}, {report['seconds']:.1f} s.", ""]
+    if report.get("metadata"):
+        lines += ["Evaluated: " + "; ".join(f"{k} {_plain_value(v)}"
+                                            for k, v in report["metadata"].items()) + ".", ""]
     if report.get("interrupted"):
         lines += [f"**Partial report**: {report['interrupted']}.", ""]
     if report.get("reused"):

@@ -8,6 +8,7 @@ verify the evaluation itself (:mod:`dat.evaluation.checks`) and write the report
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -69,6 +70,21 @@ def _validate_args(attacks: Sequence[str], eps: float, batch_size: int, precisio
     check_compile_mode(compile_mode)
 
 
+def _checked_metadata(metadata: dict | None) -> dict | None:
+    """``metadata`` as a plain dict, or a one-line error before anything runs (a value
+    JSON cannot hold would otherwise fail only when the report is written)."""
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        raise EvaluationError(f"metadata is a {type(metadata).__name__}; pass a dict such as "
+                              "{'checkpoint': 'runs/x/best.pt'}")
+    try:
+        return json.loads(json.dumps(metadata))
+    except (TypeError, ValueError) as err:
+        raise EvaluationError(f"metadata must hold JSON values (str, numbers, lists, dicts): "
+                              f"{err}") from None
+
+
 def _pct(mask: Tensor) -> float:
     return 100.0 * float(mask.sum()) / len(mask)
 
@@ -102,6 +118,7 @@ class _Run:
         self.worst: Tensor | None = None  # per point: correct after every attack run
         self.class_names: list[str] | None = None  # heads the per-class table
         self.compile_mode = "off"  # how the attacked forward was compiled
+        self.metadata: dict | None = None  # what was evaluated, as the caller names it
         self.stage = "the clean forward"  # what runs now, for an interrupted report
         with torch.no_grad():
             logits = [net(xb.to(device)).cpu() for xb in x.split(batch_size)]  # (B, K) each
@@ -246,7 +263,7 @@ def _summary(run: _Run, eps: float, precision: str, channels_last: bool, fold: d
     return {**_spread(run), "class_names": run.class_names,
             "n": len(run.y), "eps": eps, "eps_255": eps * 255, "num_classes": run.num_classes,
             "precision": precision, "channels_last": channels_last, "fold_bn": fold,
-            "compile": run.compile_mode, "seed": run.seed,
+            "compile": run.compile_mode, "seed": run.seed, "metadata": run.metadata,
             "device": str(run.device), "attacks": run.info,
             "reused": list(run.cache.reused) if run.cache is not None else [],
             "bounds": {k: b.to_dict() for k, b in run.bounds.items()}}
@@ -261,6 +278,7 @@ def evaluate(
     check_examples: int = 500, tensorboard: bool = False, channels_last: bool | None = None,
     fold_bn: bool | None = None, resume: bool | str = False,
     class_names: Sequence[str] | None = None, compile_mode: str = "off",
+    metadata: dict | None = None,
 ) -> dict:
     """Evaluate ``model`` (a module mapping [0, 1] images to logits) against ``attacks``.
 
@@ -288,9 +306,12 @@ def evaluate(
     ``class_names`` label the per-class accuracy (``report["per_class"]``).
     ``compile_mode``: run the attacked forward (folded, wrapped) under ``torch.compile``:
     off, default or max-autotune-no-cudagraphs; its parameters are frozen meanwhile.
+    ``metadata``: what was evaluated (checkpoint, weights, data...), JSON values, copied
+    into ``report["metadata"]`` and the Markdown page; evaluate.py fills it in.
     """
     attacks = list(attacks)
     _validate_args(attacks, eps, batch_size, precision, n_examples, compile_mode)
+    metadata = _checked_metadata(metadata)
     if compile_mode != "off" and is_compiled(model):
         raise EvaluationError("the model is already compiled; evaluate it with "
                               "compile_mode='off' (--compile off), or pass the plain model")
@@ -363,7 +384,7 @@ def evaluate(
             stack.enter_context(monitor.watch(net))
             stack.enter_context(compile_errors(compile_mode))
             run = _Run(net, x, y, batch_size, device, seed, progress)
-            run.compile_mode = compile_mode
+            run.compile_mode, run.metadata = compile_mode, metadata
             if class_names is not None:
                 if len(class_names) != run.num_classes:
                     raise EvaluationError(
