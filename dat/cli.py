@@ -73,17 +73,23 @@ def _resume_config(args: argparse.Namespace):
 
 
 def _refuse_other_run_folder(overrides: list[str], run_dir: Path) -> None:
-    """``--resume PATH train.run_name=NEW`` would write into PATH's own run folder, not NEW:
-    refuse it instead of overwriting that run's best.pt, metrics.json and report."""
+    """``--resume PATH train.run_name=NEW`` (or ``train.out_dir=NEW``) would write into
+    PATH's own run folder, not NEW: refuse it instead of overwriting that run's best.pt,
+    metrics.json and report."""
     from .config import ConfigError
 
     for item in overrides:
-        key, _, value = item.partition("=")
-        if key.strip() == "train.run_name" and value.strip() not in ("", run_dir.name):
-            raise ConfigError(
-                f"--resume continues the run in {run_dir}, not in train.run_name={value.strip()}; "
-                f"drop train.run_name, or copy the run first (cp -r {run_dir} "
-                f"{run_dir.parent / value.strip()}) and resume the copy")
+        key, _, value = (part.strip() for part in item.partition("="))
+        if key == "train.run_name" and value not in ("", run_dir.name):
+            target = run_dir.parent / value
+        elif key == "train.out_dir" and value and (
+                Path(value).expanduser().resolve() != run_dir.parent.resolve()):
+            target = Path(value) / run_dir.name
+        else:
+            continue
+        raise ConfigError(
+            f"--resume continues the run in {run_dir}, not in {key}={value}; drop {key}, or "
+            f"copy the run first (cp -r {run_dir} {target}) and resume the copy")
 
 
 def _summary(metrics: dict) -> str:

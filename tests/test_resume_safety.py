@@ -100,9 +100,13 @@ def test_resume_into_another_run_name_is_refused(capsys, finished) -> None:
     assert f"cp -r {out / 'demo'} {out / 'copy'}" in err
     assert (out / "demo" / "metrics.json").read_text() == before
     assert not (out / "copy").exists()
-    # its own name is no change
+    err = _error(capsys, ["--resume", str(out / "demo"), "train.epochs=3",
+                          f"train.out_dir={out / 'elsewhere'}"])
+    assert f"not in train.out_dir={out / 'elsewhere'}; drop train.out_dir" in err
+    assert f"cp -r {out / 'demo'} {out / 'elsewhere' / 'demo'}" in err
+    # its own name and folder are no change
     assert train_main(["--print-config", "--resume", str(out / "demo"),
-                       "train.run_name=demo"]) == 0
+                       "train.run_name=demo", f"train.out_dir={out}"]) == 0
     capsys.readouterr()
 
 
