@@ -136,13 +136,15 @@ def _check_headers(files: list[str], folder: Path) -> tuple[int, int, int]:
     images are decoded, so that one outside [0, 1] stops the run now, not mid-epoch."""
     from PIL import Image
 
-    size, converted = None, {}
+    size, converted, dark = None, {}, []
     for f in files:
         try:
             with Image.open(f) as img:
                 this, mode = img.size, img.mode  # (W, H)
                 if mode == "F":
                     _to_rgb(img, f)
+                elif mode.startswith("I") and int(np.asarray(img).max()) <= 255:
+                    dark.append(f)  # 8-bit values in a 16/32-bit file: 1/257 makes them black
         except OSError as err:
             raise DataError(f"cannot read image {f}: {err}; remove or replace the file") from None
         size = size or (this, f)
@@ -156,6 +158,10 @@ def _check_headers(files: list[str], folder: Path) -> tuple[int, int, int]:
     if converted:
         modes = ", ".join(f"{n} {m}" for m, n in sorted(converted.items()))
         warnings.warn(f"{folder}: converting non-RGB images to RGB ({modes})", stacklevel=4)
+    if dark:
+        warnings.warn(f"{folder}: {len(dark)} 16/32-bit images (e.g. {dark[0]}) hold values only "
+                      "up to 255, so scaling 0..65535 to 0..255 leaves them nearly black; if "
+                      "they hold 8-bit data, save them as 8-bit images", stacklevel=4)
     return (3, size[0][1], size[0][0])
 
 

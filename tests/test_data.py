@@ -286,6 +286,45 @@ def test_a_corrupt_image_read_in_a_loader_worker_is_one_line(tiny_tree: Path, ca
     assert err.endswith("remove or replace the file")
 
 
+def test_evaluate_model_on_a_small_tree_reads_its_test_split(tiny_tree: Path, capsys) -> None:
+    """evaluate.py --model holds out data.val_size=1000 training images it never uses for
+    --split test, so a train/ of 24 images was refused ("lower it", with no flag to do so)."""
+    import json
+
+    import dat
+    from dat.evaluation.cli import evaluate_main
+
+    model = dat.models.create("resnet_tiny", 3).eval()
+    torch.save(model.state_dict(), tiny_tree / "net.pt")
+    out = tiny_tree / "e"
+    argv = ["--model", "resnet_tiny", "--weights", str(tiny_tree / "net.pt"), "--data",
+            "imagefolder", "--data-root", str(tiny_tree), "--attacks", "clean",
+            "--no-progress", "--no-checks"]
+    assert evaluate_main([*argv, "--out", str(out)]) == 0
+    assert json.loads((out / "report.json").read_text())["n"] == 6  # all of test/
+    assert evaluate_main([*argv, "--split", "val", "--out", str(tiny_tree / "v")]) == 2
+    assert "use --split test" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_a_model_with_fewer_outputs_than_classes(tiny_tree: Path,
+                                                                  capsys) -> None:
+    """A 2-output model on 3 class folders whose test/ lacks the last one: no label reached
+    the missing output, so it was evaluated without a word (chance read as 50%)."""
+    import shutil
+
+    from dat.evaluation.cli import evaluate_main
+
+    shutil.rmtree(tiny_tree / "test" / "frog")
+    (tiny_tree / "two.py").write_text(
+        "import dat\n\ndef build():\n    return dat.models.create('resnet_tiny', 2)\n")
+    assert evaluate_main(["--model", f"{tiny_tree / 'two.py'}:build", "--data", "imagefolder",
+                          "--data-root", str(tiny_tree), "--attacks", "clean", "--no-progress",
+                          "--no-checks", "--out", str(tiny_tree / "e")]) == 2
+    err = capsys.readouterr().err
+    assert "error: the model outputs 2 classes but the data has 3" in err
+    assert not (tiny_tree / "e").exists()
+
+
 def test_cli_warnings_are_one_line() -> None:
     from dat.messages import one_line_warnings
 
@@ -342,6 +381,20 @@ def test_16_bit_and_float_images_are_scaled_to_8_bits(tmp_path: Path) -> None:
     Image.fromarray(np.full((8, 8), 2.0, np.float32)).save(tmp_path / "train" / "b" / "bad.tif")
     with pytest.raises(DataError, match=r"bad.tif is a float image with values outside \[0, 1\]"):
         _load_noting(tmp_path)
+
+
+def test_8_bit_values_in_a_16_bit_file_are_named(tmp_path: Path) -> None:
+    """A uint8 array saved as uint16 (0..255 in a 16-bit PNG) was scaled by 1/257 to an
+    all-black image, noticed only as one more "converting non-RGB" count."""
+    v = np.arange(64, dtype=np.uint16).reshape(8, 8) * 4  # 0..252 stored as 16-bit
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.fromarray(v * 257).save(tmp_path / split / name / "wide.png")
+    Image.fromarray(v).save(tmp_path / "train" / "a" / "narrow.png")
+    _, notes = _load_noting(tmp_path)
+    dark = [n for n in notes if "hold values only up to 255" in n]
+    assert len(dark) == 1 and "1 16/32-bit images" in dark[0] and "narrow.png" in dark[0]
 
 
 def test_hidden_folders_and_files_are_skipped(tmp_path: Path) -> None:

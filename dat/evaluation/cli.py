@@ -157,7 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="N examples, stratified by class as data.test_subset (default: all)")
     p.add_argument("--data", help="dataset name (default: the checkpoint's, else cifar10)")
     p.add_argument("--data-root", help="dataset folder (default: the checkpoint's)")
-    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="test: the test/ folder (or val/ when a tree has no test/); val: the "
+                        "data.val_size images held out of train/ that training selected "
+                        "best.pt on (not a val/ folder)")
     p.add_argument("--out", help="report folder (default: eval_<name> next to the checkpoint; "
                    "with --model, eval_<model>-<weights name> in the working folder)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
@@ -299,10 +302,15 @@ def _examples(data_cfg: DataConfig, split: str, n: int | None):
     from ..data import DataError, load_dataset, stratified_split
 
     data_cfg.test_subset = 0  # evaluate the whole split unless --n-examples says otherwise
+    if split == "test":  # the test split does not depend on the validation split: holding
+        data_cfg.val_size = 0  # out 1,000 images would refuse a small train/ for nothing
     try:
         splits = load_dataset(data_cfg)
     except DataError as err:  # worded for train.py's keys; name this tool's flags too
-        raise DataError(f"{err} (on evaluate.py: --data and --data-root)") from None
+        hint = ("; --split val is the data.val_size images held out of train/ (1,000 with "
+                "--model), so use --split test on a smaller train/"
+                if split == "val" and "val_size" in str(err) else "")
+        raise DataError(f"{err} (on evaluate.py: --data and --data-root){hint}") from None
     images = splits.test if split == "test" else splits.val
     if n is not None and n > len(images):
         print(f"note: --n-examples {n} is more than the {split} split's {len(images)} images; "
@@ -329,7 +337,14 @@ def _evaluate(args: argparse.Namespace, device: torch.device, out: Path) -> dict
     if model is None:
         model = build_entry_point(args.model, func, state, device, len(classes), args.weights)
     outputs = _outputs(model, x)
-    if outputs > len(classes):  # fewer outputs than classes stops the evaluation anyway
+    if 0 < outputs < len(classes):  # labels may stop short of the missing outputs (a split
+        # without the last classes): the numbers would come out, on the wrong class count
+        raise ValueError(
+            f"the model outputs {outputs} classes but the data has {len(classes)} (the class "
+            "folders of train/); build it for that many (a builder gets num_classes= when it "
+            "takes that argument), or evaluate it on the data it was trained on (--data, "
+            "--data-root)")
+    if outputs > len(classes):
         print(f"warning: the model outputs {outputs} classes but the data has "
               f"{len(classes)}; labels 0..{len(classes) - 1} are read as its first "
               f"{len(classes)} outputs, so check that the model was trained on this dataset "
