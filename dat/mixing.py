@@ -8,6 +8,8 @@ It is used like ``torchvision.transforms.v2.MixUp``: on whole batches, after the
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -67,6 +69,7 @@ class AmplitudeMix:
             raise ValueError(f"AmplitudeMix(mu={mu}): mu must be in [0, 1]")
         self.mu, self.generator = float(mu), generator
         self._range_checked = False
+        self._warned_single = False  # a batch of one: said once
 
     def __call__(self, x: Tensor, y: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         if x.dim() != 4 or not x.is_floating_point():
@@ -76,6 +79,11 @@ class AmplitudeMix:
             check_unit_range(x, "AmplitudeMix")
             self._range_checked = True
         b = x.shape[0]
+        if b == 1 and not self._warned_single:
+            warnings.warn("AmplitudeMix got a batch of one image, which has no other image to "
+                          "mix with, so it is returned unchanged; use batches of two or more "
+                          "(DataLoader(drop_last=True) drops a last batch of one)", stacklevel=2)
+            self._warned_single = True
         partner = partner_index(b, self.generator, x.device)  # (B,)
         lam = torch.rand(b, generator=self.generator, device=x.device) * self.mu  # (B,)
         amp, _ = decompose(x)  # (B, C, H, W//2+1)

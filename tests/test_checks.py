@@ -185,6 +185,15 @@ def test_pgd_far_above_cw_warns(pgd20, cw, n, status) -> None:
     assert C.check_pgd_cw_gap({"pgd20": pgd20, "cw": cw}, n).status == status
 
 
+def test_pgd_vs_cw_uses_the_strongest_pgd_run() -> None:
+    """pgd100 and cw without pgd20 skipped the check ("needs pgd20 and cw")."""
+    check = C.check_pgd_cw_gap({"clean": 80.0, "pgd100": 50.0, "cw": 45.0}, 1000)
+    assert check.status == "warn" and check.message.startswith("PGD-100 exceeds CW by 5.00")
+    check = C.check_pgd_cw_gap({"pgd20": 50.0, "pgd100": 46.0, "cw": 45.0}, 1000)
+    assert check.status == "pass" and check.message.startswith("PGD-100 - CW = 1.00")
+    assert C.check_pgd_cw_gap({"pgd100": 50.0}, 1000).status == "skip"
+
+
 def test_eps_zero_large_eps_and_monotone_checks() -> None:
     assert C.check_eps_zero(50.0, 50.0, 100).status == "pass"
     assert C.check_eps_zero(50.0, 49.0, 100).status == "fail"

@@ -701,7 +701,10 @@ class _Wrapped(nn.Module):
     (lambda m: _Wrapped(m, lambda z: (z, z.mean())), "returns a tuple, not a logits tensor"),
     (lambda m: _Wrapped(m, lambda z: {"logits": z}), "returns a dict.*out\\['logits'\\]"),
     (lambda m: _Wrapped(m, lambda z: z[:, 0]), "returns shape \\(2,\\) for 2 images"),
-    (lambda m: m.half(), "parameters are torch.float16; evaluate it in float32"),
+    (lambda m: m.half(), "parameters are torch.float16; evaluate it in float32 "
+                         "\\(model.float\\(\\)\\) and pass precision='bf16'"),
+    (lambda m: m.double(), "parameters are torch.float64; evaluate it in float32 "
+                           "\\(model.float\\(\\)\\)$"),  # no bf16 advice for fp64
     (lambda m: nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)),
      "fails on images of shape \\(3, 32, 32\\) \\(mat1 and mat2"),
     (lambda m: dat.models.create("timm/vit_tiny_patch16_224", num_classes=10),  # asserts

@@ -122,6 +122,15 @@ def test_more_outputs_than_classes_is_warned(tmp_path, capsys) -> None:
     assert "the model outputs 100 classes but the data has 10" in capsys.readouterr().err
 
 
+def test_a_weights_key_on_a_plain_state_dict_says_to_drop_it(tmp_path) -> None:
+    from dat.evaluation.weights import CheckpointError, load_state_file
+
+    torch.save(dat.models.create("resnet_tiny", 10).state_dict(), tmp_path / "net.pt")
+    with pytest.raises(CheckpointError, match="is itself a state dict, with no 'ema' key; "
+                                              "drop the weights key"):
+        load_state_file(tmp_path / "net.pt", key="ema")
+
+
 def test_weights_key_needs_weights(tmp_path, capsys) -> None:
     assert evaluate_main(["--model", "x.py:f", "--weights-key", "ema", "--out",
                           str(tmp_path / "e")]) == 2

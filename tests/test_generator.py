@@ -146,6 +146,15 @@ def test_amplitude_mix_draws_lam_from_zero_to_mu(sample_images):
     assert torch.allclose(got, mix_amplitude(x, decompose(x)[0][partner], lam), atol=1e-6)
 
 
+def test_amplitude_mix_says_once_that_a_batch_of_one_is_not_mixed(sample_images):
+    x = sample_images[:1].float() / 255
+    mix = AmplitudeMix(mu=1.0)
+    with pytest.warns(UserWarning, match="batch of one image.*returned unchanged") as said:
+        out = mix(x)
+        mix(x)
+    assert torch.allclose(out, x, atol=1e-6) and len(said) == 1
+
+
 def test_amplitude_mix_rejects_bad_input():
     with pytest.raises(ValueError, match="float"):
         AmplitudeMix()(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))

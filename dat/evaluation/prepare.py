@@ -114,10 +114,11 @@ def probe(model: nn.Module, x: Tensor) -> None:
         raise  # not the model's fault: lower batch_size
     except (RuntimeError, AssertionError, ValueError) as err:  # timm's ViT: AssertionError
         if isinstance(err, RuntimeError) and weight is not None and weight.dtype != x.dtype:
+            low = weight.dtype in (torch.float16, torch.bfloat16)
             raise EvaluationError(
                 f"the model's parameters are {weight.dtype}; evaluate it in float32 "
-                "(model.float()) and pass precision='bf16' (--precision bf16) for attacks "
-                "under bf16 autocast") from err
+                "(model.float())" + (" and pass precision='bf16' (--precision bf16) for "
+                                     "attacks under bf16 autocast" if low else "")) from err
         first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise EvaluationError(
             f"the model fails on images of shape {tuple(x.shape[1:])} ({first[:160]}); "

@@ -164,6 +164,9 @@ def load_state_file(path: str | Path, key: str | None = None) -> dict[str, Tenso
     state = read_torch_file(path)
     if key is not None:
         if not isinstance(state, dict) or not _is_state_dict(state.get(key)):
+            if _is_state_dict(state):
+                raise CheckpointError(f"{path} is itself a state dict, with no {key!r} key; "
+                                      "drop the weights key (--weights-key)")
             held = [k for k, v in state.items() if _is_state_dict(v)] if isinstance(
                 state, dict) else []
             raise CheckpointError(f"{path} holds no state dict under {key!r}; state dicts "
