@@ -30,6 +30,17 @@ def test_the_paper_rows_have_presets():
             "dat_awp_swa", "aag_pgd_at", "aag_trades", "dat_brightness"} <= names
 
 
+def test_each_presets_final_test_runs_the_attack_its_paper_number_uses():
+    """The paper reports PGD-100 for WRN-34-10 on CIFAR-10; the default final test ran
+    PGD-20 only, so metrics.json had nothing to compare with it."""
+    for path in DAT_PRESETS:
+        first = path.read_text().splitlines()[0]
+        attacks = load_config(str(path)).train.test_attacks
+        for named, attack in (("PGD-100", "pgd100"), ("PGD-20", "pgd20"), ("AA", "aa")):
+            if f" {named} " in first or f" {named})" in first:
+                assert attack in attacks, f"{path.name}: {named} quoted, {attacks} tested"
+
+
 def _leaves(tree: dict, prefix: str = ""):
     for key, value in tree.items():
         if isinstance(value, dict):
