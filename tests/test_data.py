@@ -286,6 +286,7 @@ def test_a_corrupt_image_read_in_a_loader_worker_is_one_line(tiny_tree: Path, ca
     assert err.endswith("remove or replace the file")
 
 
+@pytest.mark.filterwarnings("ignore:.*converting non-RGB images")  # the tree's L image
 def test_evaluate_model_on_a_small_tree_reads_its_test_split(tiny_tree: Path, capsys) -> None:
     """evaluate.py --model holds out data.val_size=1000 training images it never uses for
     --split test, so a train/ of 24 images was refused ("lower it", with no flag to do so)."""
@@ -306,6 +307,7 @@ def test_evaluate_model_on_a_small_tree_reads_its_test_split(tiny_tree: Path, ca
     assert "use --split test" in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore:.*converting non-RGB images")  # the tree's L image
 def test_evaluate_refuses_a_model_with_fewer_outputs_than_classes(tiny_tree: Path,
                                                                   capsys) -> None:
     """A 2-output model on 3 class folders whose test/ lacks the last one: no label reached
