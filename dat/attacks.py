@@ -36,6 +36,7 @@ __all__ = [
     "check_radius",
     "check_unit_range",
     "compiled_step",
+    "compiler_failure",
     "eaeg",
     "eager_module",
     "eval_logits",
@@ -268,6 +269,15 @@ def check_compile_mode(mode: str) -> None:
                          "upgrade torch or set the attack compile mode to off")
 
 
+def compiler_failure(err: BaseException) -> str | None:
+    """The first line of ``err`` when torch's compiler raised it (dynamo, inductor, fx),
+    for a one-line message naming the switch that turns compiling off; None otherwise."""
+    if not type(err).__module__.startswith(("torch._dynamo", "torch._inductor", "torch.fx")):
+        return None
+    return next((line.strip() for line in str(err).splitlines() if line.strip()),
+                type(err).__name__)
+
+
 @functools.cache
 def compiled_step(mode: str) -> Callable[..., Tensor]:
     """One attack step as a single ``torch.compile`` graph: forward, input gradient, sign,
@@ -293,11 +303,9 @@ def compiled_step(mode: str) -> Callable[..., Tensor]:
             with torch.no_grad():  # an inference graph; torch.func.grad still differentiates
                 out = step(model, *args)
         except Exception as err:
-            if not type(err).__module__.startswith(("torch._dynamo", "torch._inductor",
-                                                    "torch.fx")):
+            reason = compiler_failure(err)
+            if reason is None:
                 raise  # not a compiler failure
-            reason = next((line.strip() for line in str(err).splitlines() if line.strip()),
-                          type(err).__name__)
             raise ConfigError(
                 f"the attack step of {type(model).__name__} does not compile as one graph "
                 f"({reason[:160]}); use perf.compile_attacks=off (compile_mode='off' in the "

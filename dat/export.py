@@ -99,6 +99,11 @@ def _verify(loaded, path: Path) -> float:
         return float((reference.eval()(x) - plain(x)).abs().max())
 
 
+def _unwritable(out: Path, err: OSError) -> OSError:
+    return OSError(f"cannot write {out} ({err.strerror or err}); pass a writable path with "
+                   "--out")
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; prints one line per step, returns the exit status."""
     from .evaluation.loading import checkpoint_file, load_checkpoint
@@ -115,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             export_model(loaded.model, staged, args.format, metadata=meta)
         except OSError as err:
-            raise OSError(f"cannot write {out} ({err.strerror or err}); pass a writable "
-                          "path with --out") from None
+            raise _unwritable(out, err) from None
         diff = None if args.no_verify else _verify(loaded, staged)
         if diff is not None and diff > 1e-5:
             print(f"error: exported logits differ from the checkpoint's (max {diff:.2e}); "
@@ -125,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             os.replace(staged, out)
         except OSError as err:
-            raise OSError(f"cannot write {out} ({err.strerror or err}); pass a writable "
-                          "path with --out") from None
+            raise _unwritable(out, err) from None
         print(f"exported {meta['model']} ({loaded.num_classes} classes, {meta['bn_branch']} BN) "
               f"-> {out} [{args.format}]")
         if diff is not None:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from ..attacks import _compiler_supported, is_compiled
+from ..attacks import _compiler_supported, compiler_failure, is_compiled
 from ..models.folding import FoldError, fold_batchnorm, max_logit_gap, summarize_unfolded
 from .suite import EvaluationError
 
@@ -205,10 +205,8 @@ def compile_errors(mode: str) -> Iterator[None]:
     try:
         yield
     except Exception as err:
-        if mode == "off" or not type(err).__module__.startswith(
-                ("torch._dynamo", "torch._inductor", "torch.fx")):
+        reason = compiler_failure(err) if mode != "off" else None
+        if reason is None:
             raise
-        reason = next((line.strip() for line in str(err).splitlines() if line.strip()),
-                      type(err).__name__)
         raise EvaluationError(f"the model does not compile ({reason[:160]}); evaluate it with "
                               "compile_mode='off' (--compile off)") from err
