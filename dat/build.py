@@ -232,6 +232,14 @@ def _new_run_name(cfg: Config) -> str:
     raise ConfigError(f"no free run name like {base} in {cfg.train.out_dir}; set train.run_name")
 
 
+def _is_writable_dir(folder: Path) -> bool:
+    try:
+        ensure_writable(folder)
+    except OSError:
+        return False
+    return True
+
+
 def prepare_run_dir(cfg: Config, resume: Path | None) -> Path:
     """Create (or, on resume, reuse) ``out_dir/run_name`` and lock it for this process
     (:func:`dat.folder_lock.acquire`; the caller releases it); fill in a default run_name."""
@@ -244,6 +252,11 @@ def prepare_run_dir(cfg: Config, resume: Path | None) -> Path:
     try:
         ensure_writable(run_dir / "checkpoints")
     except OSError as err:
+        why = f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")
+        if resume is None and _is_writable_dir(Path(cfg.train.out_dir)):
+            # out_dir is fine: a file stands where the run's own folder should be
+            raise ConfigError(f"run folder {run_dir} cannot be created ({why}); choose "
+                              "another train.run_name (or move that file)") from None
         raise ConfigError(f"train.out_dir={cfg.train.out_dir!r} is not writable "
                           f"({err.strerror or err}); choose another with train.out_dir=DIR"
                           ) from None

@@ -10,6 +10,7 @@ ones as ``last.2.pt`` ...), so a crash or a corrupt file falls back to a good on
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
@@ -27,6 +28,7 @@ __all__ = [
     "FORMAT",
     "RESUME_MAY_CHANGE",
     "CheckpointError",
+    "WriteError",
     "atomic_write",
     "atomic_write_text",
     "capture_rng",
@@ -47,6 +49,26 @@ FORMAT = "dat-checkpoint-v1"
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, unsafe or does not fit this run."""
+
+
+class WriteError(OSError):
+    """A file could not be written because its disk (or quota) is full; the message names
+    the file and says the previous version is intact."""
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(err: BaseException | None) -> OSError | None:
+    """The disk-full OSError in ``err``'s chain (torch.save reports one as a RuntimeError
+    raised while handling it), or None."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _FULL:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -100,6 +122,16 @@ def atomic_write(path: Path | str, write: Callable[[BinaryIO], None],
         if before_replace is not None:
             before_replace()
         os.replace(tmp, path)
+    except Exception as err:
+        full = _disk_full(err)
+        if full is None:
+            raise
+        error = WriteError(
+            f"could not write {path}: {full.strerror or 'no space left on device'} (disk or "
+            f"quota full); the previous {path.name}, if any, is unchanged: free space in "
+            f"{path.parent} and run again (a training run continues with --resume)")
+        error.errno = full.errno
+        raise error from err
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)

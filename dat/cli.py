@@ -78,8 +78,11 @@ def _refuse_other_run_folder(overrides: list[str], run_dir: Path) -> None:
     metrics.json and report."""
     from .config import ConfigError
 
+    last = {}  # the value that takes effect: a later key=value overrides an earlier one
     for item in overrides:
         key, _, value = (part.strip() for part in item.partition("="))
+        last[key] = value
+    for key, value in last.items():
         if key == "train.run_name" and value not in ("", run_dir.name):
             target = run_dir.parent / value
         elif key == "train.out_dir" and value and (
@@ -124,7 +127,7 @@ def _command(argv: list[str] | None) -> str:
 
 def train_main(argv: list[str] | None = None) -> int:
     """``dat-train`` / ``python train.py``: see ``--help``."""
-    from .checkpoint import CheckpointError
+    from .checkpoint import CheckpointError, WriteError
     from .config import ConfigError, load_config
     from .data import DataError
     from .distributed import cleanup_distributed
@@ -175,7 +178,7 @@ def train_main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, FolderInUse) as err:
         print(f"error{_rank_tag()}: {one_line(err)}", file=sys.stderr)
         return 2
-    except TrainingError as err:
+    except (TrainingError, WriteError) as err:
         print(f"error{_rank_tag()}: {one_line(err)}", file=sys.stderr)
         return 1
     if metrics:  # empty on ranks other than 0 under torchrun

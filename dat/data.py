@@ -295,9 +295,14 @@ class DataLoaderLoader(_LoaderBase):
 
     def __iter__(self) -> Iterator[Batch]:
         batches, gen = self._batches()
+        # DataLoader draws its workers' base seed when it starts iterating; from the global
+        # generator that draw would shift training's random stream (attack starts, AAG
+        # noise), and a resume, which starts the epoch's iteration again after restoring
+        # that stream, would draw once more than the uninterrupted run: its own generator
+        seeds = torch.Generator().manual_seed((self.seed * 100003 + self.epoch) * 1009)
         loader = torch.utils.data.DataLoader(
             self.data, batch_sampler=_OrderSampler(batches), num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            pin_memory=self.device.type == "cuda", persistent_workers=False, generator=seeds,
         )
         for images, labels in loader:
             images = images.to(self.device, non_blocking=True)

@@ -608,7 +608,8 @@ class Trainer(CheckpointedRun):
                               batch_size=self.cfg.data.eval_batch_size, progress=self.progress,
                               out_dir=self.run_dir / "test",  # the full report, with plots
                               resume="auto",  # a test cut short by Ctrl-C goes on
-                              class_names=self.splits.classes)
+                              class_names=self.splits.classes,
+                              metadata=self._test_metadata(which))
         metrics = self._metrics(report, which)
         ckpt.atomic_write_text(self.run_dir / "metrics.json",
                                json.dumps(metrics, indent=2) + "\n")
@@ -617,6 +618,18 @@ class Trainer(CheckpointedRun):
               f"{self.run_dir / 'tb'}\nmetrics:       {self.run_dir / 'metrics.json'}\n"
               f"test report:   {self.run_dir / 'test' / 'report.md'}")
         return metrics
+
+    def _test_metadata(self, which: str) -> dict[str, Any]:
+        """What the final test evaluated, named in ``test/report.json`` and ``report.md``
+        as ``evaluate.py`` names it (the checkpoint, the data, the split)."""
+        best = self.run_dir / "checkpoints" / "best.pt"
+        meta: dict[str, Any] = {"checkpoint": str(best.absolute()) if best.is_file() else None,
+                                "evaluated": which, "data": self.cfg.data.name}
+        if self._own_splits:
+            meta["data"] = "your splits"
+        elif self.cfg.data.name != "cifar10-sample":
+            meta["data_root"] = self.cfg.data.root
+        return {**meta, "split": "test"}
 
     def _metrics(self, report: dict, which: str) -> dict[str, Any]:
         s = self.state

@@ -538,6 +538,22 @@ def test_resident_and_dataloader_give_the_same_batches(sample_splits, workers: i
         assert torch.equal(a.x, b.x) and torch.equal(a.x_raw, b.x_raw) and torch.equal(a.y, b.y)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_dataloader_leaves_the_global_random_stream_alone(sample_splits, workers) -> None:
+    """DataLoader drew its workers' base seed from torch's global generator each time an
+    epoch started iterating: training's attack and AAG noise then differed from the
+    resident loader's, and a mid-epoch resume (which starts the epoch's iteration again
+    after restoring the saved generator state) drew once more than the uninterrupted run,
+    so Ctrl-C + --resume was not bit-identical with data.loader=dataloader."""
+    data = sample_splits.train.subset(torch.arange(64))
+    draws = []
+    for kind in ("resident", "dataloader"):
+        torch.manual_seed(0)
+        next(iter(_loader(data, kind, workers=workers, seed=3)))
+        draws.append(torch.rand(4))
+    assert torch.equal(draws[0], draws[1])
+
+
 def _crop_candidates(raw: torch.Tensor, padding: int) -> torch.Tensor:
     """Every crop of the zero-padded image, flipped or not: (2 * (2p+1)^2, C, H, W)."""
     padded = torch.nn.functional.pad(raw, (padding,) * 4)

@@ -7,6 +7,7 @@ checkpoints give one line ``error: ...`` and exit status 2 (no traceback).
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import os
@@ -237,6 +238,44 @@ def test_unwritable_output_directory(capsys, tmp_path) -> None:
     blocker.write_text("not a directory")  # works even as root, unlike chmod
     err = _error_line(capsys, [*TINY, f"train.out_dir={blocker}/runs"])
     assert "is not writable" in err
+    # out_dir is fine, but a file stands where the run's folder goes: name that, not out_dir
+    err = _error_line(capsys, [*TINY, f"train.out_dir={tmp_path}", "train.run_name=a_file"])
+    assert err.startswith(f"error: run folder {blocker} cannot be created (")
+    assert "choose another train.run_name" in err and "train.out_dir" not in err
+
+
+def _disk_full_save(obj, f, *args, **kwargs):
+    """torch.save on a full disk: the OSError comes back as a RuntimeError raised while
+    handling it ("[enforce fail at inline_container.cc] . unexpected pos ...")."""
+    f.write(b"partial")
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError:  # implicit chaining (__context__), as torch's zip writer raises it
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "  # noqa: B904
+                           "10431872 vs 10431760")
+
+
+def test_a_full_disk_keeps_the_old_file_and_says_so(tmp_path, monkeypatch) -> None:
+    from dat.checkpoint import WriteError, save_checkpoint
+
+    path = tmp_path / "last.pt"
+    save_checkpoint({"x": torch.ones(2)}, path)
+    before = path.read_bytes()
+    monkeypatch.setattr(torch, "save", _disk_full_save)
+    with pytest.raises(WriteError, match=r"could not write .*last.pt: No space left on device"):
+        save_checkpoint({"x": torch.zeros(2)}, path, keep=1)
+    assert path.read_bytes() == before  # intact, and no temporary file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_a_full_disk_during_training_is_one_line(capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(torch, "save", _disk_full_save)
+    code = train_main(["--no-progress", *TINY, f"train.out_dir={tmp_path}",
+                       "train.run_name=full"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1, err
+    assert err[-1].startswith("error: could not write ") and "No space left" in err[-1]
+    assert not any("Traceback" in line for line in err)
 
 
 def test_missing_dataset_offline(capsys, tmp_path) -> None:

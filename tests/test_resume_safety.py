@@ -110,6 +110,54 @@ def test_resume_into_another_run_name_is_refused(capsys, finished) -> None:
     capsys.readouterr()
 
 
+def test_a_repeated_run_folder_override_is_judged_by_the_value_that_takes_effect(
+        capsys, finished) -> None:
+    """A later key=value overrides an earlier one (as in a script that appends its own
+    train.out_dir to a base list): --resume was refused over the earlier, unused value."""
+    out = finished[0]
+    assert train_main(["--print-config", "--resume", "auto", f"train.out_dir={out / 'old'}",
+                       f"train.out_dir={out}", "train.run_name=other",
+                       "train.run_name=demo"]) == 0
+    assert "run_name: demo\n" in capsys.readouterr().out
+    # the value that takes effect is still checked
+    err = _error(capsys, ["--resume", str(out / "demo"), f"train.out_dir={out}",
+                          f"train.out_dir={out / 'elsewhere'}"])
+    assert f"not in train.out_dir={out / 'elsewhere'}; drop train.out_dir" in err
+
+
+def test_a_mid_epoch_resume_with_the_dataloader_path_is_bit_identical(tmp_path) -> None:
+    """data.loader=dataloader: stop after step 3 (mid-epoch 2, an exact resume point, as
+    Ctrl-C saves), resume, and end with the uninterrupted run's weights and generator."""
+    def cfg(name: str, *more: str):
+        return load_config(None, [*TINY, "data.loader=dataloader", "data.num_workers=0",
+                                  "train.epochs=2", f"train.out_dir={tmp_path}",
+                                  f"train.run_name={name}", *more])
+
+    Trainer(cfg("full"), progress=False).fit()
+    cut = Trainer(cfg("cut"), progress=False)
+    cut.add_callback(lambda tr, event, payload: event == "step_end"
+                     and tr.state.global_step == 3 and tr.request_stop())
+    cut.fit()
+    Trainer(cfg("cut", "train.resume=auto"), progress=False).fit()
+    a, b = (load_checkpoint(tmp_path / n / "checkpoints" / "last.pt") for n in ("full", "cut"))
+    assert a["trainer"]["global_step"] == b["trainer"]["global_step"] == 4
+    for key in ("model", "method"):
+        flat_a, flat_b = ({k: v for k, v in _tensors(s[key])} for s in (a, b))
+        assert flat_a.keys() == flat_b.keys()
+        assert all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a), key
+
+
+def _tensors(tree, prefix: str = ""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _tensors(v, f"{prefix}{k}.")
+    elif isinstance(tree, list | tuple):
+        for i, v in enumerate(tree):
+            yield from _tensors(v, f"{prefix}{i}.")
+    elif torch.is_tensor(tree):
+        yield prefix, tree
+
+
 def test_print_config_with_resume_checks_the_resume_first(capsys, finished) -> None:
     err = _error(capsys, ["--print-config", *_resume(finished[0], "method.beta=3")])
     assert "(method.beta" in err and "resume without that override" in err

@@ -85,6 +85,12 @@ def test_a_tiny_run_writes_every_artefact(tiny_run) -> None:
     assert set(saved["val"]) == {"epoch", "clean", "pgd2"} and saved["test_checks"]
     report = json.loads((run / "test" / "report.json").read_text())  # the full test report
     assert report["results"] == saved["test"] and (run / "test" / "report.md").is_file()
+    # the report names what it tested, as evaluate.py's reports do
+    assert report["metadata"] == {
+        "checkpoint": str((run / "checkpoints" / "best.pt").absolute()),
+        "evaluated": "best.pt (epoch 1, ema weights)", "data": "cifar10-sample",
+        "split": "test"}
+    assert "Evaluated: checkpoint `" in (run / "test" / "report.md").read_text()
     findings = saved["test_check_findings"]  # each check's verdict, not only the overall one
     assert {"bounds", "eps_zero", "aa_vs_pgd", "pgd_vs_cw"} <= set(findings)
     assert all(f["status"] in ("pass", "warn", "fail", "skip") and f["message"]
