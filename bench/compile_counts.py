@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
         backend_name, argv = argv[1], argv[2:]
     if not argv or argv[0] not in ("train", "evaluate"):
         print(__doc__)
-        return 2
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
     modules: list[nn.Module] = []
     start = time.perf_counter()
 

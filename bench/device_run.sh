@@ -77,8 +77,8 @@ fi
 if want 4; then
 python bench/compiled_attack.py $CA 2>&1 | grep -v '^W1' | tee "$R/compiled_attack.txt"
 pack compiled_attack
-# BN folded into the convolutions for evaluation (dat.evaluate's fold_bn; auto is CPU-only
-# until this is measured)
+# BN folded into the convolutions for evaluation (dat.evaluate's fold_bn; auto folds on CPU
+# and CUDA)
 for prec in fp32 bf16; do
 python bench/fold_bn.py $FB --precision $prec 2>&1 | tee -a "$R/fold_bn.txt"
 done

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     folded, n_folded = fold_batchnorm(model)
     x = torch.rand(args.examples, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.examples,), device=device)
-    channels_last, bf16 = device.type == "cpu", args.precision == "bf16"
+    channels_last, bf16 = device.type in ("cpu", "cuda"), args.precision == "bf16"
     nets = {"unfolded": FastForward(model, bf16, channels_last).eval(),
             "folded": FastForward(folded, bf16, channels_last).eval()}
     attack = make_attack("pgd20", 8 / 255)
