@@ -30,6 +30,7 @@ __all__ = [
     "ImageSet",
     "ResidentLoader",
     "augment_batch",
+    "describe_data",
     "load_dataset",
     "make_loader",
     "stratified_split",
@@ -117,6 +118,14 @@ def _quotas(counts: Tensor, cap: Tensor, size: int, ties: Tensor | None = None) 
             if quota[i] < cap[i]:
                 quota[i] += 1
     return quota
+
+
+def describe_data(cfg: DataConfig) -> dict[str, str]:
+    """The dataset's name and, unless it ships with dat, its folder (absolute): what an
+    evaluation report records of the data it ran on."""
+    if cfg.name == "cifar10-sample" or not cfg.root:
+        return {"data": cfg.name}
+    return {"data": cfg.name, "data_root": str(Path(cfg.root).expanduser().absolute())}
 
 
 def _read_dataset(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str]]:

@@ -67,7 +67,14 @@ from .config import (
     config_to_dict,
     config_to_yaml,
 )
-from .data import Batch, DatasetSplits, load_dataset, make_loader, stratified_split
+from .data import (
+    Batch,
+    DatasetSplits,
+    describe_data,
+    load_dataset,
+    make_loader,
+    stratified_split,
+)
 from .entry_points import absolute_spec, describe_error
 from .guard import (
     StepGuard,
@@ -623,13 +630,9 @@ class Trainer(CheckpointedRun):
         """What the final test evaluated, named in ``test/report.json`` and ``report.md``
         as ``evaluate.py`` names it (the checkpoint, the data, the split)."""
         best = self.run_dir / "checkpoints" / "best.pt"
-        meta: dict[str, Any] = {"checkpoint": str(best.absolute()) if best.is_file() else None,
-                                "evaluated": which, "data": self.cfg.data.name}
-        if self._own_splits:
-            meta["data"] = "your splits"
-        elif self.cfg.data.name != "cifar10-sample":
-            meta["data_root"] = self.cfg.data.root
-        return {**meta, "split": "test"}
+        data = {"data": "your splits"} if self._own_splits else describe_data(self.cfg.data)
+        return {"checkpoint": str(best.absolute()) if best.is_file() else None,
+                "evaluated": which, **data, "split": "test"}
 
     def _metrics(self, report: dict, which: str) -> dict[str, Any]:
         s = self.state

@@ -374,10 +374,9 @@ def _metadata(args: argparse.Namespace, data_cfg: DataConfig) -> dict:
         meta = {"model": args.model, "weights": where(args.weights) if args.weights else None}
         if args.normalize is not None:
             meta["normalize"] = [list(args.normalize[0]), list(args.normalize[1])]
-    bundled = data_cfg.name == "cifar10-sample"  # ships with dat: no folder to name
-    root = data_cfg.root and not bundled and where(data_cfg.root)
-    return {**meta, "data": data_cfg.name, **({"data_root": root} if root else {}),
-            "split": args.split}
+    from ..data import describe_data
+
+    return {**meta, **describe_data(data_cfg), "split": args.split}
 
 
 def _outputs(model: torch.nn.Module, x: torch.Tensor) -> int:
