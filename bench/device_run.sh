@@ -6,7 +6,7 @@
 # timeout still returns what finished (the device tool returns at most 8 files).
 # STAGES picks stages (default "1 2 3 4"; 5 and 6 run only when named), so the checks can be
 # split over calls;
-# BATCHES (default "128 512") picks stage 1's batch sizes.
+# BATCHES (default "128 512") picks stage 1's batch sizes, ROWS128 (default all) its rows at 128.
 # SMOKE=1 runs every stage on the CPU with tiny models and sizes (a few minutes), to check
 # the script itself before it spends GPU time: SMOKE=1 OUT=/tmp/smoke bash bench/device_run.sh
 set -u
@@ -30,7 +30,7 @@ if [[ "$SMOKE" == 1 ]]; then
   COMPILE=${COMPILE-} COMPILE_ATTACKS=${COMPILE_ATTACKS-}
 else
   DEV=cuda DATA=.devdata/cifar10_25k.npz TP="" GC="" TR="model.name=resnet18 train.val_examples=500 data.test_subset=2000"
-  EV="--n-examples 1000 --attacks clean,pgd20,cw,aa"
+  EV=${EV:-"--n-examples 1000 --attacks clean,pgd20,cw,aa"}  # stage 3's evaluate.py options
   CA="--device cuda --model resnet18 --batch-size 128"
   FB="--device cuda --model resnet18 --examples 5000 --batch-size 500 --reps 3"
   RB="model.name=resnet18 train.val_examples=500 data.test_subset=1000 data.batch_size=512"
@@ -45,7 +45,7 @@ python -c "import torch; print(torch.__version__)" | tee -a "$R/gpu.txt"
 COMPILE=${COMPILE-reduce-overhead} COMPILE_ATTACKS=${COMPILE_ATTACKS-reduce-overhead}
 BATCHES=" ${BATCHES:-128 512} "  # which batch sizes stage 1 runs (split them over calls)
 if want 1 && [[ "$BATCHES" == *" 128 "* ]]; then
-python bench/throughput.py --device $DEV --batch-size 128 --iters ${ITERS:-20} --compile "$COMPILE" --compile-attacks "$COMPILE_ATTACKS" $TP --json "$R/throughput_b128.json" 2>&1 | tee "$R/throughput_b128.txt"
+python bench/throughput.py --device $DEV --batch-size 128 --iters ${ITERS:-20} --rows "${ROWS128:-all}" --compile "$COMPILE" --compile-attacks "$COMPILE_ATTACKS" $TP --json "$R/throughput_b128.json" 2>&1 | tee "$R/throughput_b128.txt"
 pack throughput128
 fi
 if want 1 && [[ "$BATCHES" == *" 512 "* ]]; then
