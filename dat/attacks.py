@@ -1,6 +1,7 @@
 """Training-time inner maximisation: PGD (Madry), TRADES-KL and DAT's EAEG.
 
-Every attack is L-inf in [0, 1] pixel space, runs the model in eval mode (a compiled
+Every attack is L-inf in [0, 1] pixel space (``pgd`` also takes ``norm="l2"``, for
+evaluation), runs the model in eval mode (a compiled
 model also with its parameters frozen; both restored afterwards), never accumulates
 parameter gradients, and
 uses the BN branch the caller routes (``branch=...`` or an enclosing ``bn_branch``). Losses are
@@ -30,9 +31,11 @@ from .models.dual_bn import bn_branch
 
 __all__ = [
     "ATTACK_COMPILE_MODES",
+    "NORMS",
     "as_class_indices",
     "check_compile_mode",
     "check_images",
+    "check_norm",
     "check_radius",
     "check_unit_range",
     "compiled_step",
@@ -46,6 +49,7 @@ __all__ = [
     "is_compiled",
     "pgd",
     "project",
+    "project_l2",
     "trades_kl",
     "train_mode",
     "uses_cuda_graphs",
@@ -170,6 +174,53 @@ def project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
     """Project onto the L-inf ball of radius ``eps`` around ``x`` and onto [0, 1]."""
     x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
     return x_adv.clamp(0.0, 1.0)
+
+
+NORMS = ("linf", "l2")  # threat models: L-inf (training and evaluation) and L2 (evaluation)
+_DIVISION_GUARD = 1e-10  # added to gradient norms, as torchattacks' PGDL2 adds it
+
+
+def check_norm(norm: str) -> None:
+    """One-line ValueError for a threat model other than ``linf`` or ``l2``."""
+    if norm not in NORMS:
+        raise ValueError(f"norm={norm!r}: use 'linf' or 'l2'")
+
+
+def _per_example(values: Tensor, like: Tensor) -> Tensor:
+    return values.view(-1, *([1] * (like.dim() - 1)))
+
+
+def project_l2(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
+    """Project onto the L2 ball of radius ``eps`` around each example of ``x``, then onto
+    [0, 1] (clipping only shortens the perturbation, so the result stays in the ball)."""
+    delta = x_adv - x
+    norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)  # (B,); zero: nothing to shrink
+    delta = delta * _per_example((eps / norms).clamp(max=1.0), delta)
+    return (x + delta).clamp(0.0, 1.0)
+
+
+def _l2_start(x: Tensor, eps: float) -> Tensor:
+    """A random start in the L2 ball: a Gaussian direction at a radius uniform in [0, eps]
+    (torchattacks' PGDL2 draws it so), clipped to [0, 1]."""
+    delta = torch.randn_like(x)
+    norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
+    radius = torch.rand(len(x), device=x.device, dtype=x.dtype) * eps
+    return (x + delta * _per_example(radius / norms, delta)).clamp(0.0, 1.0)
+
+
+def _ascend_l2(model, x, x_adv, eps, alpha, steps, branch, *, y, label_smoothing, loss):
+    """PGD steps of length ``alpha`` along the L2-normalised gradient, projected onto the
+    L2 ball and [0, 1] after each (the order torchattacks' PGDL2 uses)."""
+    with eval_mode(model), _branch(model, branch), _frozen_if_compiled(model), \
+            torch.enable_grad():
+        for _ in range(steps):
+            x_adv = x_adv.detach().requires_grad_(True)
+            objective = _objective(model(x_adv), y, None, 1.0, label_smoothing, loss)
+            (grad,) = torch.autograd.grad(objective, x_adv)
+            grad_norms = grad.flatten(1).norm(dim=1) + _DIVISION_GUARD
+            step = x_adv.detach() + alpha * grad / _per_example(grad_norms, grad)
+            x_adv = project_l2(step, x, eps)
+    return x_adv.detach()
 
 
 def _branch(model: nn.Module, branch: str | None):
@@ -316,12 +367,18 @@ def compiled_step(mode: str) -> Callable[..., Tensor]:
     return run
 
 
-def check_radius(eps: float, alpha: float, steps: int) -> None:
-    """One-line ValueError for a radius or step that cannot be meant (tensors, 0-255 units)."""
+def check_radius(eps: float, alpha: float, steps: int, norm: str = "linf") -> None:
+    """One-line ValueError for a radius or step that cannot be meant (tensors, 0-255 units;
+    an L2 radius may exceed 1, as the norm grows with the image size)."""
+    check_norm(norm)
     for name, value in (("eps", eps), ("alpha", alpha)):
         if torch.is_tensor(value) or not isinstance(value, numbers.Real):  # numpy floats too
             raise ValueError(f"{name} must be a number, got {type(value).__name__} (labels go "
                              "to pgd/eaeg as y; trades_kl takes none: trades_kl(model, x))")
+        if norm == "l2":
+            if not 0 <= value < float("inf"):  # also NaN
+                raise ValueError(f"{name}={value:g} must be a finite L2 length >= 0")
+            continue
         if not 0 <= value <= 1:
             raise ValueError(f"{name}={value:g} is outside [0, 1]; images are in [0, 1], so "
                              f"write {value:g}/255" if value > 1 else f"{name}={value:g} < 0")
@@ -398,10 +455,13 @@ def pgd(
     model: nn.Module, x: Tensor, y: Tensor, eps: float = 8 / 255, alpha: float = 2 / 255,
     steps: int = 10, random_start: bool = True, loss: str = "ce",
     label_smoothing: float = 0.0, branch: str | None = None, start: Tensor | None = None,
-    compile_mode: str = "off", check_range: bool = True,
+    compile_mode: str = "off", check_range: bool = True, norm: str = "linf",
 ) -> Tensor:
     """Madry et al. PGD: ascend CE (or the CW margin, ``loss="cw"``) from a uniform start.
 
+    ``norm="l2"``: the L2 threat model (radius ``eps``, steps of length ``alpha`` along
+    the normalised gradient, a start at a uniform radius in a Gaussian direction), as
+    torchattacks' PGDL2; not compiled.
     ``start`` overrides the random start (an initial perturbation in [-eps, eps]).
     ``compile_mode`` (off | default | reduce-overhead | max-autotune) runs each step as
     one compiled graph (:func:`compiled_step`). ``check_range`` refuses images outside
@@ -410,11 +470,22 @@ def pgd(
     """
     if loss not in ("ce", "cw"):
         raise ValueError(f"unknown PGD loss {loss!r}; use 'ce' or 'cw'")
-    check_radius(eps, alpha, steps)
+    check_radius(eps, alpha, steps, norm)
+    if norm == "l2" and compile_mode != "off":
+        raise ValueError("compiled attack steps are L-inf only; use compile_mode='off' with "
+                         "norm='l2'")
     check_images(x, "pgd")
     if check_range:
         check_unit_range(x, "pgd")
     x, y = x.detach(), as_class_indices(y)
+    if norm == "l2":
+        if start is not None:
+            x_adv = project_l2(x + start, x, eps)
+        else:
+            x_adv = _l2_start(x, eps) if random_start else x.clone()
+        with explain_dtype_mismatch(model, x, "pgd"):
+            return _ascend_l2(model, x, x_adv, eps, alpha, steps, branch, y=y,
+                              label_smoothing=label_smoothing, loss=loss)
     if start is not None:
         x_adv = project(x + start, x, eps)
     elif random_start:
