@@ -1,4 +1,4 @@
-"""AutoAttack (standard, L-inf) from the reference implementation, ``pyautoattack``.
+"""AutoAttack (standard, L-inf or L2) from the reference implementation, ``pyautoattack``.
 
 torchattacks' ``AutoAttack`` runs 10-iteration APGD/FAB and other target counts, so
 the number this toolkit calls "AA" always comes from ``pyautoattack`` (the reference
@@ -41,13 +41,17 @@ def _attacks_for(num_classes: int) -> list[str]:
     return ["apgd-ce", *(["apgd-t"] if num_classes >= 4 else []), "fab-t", "square"]
 
 
-def autoattack_info(eps: float, seed: int, num_classes: int = 10) -> dict:
+_AA_NORMS = {"linf": "Linf", "l2": "L2"}  # dat's names -> pyautoattack's
+
+
+def autoattack_info(eps: float, seed: int, num_classes: int = 10, norm: str = "linf") -> dict:
     """Implementation, version and settings, for the report. Below 10 classes the targeted
     attacks use every other class as a target (the standard 9 do not exist)."""
     import pyautoattack
 
     info = {"implementation": "pyautoattack.AutoAttack (reference), version='standard'",
-            "version": pyautoattack.__version__, "eps": eps, "norm": "Linf", "seed": seed,
+            "version": pyautoattack.__version__, "eps": eps, "norm": _AA_NORMS[norm],
+            "seed": seed,
             "attacks": _attacks_for(num_classes)}
     if num_classes <= STANDARD_TARGETS:
         targets = num_classes - 1
@@ -111,9 +115,10 @@ def _breakdown(counts: dict[str, int], order: list[str], n: int, robust: int) ->
 def run_autoattack(
     model: nn.Module, x: Tensor, y: Tensor, eps: float, batch_size: int,
     device: torch.device, seed: int = 0, progress: bool = True,
-    attacked: Tensor | None = None, num_classes: int = 10,
+    attacked: Tensor | None = None, num_classes: int = 10, norm: str = "linf",
 ) -> AutoAttackResult:
-    """Standard L-inf AutoAttack on all of ``x`` (its own clean filter and cascade).
+    """Standard AutoAttack (``norm``: linf or l2) on all of ``x`` (its own clean filter and
+    cascade).
 
     The model must already be in eval mode. Returns per-example correctness, the robust
     accuracy after each sub-attack and the warnings of AutoAttack's own checks.
@@ -125,7 +130,8 @@ def run_autoattack(
     from pyautoattack import AutoAttack
 
     x = x.contiguous(memory_format=torch.contiguous_format)  # (N, C, H, W), NCHW only
-    aa = AutoAttack(model, norm="Linf", eps=eps, version="standard", device=device, seed=seed)
+    aa = AutoAttack(model, norm=_AA_NORMS[norm], eps=eps, version="standard", device=device,
+                    seed=seed)
     if num_classes <= STANDARD_TARGETS:
         aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = num_classes - 1
         aa.attacks_to_run = _attacks_for(num_classes)
@@ -141,7 +147,7 @@ def run_autoattack(
         finally:
             logger.removeHandler(handler)
     correct = (y_adv.cpu() == y.cpu())
-    bounds = BoundsStats(eps)
+    bounds = BoundsStats(eps, norm)
     keep = slice(None) if attacked is None else attacked.cpu()
     bounds.update(x_adv.cpu()[keep], x.cpu()[keep])
     messages = handler.messages + [str(w.message) for w in caught

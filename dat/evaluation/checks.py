@@ -211,18 +211,19 @@ def check_monotone(eps: list[float], acc: list[float], n: int) -> Check:
                  "ball should never help the model (attack failing or gradient masking)")
 
 
-def check_large_eps(acc: float, num_classes: int, n: int) -> Check:
-    """At eps = 0.5 almost any image is reachable: accuracy must be at or below chance, up
-    to two examples' worth of the ``n`` attacked (with 200 classes one survivor of 100 is
-    twice chance, and says nothing about the attack)."""
+def check_large_eps(acc: float, num_classes: int, n: int, radius: str = "eps=0.5") -> Check:
+    """At eps = 0.5 (L-inf; ``radius`` names the one attacked, in L2 the same step on every
+    pixel) almost any image is reachable: accuracy must be at or below chance, up to two
+    examples' worth of the ``n`` attacked (with 200 classes one survivor of 100 is twice
+    chance, and says nothing about the attack)."""
     chance = 100.0 / num_classes
     slack = 200.0 / max(n, 1)
     if acc > chance + slack:
         return Check("large_eps", "fail",
-                     f"PGD at eps=0.5 leaves {acc:.2f}% accuracy, above chance {chance:.2f}% "
+                     f"PGD at {radius} leaves {acc:.2f}% accuracy, above chance {chance:.2f}% "
                      f"+ {slack:.2g} (two of {n} examples); the attack cannot find "
                      "adversarial examples (masked gradients?)")
-    return Check("large_eps", "pass", f"PGD at eps=0.5 gives {acc:.2f}% <= chance "
+    return Check("large_eps", "pass", f"PGD at {radius} gives {acc:.2f}% <= chance "
                                       f"{chance:.2f}% + {slack:.2g} (two of {n} examples)")
 
 

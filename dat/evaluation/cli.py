@@ -33,7 +33,7 @@ from .loading import (
 from .prepare import COMPILE_MODES
 from .progress import PROGRESS_FILE, finished_attacks
 
-__all__ = ["build_parser", "evaluate_main", "parse_eps"]
+__all__ = ["build_parser", "evaluate_main", "parse_eps", "parse_l2_eps"]
 
 PAPER_ATTACKS = "clean,fgsm,pgd20,pgd100,cw,aa"  # the paper's evaluation (Section 6)
 # --normalize presets: (mean, std) per RGB channel on the [0, 1] scale
@@ -69,6 +69,42 @@ def parse_eps(text: str) -> float:
             f"eps {text} is ambiguous; write 1/255 (or 255/255 if the whole [0, 1] range "
             "is really meant)")
     return value
+
+
+def parse_l2_eps(text: str) -> float:
+    """``"0.5"`` -> 0.5: an L2 radius on the [0, 1] pixel scale, written as a decimal.
+
+    A fraction such as ``8/255`` is refused: it is an L-inf habit, and as an L2 length it
+    would be some 16 times smaller than the standard CIFAR radius (0.5).
+    """
+    text = text.strip()
+    if "/" in text:
+        raise argparse.ArgumentTypeError(
+            f"eps {text} under --norm l2: write the L2 radius as a decimal, e.g. 0.5 (the "
+            "CIFAR standard); x/255 fractions are L-inf radii")
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cannot read eps {text!r}; write e.g. 0.5") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"eps {text} must be a finite L2 radius >= 0; "
+                                         "write e.g. 0.5")
+    return value
+
+
+def _l2_radii(text: str) -> list[float]:
+    """An L2 sweep list, plain decimals: ``"0,0.25,0.5,1"``."""
+    try:
+        values = [float(v) for v in text.strip().strip("[]").split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--sweep {text!r}: under --norm l2 give L2 radii as decimals, e.g. "
+            "0,0.25,0.5,1") from None
+    for v in values:
+        if not 0 <= v < float("inf"):  # also NaN
+            raise argparse.ArgumentTypeError(f"--sweep radius {v:g} must be a finite L2 "
+                                             "radius >= 0 (e.g. 0,0.25,0.5,1)")
+    return values
 
 
 def _at_least_one(hint: str = ""):
@@ -149,10 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "images; MEAN/STD as 0.5,0.5,0.5/0.25,0.25,0.25")
     p.add_argument("--attacks", default=PAPER_ATTACKS,
                    help=f"comma list of clean,fgsm,pgd20,pgd100,pgd<N>,cw,aa ({PAPER_ATTACKS})")
-    p.add_argument("--eps", type=parse_eps, default=8 / 255,
-                   help="L-inf radius: a fraction such as 8/255 or a decimal on the [0, 1] "
+    p.add_argument("--norm", choices=("linf", "l2"), default="linf",
+                   help="threat model (default linf); l2: fgsm is the fast gradient method, "
+                        "pgd<N> and cw take eps/4 steps, aa is AutoAttack's L2 version")
+    p.add_argument("--eps",
+                   help="radius. L-inf: a fraction such as 8/255 or a decimal on the [0, 1] "
                         "scale such as 0.0314 (default 8/255); bare integers other than 0 are "
-                        "refused as ambiguous (write 1/255, or 255/255 for the whole range)")
+                        "refused as ambiguous (write 1/255, or 255/255 for the whole range). "
+                        "L2: a decimal on the [0, 1] pixel scale (default 0.5)")
     p.add_argument("--n-examples", type=_at_least_one("; leave it out to use the whole split"),
                    help="N examples, stratified by class as data.test_subset (default: all)")
     p.add_argument("--data", help="dataset name (default: the checkpoint's, else cifar10)")
@@ -177,8 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto",
                    help="auto (CUDA when available) | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sweep", nargs="?", const="0,1,2,4,8,16", type=_radii,
-                   help="PGD-20 eps sweep, radii in 1/255 units (default 0,1,2,4,8,16)")
+    p.add_argument("--sweep", nargs="?", const="default",
+                   help="PGD-20 eps sweep, radii in 1/255 units (default 0,1,2,4,8,16); "
+                        "under --norm l2 plain decimals (default 0,0.125,0.25,0.5,1,2)")
     p.add_argument("--diagnostics", nargs="?", const="pgd20", metavar="ATTACK",
                    help="amplitude/phase table for ATTACK (default pgd20)")
     p.add_argument("--heatmap", action="store_true", help="Fourier heat map (Yin et al. 2019)")
@@ -351,7 +392,7 @@ def _evaluate(args: argparse.Namespace, device: torch.device, out: Path) -> dict
               "(--data, --data-root) and its class order", file=sys.stderr)
     return evaluate(
         model, (x, y), attacks=[a.strip() for a in args.attacks.split(",") if a.strip()],
-        eps=args.eps, batch_size=args.batch_size, precision=args.precision,
+        eps=args.eps, norm=args.norm, batch_size=args.batch_size, precision=args.precision,
         checks=not args.no_checks, progress=not args.no_progress, seed=args.seed, out_dir=out,
         sweep=args.sweep, diagnostics=args.diagnostics, heatmap=args.heatmap,
         heatmap_norm=args.heatmap_norm, heatmap_examples=args.heatmap_examples,
@@ -428,6 +469,27 @@ def _run(args: argparse.Namespace) -> int:
     return 1 if args.strict and report["checks_status"] == "fail" else 0
 
 
+def _read_radii(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """--eps and --sweep read in the units of --norm (argparse reads them as text, as the
+    norm may come after them)."""
+    linf = args.norm == "linf"
+    try:
+        if args.eps is None:
+            args.eps = 8 / 255 if linf else 0.5
+        else:
+            args.eps = parse_eps(args.eps) if linf else parse_l2_eps(args.eps)
+    except argparse.ArgumentTypeError as err:
+        parser.error(f"argument --eps: {err}")
+    try:
+        if args.sweep == "default":
+            args.sweep = True
+        elif args.sweep is not None:
+            args.sweep = _radii(args.sweep) if linf else _l2_radii(args.sweep)
+    except argparse.ArgumentTypeError as err:
+        parser.error(f"argument --sweep: {err}")
+    return args
+
+
 def _join_negative_eps(argv: list[str]) -> list[str]:
     """``--eps -1/255`` -> ``--eps=-1/255``: argparse reads a leading '-' as an option and
     would report a missing value instead of the negative radius."""
@@ -442,8 +504,9 @@ def _join_negative_eps(argv: list[str]) -> list[str]:
 def evaluate_main(argv: list[str] | None = None) -> int:
     """Console entry point: parse ``argv``, evaluate, print the report; returns exit status."""
     argv = _join_negative_eps(sys.argv[1:] if argv is None else list(argv))
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = _read_radii(parser, parser.parse_args(argv))
     except SystemExit as stop:  # --help, or a bad argument already reported in one line
         return stop.code if isinstance(stop.code, int) else 2
     try:

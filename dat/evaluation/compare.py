@@ -83,7 +83,7 @@ def _row(name: str, a: Tensor, b: Tensor) -> dict:
 
 
 # evaluation settings besides the attacks' own; a difference in them is part of A - B
-_SETTINGS = ("precision", "seed", "device", "channels_last", "fold_bn")
+_SETTINGS = ("precision", "seed", "device", "channels_last", "fold_bn", "compile", "norm")
 
 
 def compare(folder_a: str | Path, folder_b: str | Path) -> dict:

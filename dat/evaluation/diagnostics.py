@@ -38,9 +38,10 @@ def swap_spectra(x: Tensor, x_adv: Tensor) -> tuple[Tensor, Tensor]:
 def amplitude_phase_table(
     model: nn.Module, x: Tensor, y: Tensor, attack: str = "pgd20", eps: float = 8 / 255,
     batch_size: int = 500, device: torch.device | str | None = None, seed: int = 0,
-    progress: bool = True,
+    progress: bool = True, norm: str = "linf",
 ) -> dict:
-    """Accuracy (percent) on x, x', x'_amp and x'_pha for ``attack`` at radius ``eps``.
+    """Accuracy (percent) on x, x', x'_amp and x'_pha for ``attack`` at radius ``eps``
+    in ``norm`` (linf or l2).
 
     Every example is attacked (not only the clean-correct ones), because x'_amp and
     x'_pha of a misclassified image can still be classified correctly. The model should
@@ -49,7 +50,7 @@ def amplitude_phase_table(
     if attack in ("clean", "aa"):
         raise ValueError(f"diagnostics need a per-batch attack (fgsm, pgd20, cw, ...), "
                          f"not {attack!r}")
-    spec = make_attack(attack, eps)
+    spec = make_attack(attack, eps, norm=norm)
     device = torch.device(device) if device is not None else x.device
     seed_everything(seed)
     counts = torch.zeros(4, dtype=torch.float64)  # correct on: x, x', x'_amp, x'_pha
@@ -62,7 +63,8 @@ def amplitude_phase_table(
             for i, images in enumerate((xb, x_adv, x_amp, x_pha)):
                 counts[i] += float((model(images).argmax(dim=1) == yb).sum())
     acc = (100.0 * counts / len(y)).tolist()
-    return {"attack": attack, "eps": eps, "n": len(y), "clean": acc[0], "adversarial": acc[1],
+    return {"attack": attack, "eps": eps, "norm": norm, "n": len(y), "clean": acc[0],
+            "adversarial": acc[1],
             "adversarial_amplitude": acc[2], "adversarial_phase": acc[3],
             "note": "adversarial_amplitude = IDFT(A(x'), P(x)); "
                     "adversarial_phase = IDFT(A(x), P(x')); both clipped to [0, 1]"}

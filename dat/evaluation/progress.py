@@ -6,7 +6,8 @@ correctness, accuracy, settings and bounds statistics are written atomically, un
 fingerprint of what was evaluated: a digest of the model (its module types and settings,
 parameters and every buffer, non-persistent ones such as a Normalize's mean included), of
 the examples and of which of them the model classifies correctly, and the settings that
-change a number (seed, precision, device type, channels_last, BN folding, compile mode).
+change a number (seed, precision, device type, channels_last, BN folding, compile mode,
+threat model).
 ``evaluate(..., resume=True)`` (``--resume``) reuses an attack only when the fingerprint
 and the attack's own settings match; every attack re-seeds its random generator, so a
 reused attack equals a rerun one. The batch size is recorded per attack but may change
@@ -32,7 +33,7 @@ __all__ = ["PROGRESS_FILE", "AttackCache", "finished_attacks", "fingerprint", "p
 PROGRESS_FILE = "progress.json"
 _FORMAT = 1
 _WORDS = {"clean_predictions": "clean predictions (same weights: changed model code?)",
-          "compile": "compile mode"}
+          "compile": "compile mode", "norm": "threat model (norm)"}
 
 
 def _digest(named, h=None) -> str:

@@ -5,9 +5,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["format_markdown", "heatmap_extent", "log_tensorboard", "write_report"]
+__all__ = ["format_markdown", "heatmap_extent", "log_tensorboard", "threat_model_text",
+           "write_report"]
 
 _MARK = {"pass": "PASS", "warn": "WARN", "fail": "FAIL", "skip": "skip"}
+
+
+def _norm(report: dict) -> str:
+    return report.get("norm", "linf")  # reports written before the L2 threat model
+
+
+def threat_model_text(report: dict) -> str:
+    """``L-inf eps = 8/255`` or ``L2 eps = 0.5``: the threat model a report measured."""
+    if _norm(report) == "l2":
+        return f"L2 eps = {report['eps']:.4g}"
+    return f"L-inf eps = {report['eps'] * 255:.3g}/255"
+
+
+def _eps_text(eps: float, norm: str) -> str:
+    return f"{eps * 255:.3g}/255" if norm == "linf" else f"{eps:.4g}"
 
 
 def _results_table(report: dict) -> list[str]:
@@ -20,8 +36,8 @@ def _results_table(report: dict) -> list[str]:
         impl = f"{info['implementation']} {info['version']}" if info else "-"
         keys = ("steps", "alpha", "loss")
         settings = ", ".join(
-            f"{k}={info[k] * 255:.3g}/255" if k == "alpha" else f"{k}={info[k]}"
-            for k in keys if k in info)
+            f"{k}={_eps_text(info[k], info.get('norm', 'linf'))}" if k == "alpha"
+            else f"{k}={info[k]}" for k in keys if k in info)
         if "adapted" in info:
             settings = ", ".join(filter(None, (settings, info["adapted"])))
         if name == "worst_case":
@@ -63,7 +79,7 @@ def _sweep_lines(report: dict) -> list[str]:
     sweep = report.get("sweep")
     if not sweep:
         return []
-    head = " | ".join(f"{e * 255:.3g}/255" for e in sweep["eps"])
+    head = " | ".join(_eps_text(e, sweep.get("norm", "linf")) for e in sweep["eps"])
     vals = " | ".join(f"{a:.2f}" for a in sweep["accuracy"])
     return ["", f"## Eps sweep ({sweep['attack']}, alpha = {sweep['alpha_rule']})", "",
             f"| eps | {head} |", "|---|" + "---:|" * len(sweep["eps"]), f"| acc (%) | {vals} |"]
@@ -73,7 +89,8 @@ def _diagnostic_lines(report: dict) -> list[str]:
     lines = []
     ap = report.get("amplitude_phase")
     if ap:
-        lines += ["", f"## Amplitude / phase ({ap['attack']}, eps {ap['eps'] * 255:.3g}/255)",
+        eps = _eps_text(ap["eps"], ap.get("norm", "linf"))
+        lines += ["", f"## Amplitude / phase ({ap['attack']}, eps {eps})",
                   "", "| x | x' | x'_amp = IDFT(A(x'), P(x)) | x'_pha = IDFT(A(x), P(x')) |",
                   "|---:|---:|---:|---:|",
                   f"| {ap['clean']:.2f} | {ap['adversarial']:.2f} | "
@@ -104,7 +121,7 @@ def _compile_text(mode: str | None) -> str:
 def format_markdown(report: dict) -> str:
     """The report as a Markdown page: results, AA breakdown, sweep, diagnostics, checks."""
     lines = ["# Robustness evaluation", "",
-             f"{report['n']} examples, L-inf eps = {report['eps_255']:.3g}/255, "
+             f"{report['n']} examples, {threat_model_text(report)}, "
              f"precision {report['precision']}"
              f"{', channels_last' if report.get('channels_last') else ''}"
              f"{_fold_text(report.get('fold_bn'))}"
@@ -142,15 +159,17 @@ def _plots(report: dict, out: Path) -> dict[str, str]:
     names, accs = list(report["results"]), list(report["results"].values())
     fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.5))
     ax.bar(names, accs, color="tab:blue")
-    ax.set(ylabel="accuracy (%)", ylim=(0, 100), title=f"eps {report['eps_255']:.3g}/255")
+    ax.set(ylabel="accuracy (%)", ylim=(0, 100), title=threat_model_text(report))
     for i, a in enumerate(accs):
         ax.text(i, a + 1, f"{a:.1f}", ha="center", fontsize=8)
     files["attacks_png"] = _save(fig, out / "attacks.png", plt)
     if report.get("sweep"):
         s = report["sweep"]
         fig, ax = plt.subplots(figsize=(4.5, 3.5))
-        ax.plot([e * 255 for e in s["eps"]], s["accuracy"], marker="o")
-        ax.set(xlabel="eps (x/255)", ylabel="accuracy (%)", ylim=(0, 100),
+        linf = s.get("norm", "linf") == "linf"
+        ax.plot([e * 255 if linf else e for e in s["eps"]], s["accuracy"], marker="o")
+        ax.set(xlabel="eps (x/255)" if linf else "eps (L2)", ylabel="accuracy (%)",
+               ylim=(0, 100),
                title=f"{s['attack']} accuracy vs eps")
         files["sweep_png"] = _save(fig, out / "accuracy_vs_eps.png", plt)
     if report.get("fourier_heatmap"):
@@ -199,8 +218,10 @@ def log_tensorboard(report: dict, log_dir: str | Path, step: int = 0) -> None:
         for name, acc in report["attacks"].get("aa", {}).get("breakdown", {}).items():
             writer.add_scalar(f"eval_aa/{name}", acc, step)
         if report.get("sweep"):
+            linf = report["sweep"].get("norm", "linf") == "linf"
             for e, acc in zip(report["sweep"]["eps"], report["sweep"]["accuracy"], strict=True):
-                writer.add_scalar(f"eval_sweep/eps_{e * 255:.3g}_255", acc, step)
+                tag = f"eps_{e * 255:.3g}_255" if linf else f"l2_eps_{e:.4g}"
+                writer.add_scalar(f"eval_sweep/{tag}", acc, step)
 
 
 def write_report(report: dict, out_dir: str | Path, tensorboard: bool = False) -> dict[str, str]:

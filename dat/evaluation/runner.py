@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import numbers
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -41,6 +42,7 @@ from .suite import (
     BoundsStats,
     EvaluationError,
     attack_points,
+    format_eps,
     make_attack,
     sweep_alpha,
     validate_attack_names,
@@ -50,15 +52,33 @@ __all__ = ["DEFAULT_SWEEP", "EvaluationError", "EvaluationInterrupted", "collect
            "evaluate"]
 
 DEFAULT_SWEEP = (0, 1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255)  # L-inf radii, [0,1] scale
+DEFAULT_SWEEP_L2 = (0, 0.125, 0.25, 0.5, 1.0, 2.0)  # L2 radii, [0, 1] pixel scale
+DEFAULT_EPS = {"linf": 8 / 255, "l2": 0.5}  # the standard CIFAR radii of each threat model
 SWEEP_STEPS = 20  # the sweep runs PGD-20
-LARGE_EPS = 0.5  # radius at which any working attack reaches chance level
+LARGE_EPS = 0.5  # L-inf radius at which any working attack reaches chance level
 MODEL_CHECK_EXAMPLES = 256  # inputs for the determinism / logits / gradient checks
 
 
+def large_eps(norm: str, image_shape: Sequence[int]) -> float:
+    """The radius at which any working attack reaches chance: 0.5 in L-inf, and in L2 the
+    length of that step on every pixel, 0.5 * sqrt(C * H * W)."""
+    if norm == "linf":
+        return LARGE_EPS
+    return LARGE_EPS * float(torch.tensor(list(image_shape)).prod()) ** 0.5
+
+
 def _validate_args(attacks: Sequence[str], eps: float, batch_size: int, precision: str,
-                   n_examples: int | None, compile_mode: str) -> None:
+                   n_examples: int | None, compile_mode: str, norm: str) -> None:
     validate_attack_names(list(attacks))
-    if not 0 <= eps <= 1:
+    if norm not in DEFAULT_EPS:
+        raise EvaluationError(f"norm={norm!r}: use linf or l2")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise EvaluationError(f"eps must be a number, got {type(eps).__name__}")
+    if norm == "l2":
+        if not 0 <= eps < float("inf"):  # also NaN
+            raise EvaluationError(f"eps={eps:g} must be a finite L2 radius >= 0 ([0, 1] "
+                                  "pixels; CIFAR-10's standard is 0.5)")
+    elif not 0 <= eps <= 1:
         hint = f"; write {eps:g}/255" if eps > 1 else ""
         raise EvaluationError(f"eps={eps:g} must be in [0, 1] (pixel scale){hint}")
     if batch_size < 1:
@@ -107,8 +127,8 @@ def _gradient_attack(name: str):
 class _Run:
     """State of one evaluation: the model, the data and what has been measured so far."""
 
-    def __init__(self, net, x, y, batch_size, device, seed, progress) -> None:
-        self.net, self.x, self.y = net, x, y
+    def __init__(self, net, x, y, batch_size, device, seed, progress, norm="linf") -> None:
+        self.net, self.x, self.y, self.norm = net, x, y, norm
         self.batch_size, self.device, self.seed, self.progress = batch_size, device, seed, progress
         self.cache: AttackCache | None = None  # finished attacks, saved (and reused)
         self.bounds: dict[str, BoundsStats] = {}
@@ -134,13 +154,13 @@ class _Run:
                label: str | None = None, subset: int | None = None) -> Tensor:
         label = label or name
         n = len(self.x) if subset is None else min(subset, len(self.x))
-        spec = make_attack(name, eps, alpha)
+        spec = make_attack(name, eps, alpha, self.norm)
         saved = self.cache.get(label, spec.info(), n) if self.cache is not None else None
         if saved is not None:
             self.bounds[label], self.info[label] = saved["bounds"], {**saved["info"],
                                                                      "reused": True}
             return saved["mask"]
-        self.bounds[label] = BoundsStats(eps)
+        self.bounds[label] = BoundsStats(eps, self.norm)
         start = time.perf_counter()
         with _gradient_attack(label):
             mask = attack_points(spec, self.net, self.x[:n], self.y[:n], self.clean[:n],
@@ -153,7 +173,7 @@ class _Run:
         return mask
 
     def autoattack(self, eps: float) -> AutoAttackResult:
-        settings = autoattack_info(eps, self.seed, self.num_classes)
+        settings = autoattack_info(eps, self.seed, self.num_classes, self.norm)
         saved = (self.cache.get("aa", settings, len(self.x)) if self.cache is not None
                  else None)
         if saved is not None:
@@ -165,7 +185,7 @@ class _Run:
         with _gradient_attack("aa"):
             res = run_autoattack(self.net, self.x, self.y, eps, self.batch_size, self.device,
                                  self.seed, self.progress, attacked=self.clean,
-                                 num_classes=self.num_classes)
+                                 num_classes=self.num_classes, norm=self.norm)
         self.bounds["aa"] = res.bounds
         self.info["aa"] = {**settings, "breakdown": res.breakdown, "batch_size": self.batch_size,
                            "seconds": round(time.perf_counter() - start, 3)}
@@ -205,25 +225,29 @@ def _worst_case(run: _Run) -> None:
 def _run_sweep(run: _Run, radii: Sequence[float]) -> dict:
     acc = []
     for e in radii:
-        run.stage = f"the eps sweep (eps {e * 255:.3g}/255)"
-        mask = run.attack(f"pgd{SWEEP_STEPS}", e, sweep_alpha(e, SWEEP_STEPS),
-                          label=f"sweep@{e * 255:.3g}/255")
+        run.stage = f"the eps sweep (eps {format_eps(e, run.norm)})"
+        mask = run.attack(f"pgd{SWEEP_STEPS}", e, sweep_alpha(e, SWEEP_STEPS, run.norm),
+                          label=f"sweep@{format_eps(e, run.norm)}")
         acc.append(_pct(mask))
-    return {"attack": f"pgd{SWEEP_STEPS}", "alpha_rule": "max(2/255, 2.5*eps/steps)",
+    rule = "max(2/255, 2.5*eps/steps)" if run.norm == "linf" else "eps/4"
+    return {"attack": f"pgd{SWEEP_STEPS}", "alpha_rule": rule, "norm": run.norm,
             "eps": list(radii), "accuracy": acc}
 
 
 def _attack_checks(run: _Run, sweep: dict | None, check_examples: int) -> list[C.Check]:
-    """PGD at eps = 0 reproduces clean accuracy; PGD at eps = 0.5 reaches chance."""
+    """PGD at eps = 0 reproduces clean accuracy; PGD at a radius that reaches almost any
+    image (:func:`large_eps`) reaches chance."""
     if sweep is not None and 0 in sweep["eps"]:
         zero = C.check_eps_zero(_pct(run.clean), sweep["accuracy"][sweep["eps"].index(0)],
                                 len(run.clean))
     else:
         at_zero = run.attack(f"pgd{SWEEP_STEPS}", 0.0, label="check@eps=0", subset=check_examples)
         zero = C.check_eps_zero(_pct(run.clean[:len(at_zero)]), _pct(at_zero), len(at_zero))
-    big = run.attack(f"pgd{SWEEP_STEPS}", LARGE_EPS, sweep_alpha(LARGE_EPS, SWEEP_STEPS),
-                     label="check@eps=0.5", subset=check_examples)
-    return [zero, C.check_large_eps(_pct(big), run.num_classes, len(big))]
+    radius = large_eps(run.norm, run.x.shape[1:])
+    label = f"eps={format_eps(radius, run.norm) if run.norm == 'l2' else LARGE_EPS}"
+    big = run.attack(f"pgd{SWEEP_STEPS}", radius, sweep_alpha(radius, SWEEP_STEPS, run.norm),
+                     label=f"check@{label}", subset=check_examples)
+    return [zero, C.check_large_eps(_pct(big), run.num_classes, len(big), label)]
 
 
 def _sanity_checks(run: _Run, results: dict, sweep: dict | None, aa_messages,
@@ -261,7 +285,8 @@ def _spread(run: _Run) -> dict:
 def _summary(run: _Run, eps: float, precision: str, channels_last: bool, fold: dict) -> dict:
     """Settings and per-attack details for the report."""
     return {**_spread(run), "class_names": run.class_names,
-            "n": len(run.y), "eps": eps, "eps_255": eps * 255, "num_classes": run.num_classes,
+            "n": len(run.y), "norm": run.norm, "eps": eps,
+            "eps_255": eps * 255 if run.norm == "linf" else None, "num_classes": run.num_classes,
             "precision": precision, "channels_last": channels_last, "fold_bn": fold,
             "compile": run.compile_mode, "seed": run.seed, "metadata": run.metadata,
             "device": str(run.device), "attacks": run.info,
@@ -270,7 +295,8 @@ def _summary(run: _Run, eps: float, precision: str, channels_last: bool, fold: d
 
 
 def evaluate(
-    model: nn.Module, data, attacks: Sequence[str] = ("clean", "pgd20"), eps: float = 8 / 255,
+    model: nn.Module, data, attacks: Sequence[str] = ("clean", "pgd20"),
+    eps: float | None = None,
     n_examples: int | None = None, batch_size: int = 500, precision: str = "fp32",
     checks: bool = True, progress: bool = True, seed: int = 0, out_dir: str | Path | None = None,
     sweep: bool | Iterable[float] | None = None, diagnostics: str | bool | None = None,
@@ -278,13 +304,17 @@ def evaluate(
     check_examples: int = 500, tensorboard: bool = False, channels_last: bool | None = None,
     fold_bn: bool | None = None, resume: bool | str = False,
     class_names: Sequence[str] | None = None, compile_mode: str = "off",
-    metadata: dict | None = None,
+    metadata: dict | None = None, norm: str = "linf",
 ) -> dict:
     """Evaluate ``model`` (a module mapping [0, 1] images to logits) against ``attacks``.
 
     ``data``: an iterable of (x, y) / dat ``Batch`` or a tuple (x, y), x in [0, 1].
-    ``attacks``: any of clean, fgsm, pgd20, pgd100, pgd<N>, cw, aa (L-inf, radius ``eps``).
-    ``sweep``: True for PGD-20 at eps 0, 1, 2, 4, 8, 16 /255, or a list of radii.
+    ``attacks``: any of clean, fgsm, pgd20, pgd100, pgd<N>, cw, aa, at radius ``eps``.
+    ``norm``: the threat model, linf (default; ``eps`` 8/255 unless given) or l2 (``eps``
+    0.5 unless given; fgsm is then the fast gradient method, pgd<N> and cw take eps/4
+    steps, aa is AutoAttack's L2 version).
+    ``sweep``: True for PGD-20 at eps 0, 1, 2, 4, 8, 16 /255 (L2: 0, 0.125, 0.25, 0.5, 1,
+    2), or a list of radii.
     ``diagnostics``: an attack name (True = pgd20) for the amplitude/phase table;
     ``heatmap``: the Fourier heat map. Returns the report; ``report["results"][name]`` is
     accuracy in percent. Dual-BN models are evaluated on their main branch, in eval mode.
@@ -310,17 +340,22 @@ def evaluate(
     into ``report["metadata"]`` and the Markdown page; evaluate.py fills it in.
     """
     attacks = list(attacks)
-    _validate_args(attacks, eps, batch_size, precision, n_examples, compile_mode)
+    eps = DEFAULT_EPS.get(norm, 0.0) if eps is None else eps
+    _validate_args(attacks, eps, batch_size, precision, n_examples, compile_mode, norm)
     metadata = _checked_metadata(metadata)
     if compile_mode != "off" and is_compiled(model):
         raise EvaluationError("the model is already compiled; evaluate it with "
                               "compile_mode='off' (--compile off), or pass the plain model")
     if exported_program(model):  # its eval() raises NotImplementedError
         raise EvaluationError(exported_program_message("the model is"))
-    radii = list(DEFAULT_SWEEP) if sweep is True else (list(sweep) if sweep else None)
-    if radii and not all(0 <= r <= 1 for r in radii):  # also NaN
+    default_radii = DEFAULT_SWEEP if norm == "linf" else DEFAULT_SWEEP_L2
+    radii = list(default_radii) if sweep is True else (list(sweep) if sweep else None)
+    if radii and norm == "linf" and not all(0 <= r <= 1 for r in radii):  # also NaN
         raise EvaluationError(f"sweep radii {radii} must lie in [0, 1] (pixel scale), e.g. "
                               "[0, 2/255, 8/255]")
+    if radii and norm == "l2" and not all(0 <= r < float("inf") for r in radii):
+        raise EvaluationError(f"sweep radii {radii} must be finite L2 radii >= 0, e.g. "
+                              "[0, 0.25, 0.5, 1]")
     if heatmap and heatmap_examples < 1:
         raise EvaluationError(f"heatmap_examples={heatmap_examples} must be >= 1")
     if heatmap and not 0 < heatmap_norm < float("inf"):  # also NaN
@@ -383,7 +418,7 @@ def evaluate(
             # at every call
             stack.enter_context(monitor.watch(net))
             stack.enter_context(compile_errors(compile_mode))
-            run = _Run(net, x, y, batch_size, device, seed, progress)
+            run = _Run(net, x, y, batch_size, device, seed, progress, norm)
             run.compile_mode, run.metadata = compile_mode, metadata
             if class_names is not None:
                 if len(class_names) != run.num_classes:
@@ -395,7 +430,8 @@ def evaluate(
                 run.cache = AttackCache(out_dir, fingerprint(
                     model, x, y, run.clean, seed=seed, precision=precision,
                     device=device.type, channels_last=channels_last, fold_bn=fold["folded"],
-                    **({"compile": compile_mode} if compile_mode != "off" else {})), resume)
+                    **({"compile": compile_mode} if compile_mode != "off" else {}),
+                    **({"norm": norm} if norm != "linf" else {})), resume)
             try:
                 results, aa_messages = _run_attacks(run, attacks, eps)
                 swept = _run_sweep(run, radii) if radii else None
@@ -462,7 +498,7 @@ def _diagnostics(run: _Run, eps: float, attack, heatmap: bool, norm: float,
         name = "pgd20" if attack is True else attack
         out["amplitude_phase"] = amplitude_phase_table(
             run.net, run.x, run.y, attack=name, eps=eps, batch_size=run.batch_size,
-            device=run.device, seed=run.seed, progress=run.progress)
+            device=run.device, seed=run.seed, progress=run.progress, norm=run.norm)
     if heatmap:
         from .diagnostics import fourier_heatmap
 
