@@ -462,7 +462,8 @@ def pgd(
     ``norm="l2"``: the L2 threat model (radius ``eps``, steps of length ``alpha`` along
     the normalised gradient, a start at a uniform radius in a Gaussian direction), as
     torchattacks' PGDL2; not compiled.
-    ``start`` overrides the random start (an initial perturbation in [-eps, eps]).
+    ``start`` overrides the random start (an initial perturbation, projected onto the
+    eps-ball: [-eps, eps] per pixel, or the L2 ball).
     ``compile_mode`` (off | default | reduce-overhead | max-autotune) runs each step as
     one compiled graph (:func:`compiled_step`). ``check_range`` refuses images outside
     [0, 1] (normalised ones would leave the eps-ball); it waits for the device once, so

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .suite import format_eps
+
 __all__ = ["format_markdown", "heatmap_extent", "log_tensorboard", "threat_model_text",
            "write_report"]
 
@@ -18,12 +20,8 @@ def _norm(report: dict) -> str:
 def threat_model_text(report: dict) -> str:
     """``L-inf eps = 8/255`` or ``L2 eps = 0.5``: the threat model a report measured."""
     if _norm(report) == "l2":
-        return f"L2 eps = {report['eps']:.4g}"
-    return f"L-inf eps = {report['eps'] * 255:.3g}/255"
-
-
-def _eps_text(eps: float, norm: str) -> str:
-    return f"{eps * 255:.3g}/255" if norm == "linf" else f"{eps:.4g}"
+        return f"L2 eps = {format_eps(report['eps'], 'l2')}"
+    return f"L-inf eps = {format_eps(report['eps'])}"
 
 
 def _results_table(report: dict) -> list[str]:
@@ -36,7 +34,7 @@ def _results_table(report: dict) -> list[str]:
         impl = f"{info['implementation']} {info['version']}" if info else "-"
         keys = ("steps", "alpha", "loss")
         settings = ", ".join(
-            f"{k}={_eps_text(info[k], info.get('norm', 'linf'))}" if k == "alpha"
+            f"{k}={format_eps(info[k], info.get('norm', 'linf'))}" if k == "alpha"
             else f"{k}={info[k]}" for k in keys if k in info)
         if "adapted" in info:
             settings = ", ".join(filter(None, (settings, info["adapted"])))
@@ -79,7 +77,7 @@ def _sweep_lines(report: dict) -> list[str]:
     sweep = report.get("sweep")
     if not sweep:
         return []
-    head = " | ".join(_eps_text(e, sweep.get("norm", "linf")) for e in sweep["eps"])
+    head = " | ".join(format_eps(e, sweep.get("norm", "linf")) for e in sweep["eps"])
     vals = " | ".join(f"{a:.2f}" for a in sweep["accuracy"])
     return ["", f"## Eps sweep ({sweep['attack']}, alpha = {sweep['alpha_rule']})", "",
             f"| eps | {head} |", "|---|" + "---:|" * len(sweep["eps"]), f"| acc (%) | {vals} |"]
@@ -89,7 +87,7 @@ def _diagnostic_lines(report: dict) -> list[str]:
     lines = []
     ap = report.get("amplitude_phase")
     if ap:
-        eps = _eps_text(ap["eps"], ap.get("norm", "linf"))
+        eps = format_eps(ap["eps"], ap.get("norm", "linf"))
         lines += ["", f"## Amplitude / phase ({ap['attack']}, eps {eps})",
                   "", "| x | x' | x'_amp = IDFT(A(x'), P(x)) | x'_pha = IDFT(A(x), P(x')) |",
                   "|---:|---:|---:|---:|",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import numbers
 import time
 from collections.abc import Iterable, Sequence
@@ -64,7 +65,7 @@ def large_eps(norm: str, image_shape: Sequence[int]) -> float:
     length of that step on every pixel, 0.5 * sqrt(C * H * W)."""
     if norm == "linf":
         return LARGE_EPS
-    return LARGE_EPS * float(torch.tensor(list(image_shape)).prod()) ** 0.5
+    return LARGE_EPS * math.sqrt(math.prod(image_shape))
 
 
 def _validate_args(attacks: Sequence[str], eps: float, batch_size: int, precision: str,
