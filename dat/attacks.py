@@ -452,16 +452,18 @@ def _gaussian_start(x: Tensor, std: float, eps: float, noise: Tensor | None) -> 
 
 
 def pgd(
-    model: nn.Module, x: Tensor, y: Tensor, eps: float = 8 / 255, alpha: float = 2 / 255,
-    steps: int = 10, random_start: bool = True, loss: str = "ce",
+    model: nn.Module, x: Tensor, y: Tensor, eps: float | None = None,
+    alpha: float | None = None, steps: int = 10, random_start: bool = True, loss: str = "ce",
     label_smoothing: float = 0.0, branch: str | None = None, start: Tensor | None = None,
     compile_mode: str = "off", check_range: bool = True, norm: str = "linf",
 ) -> Tensor:
     """Madry et al. PGD: ascend CE (or the CW margin, ``loss="cw"``) from a uniform start.
 
+    ``eps`` and ``alpha`` default to 8/255 and 2/255 (L-inf).
     ``norm="l2"``: the L2 threat model (radius ``eps``, steps of length ``alpha`` along
     the normalised gradient, a start at a uniform radius in a Gaussian direction), as
-    torchattacks' PGDL2; not compiled.
+    torchattacks' PGDL2; not compiled. Its defaults are eps 0.5 and alpha eps/4, as
+    ``dat.evaluate(norm="l2")`` runs it (8/255 would be an L2 radius 16 times too small).
     ``start`` overrides the random start (an initial perturbation, projected onto the
     eps-ball: [-eps, eps] per pixel, or the L2 ball).
     ``compile_mode`` (off | default | reduce-overhead | max-autotune) runs each step as
@@ -471,6 +473,11 @@ def pgd(
     """
     if loss not in ("ce", "cw"):
         raise ValueError(f"unknown PGD loss {loss!r}; use 'ce' or 'cw'")
+    check_norm(norm)
+    if eps is None:
+        eps = 0.5 if norm == "l2" else 8 / 255
+    if alpha is None:
+        alpha = eps / 4 if norm == "l2" and isinstance(eps, numbers.Real) else 2 / 255
     check_radius(eps, alpha, steps, norm)
     if norm == "l2" and compile_mode != "off":
         raise ValueError("compiled attack steps are L-inf only; use compile_mode='off' with "

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .suite import BoundsStats
+from .suite import BoundsStats, format_eps
 
 __all__ = [
     "Check",
@@ -197,8 +197,9 @@ def check_above_chance(clean: float, num_classes: int, n: int) -> Check:
                  f"clean accuracy {clean:.2f}% is above chance ({chance:.2f}%)")
 
 
-def check_monotone(eps: list[float], acc: list[float], n: int) -> Check:
-    """Accuracy must not rise with eps; a rise of a couple of points' noise only warns."""
+def check_monotone(eps: list[float], acc: list[float], n: int, norm: str = "linf") -> Check:
+    """Accuracy must not rise with eps; a rise of a couple of points' noise only warns.
+    ``norm`` (linf or l2) says how the radius is written: ``8/255`` or ``0.5``."""
     rises = [(eps[i + 1], acc[i + 1] - acc[i]) for i in range(len(acc) - 1)
              if acc[i + 1] > acc[i]]
     if not rises:
@@ -207,7 +208,7 @@ def check_monotone(eps: list[float], acc: list[float], n: int) -> Check:
     noise = max(0.5, 200.0 / max(n, 1))  # points: two examples, or half a point
     status = "warn" if rise <= noise else "fail"
     return Check("sweep_monotone", status,
-                 f"accuracy rises by {rise:.2f} points at eps={at * 255:.3g}/255; a larger "
+                 f"accuracy rises by {rise:.2f} points at eps={format_eps(at, norm)}; a larger "
                  "ball should never help the model (attack failing or gradient masking)")
 
 

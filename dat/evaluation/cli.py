@@ -79,9 +79,13 @@ def parse_l2_eps(text: str) -> float:
     """
     text = text.strip()
     if "/" in text:
+        try:
+            said = f"{text} = {parse_eps(text):.4g}; "
+        except argparse.ArgumentTypeError:
+            said = ""
         raise argparse.ArgumentTypeError(
-            f"eps {text} under --norm l2: write the L2 radius as a decimal, e.g. 0.5 (the "
-            "CIFAR standard); x/255 fractions are L-inf radii")
+            f"eps {text} under --norm l2: write the L2 radius as a decimal ({said}the CIFAR "
+            "standard is 0.5); x/255 fractions are refused as the L-inf habit")
     try:
         value = float(text)
     except ValueError:
@@ -185,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "images; MEAN/STD as 0.5,0.5,0.5/0.25,0.25,0.25")
     p.add_argument("--attacks", default=PAPER_ATTACKS,
                    help=f"comma list of clean,fgsm,pgd20,pgd100,pgd<N>,cw,aa ({PAPER_ATTACKS})")
-    p.add_argument("--norm", choices=("linf", "l2"), default="linf",
+    p.add_argument("--norm", choices=("linf", "l2"), default="linf", type=str.lower,
                    help="threat model (default linf); l2: fgsm is the fast gradient method, "
                         "pgd<N> and cw take eps/4 steps, aa is AutoAttack's L2 version")
     p.add_argument("--eps",
@@ -202,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "data.val_size images held out of train/ that training selected "
                         "best.pt on (not a val/ folder)")
     p.add_argument("--out", help="report folder (default: eval_<name> next to the checkpoint; "
-                   "with --model, eval_<model>-<weights name> in the working folder)")
+                   "with --model, eval_<model>-<weights name> in the working folder; "
+                   "_l2 added under --norm l2)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
                    help="feed the model channels_last images (auto: on for CPU and CUDA, "
@@ -254,14 +259,16 @@ def _out_dir(args: argparse.Namespace) -> Path:
     """--out, or ``eval_<name>`` next to the checkpoint / in the working folder."""
     if args.out:
         return Path(args.out)
+    # one folder per threat model: an L2 evaluation would overwrite the L-inf report
+    norm = "_l2" if args.norm == "l2" else ""
     if args.checkpoint:
-        return Path(args.checkpoint).parent / f"eval_{Path(args.checkpoint).stem}"
+        return Path(args.checkpoint).parent / f"eval_{Path(args.checkpoint).stem}{norm}"
     from ..entry_points import is_spec
 
     name = args.model.rpartition(":")[2] if is_spec(args.model) else args.model
     if args.weights:  # one folder per weights file: a second file would overwrite the first
         name = f"{name}-{Path(args.weights).stem}"
-    return Path("eval_" + re.sub(r"[^\w.-]", "_", name))  # timm/x -> eval_timm_x
+    return Path("eval_" + re.sub(r"[^\w.-]", "_", name) + norm)  # timm/x -> eval_timm_x
 
 
 def _check_writable(out: Path) -> bool:

@@ -84,6 +84,8 @@ def _row(name: str, a: Tensor, b: Tensor) -> dict:
 
 # evaluation settings besides the attacks' own; a difference in them is part of A - B
 _SETTINGS = ("precision", "seed", "device", "channels_last", "fold_bn", "compile", "norm")
+# what a fingerprint without the key means: it is stored only when not the default
+_UNSTORED = {"compile": "off", "norm": "linf"}
 
 
 def compare(folder_a: str | Path, folder_b: str | Path) -> dict:
@@ -116,8 +118,9 @@ def compare(folder_a: str | Path, folder_b: str | Path) -> dict:
             worst_a &= masks_a[k]
             worst_b &= masks_b[k]
         rows.append(_row(f"worst_case ({', '.join(attacks)})", worst_a, worst_b))
-    differ = {k: [a["fingerprint"].get(k), b["fingerprint"].get(k)] for k in _SETTINGS
-              if a["fingerprint"].get(k) != b["fingerprint"].get(k)}
+    said_a, said_b = ({k: f["fingerprint"].get(k, _UNSTORED.get(k)) for k in _SETTINGS}
+                      for f in (a, b))
+    differ = {k: [said_a[k], said_b[k]] for k in _SETTINGS if said_a[k] != said_b[k]}
     return {"n": n, "a": str(folder_a), "b": str(folder_b), "rows": rows,
             "not_compared": skipped, "settings_differ": differ}
 

@@ -36,12 +36,12 @@ def swap_spectra(x: Tensor, x_adv: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def amplitude_phase_table(
-    model: nn.Module, x: Tensor, y: Tensor, attack: str = "pgd20", eps: float = 8 / 255,
+    model: nn.Module, x: Tensor, y: Tensor, attack: str = "pgd20", eps: float | None = None,
     batch_size: int = 500, device: torch.device | str | None = None, seed: int = 0,
     progress: bool = True, norm: str = "linf",
 ) -> dict:
     """Accuracy (percent) on x, x', x'_amp and x'_pha for ``attack`` at radius ``eps``
-    in ``norm`` (linf or l2).
+    in ``norm`` (linf or l2; ``eps`` 8/255, or 0.5 under L2, unless given).
 
     Every example is attacked (not only the clean-correct ones), because x'_amp and
     x'_pha of a misclassified image can still be classified correctly. The model should
@@ -50,6 +50,8 @@ def amplitude_phase_table(
     if attack in ("clean", "aa"):
         raise ValueError(f"diagnostics need a per-batch attack (fgsm, pgd20, cw, ...), "
                          f"not {attack!r}")
+    if eps is None:
+        eps = 0.5 if norm == "l2" else 8 / 255
     spec = make_attack(attack, eps, norm=norm)
     device = torch.device(device) if device is not None else x.device
     seed_everything(seed)

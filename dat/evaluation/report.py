@@ -177,7 +177,9 @@ def _plots(report: dict, out: Path) -> dict[str, str]:
         keys = ("clean", "adversarial", "adversarial_amplitude", "adversarial_phase")
         fig, ax = plt.subplots(figsize=(5, 3.5))
         ax.bar(["x", "x'", "x'_amp", "x'_pha"], [ap[k] for k in keys], color="tab:green")
-        ax.set(ylabel="accuracy (%)", ylim=(0, 100), title=f"amplitude / phase ({ap['attack']})")
+        said = f", L2 eps {format_eps(ap['eps'], 'l2')}" if ap.get("norm") == "l2" else ""
+        ax.set(ylabel="accuracy (%)", ylim=(0, 100),
+               title=f"amplitude / phase ({ap['attack']}{said})")
         files["amplitude_phase_png"] = _save(fig, out / "amplitude_phase.png", plt)
     return files
 
@@ -207,14 +209,16 @@ def _save(fig, path: Path, plt) -> str:
 
 
 def log_tensorboard(report: dict, log_dir: str | Path, step: int = 0) -> None:
-    """Write the report's accuracies as TensorBoard scalars under ``eval/``."""
+    """Write the report's accuracies as TensorBoard scalars under ``eval/`` (an L2
+    evaluation's under ``eval_l2/``)."""
     from torch.utils.tensorboard import SummaryWriter
 
+    l2 = "_l2" if _norm(report) == "l2" else ""  # eval_l2/pgd20: not the L-inf eval/pgd20
     with SummaryWriter(str(log_dir)) as writer:
         for name, acc in report["results"].items():
-            writer.add_scalar(f"eval/{name}", acc, step)
+            writer.add_scalar(f"eval{l2}/{name}", acc, step)
         for name, acc in report["attacks"].get("aa", {}).get("breakdown", {}).items():
-            writer.add_scalar(f"eval_aa/{name}", acc, step)
+            writer.add_scalar(f"eval{l2}_aa/{name}", acc, step)
         if report.get("sweep"):
             linf = report["sweep"].get("norm", "linf") == "linf"
             for e, acc in zip(report["sweep"]["eps"], report["sweep"]["accuracy"], strict=True):

@@ -68,13 +68,39 @@ def large_eps(norm: str, image_shape: Sequence[int]) -> float:
     return LARGE_EPS * math.sqrt(math.prod(image_shape))
 
 
+def _as_radius(value, norm: str, what: str = "eps"):
+    """``value`` as a plain number: a one-element real tensor (``torch.tensor(0.5)``)
+    becomes its float, as evaluate() took it before the L2 threat model; text, booleans
+    and other types are refused in one line."""
+    if (torch.is_tensor(value) and value.numel() == 1 and not value.dtype.is_complex
+            and value.dtype != torch.bool):
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        example = "0.5" if norm == "l2" else "8 / 255"
+        raise EvaluationError(f"{what} must be a number such as {example}, got "
+                              f"{type(value).__name__} {value!r:.40}")
+    return value
+
+
+def _check_l2_reach(eps: float, radii: Sequence[float] | None, image_shape) -> None:
+    """Refuse L2 radii longer than the diagonal of the image cube, sqrt(C*H*W) (black to
+    white): such a ball holds every image, and a radius that large is almost always a
+    0-255 value (128 for 128/255 = 0.502)."""
+    diagonal = math.sqrt(math.prod(image_shape))
+    shape = "x".join(str(int(d)) for d in image_shape)
+    for what, r in [("eps", eps), *(("sweep radius", v) for v in radii or ())]:
+        if r > diagonal:
+            raise EvaluationError(
+                f"L2 {what} {r:g} exceeds {diagonal:.4g}, the distance from a black to a "
+                f"white {shape} image (every image is inside); L2 radii are on the [0, 1] "
+                f"pixel scale: {r:g}/255 is {r / 255:.4g}")
+
+
 def _validate_args(attacks: Sequence[str], eps: float, batch_size: int, precision: str,
                    n_examples: int | None, compile_mode: str, norm: str) -> None:
     validate_attack_names(list(attacks))
     if norm not in DEFAULT_EPS:
         raise EvaluationError(f"norm={norm!r}: use linf or l2")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise EvaluationError(f"eps must be a number, got {type(eps).__name__}")
     if norm == "l2":
         if not 0 <= eps < float("inf"):  # also NaN
             raise EvaluationError(f"eps={eps:g} must be a finite L2 radius >= 0 ([0, 1] "
@@ -248,7 +274,8 @@ def _attack_checks(run: _Run, sweep: dict | None, check_examples: int) -> list[C
     label = f"eps={format_eps(radius, run.norm) if run.norm == 'l2' else LARGE_EPS}"
     big = run.attack(f"pgd{SWEEP_STEPS}", radius, sweep_alpha(radius, SWEEP_STEPS, run.norm),
                      label=f"check@{label}", subset=check_examples)
-    return [zero, C.check_large_eps(_pct(big), run.num_classes, len(big), label)]
+    said = label if run.norm == "linf" else f"L2 {label} (0.5 on every pixel)"
+    return [zero, C.check_large_eps(_pct(big), run.num_classes, len(big), said)]
 
 
 def _sanity_checks(run: _Run, results: dict, sweep: dict | None, aa_messages,
@@ -264,7 +291,8 @@ def _sanity_checks(run: _Run, results: dict, sweep: dict | None, aa_messages,
     else:
         found += _attack_checks(run, sweep, check_examples)
     if sweep is not None:
-        found.append(C.check_monotone(sweep["eps"], sweep["accuracy"], len(run.y)))
+        found.append(C.check_monotone(sweep["eps"], sweep["accuracy"], len(run.y),
+                                       run.norm))
     else:
         found.append(C.Check("sweep_monotone", "skip", "no eps sweep was run (sweep=True)"))
     found += [C.check_aa_gap(results, len(run.y)),
@@ -341,7 +369,8 @@ def evaluate(
     into ``report["metadata"]`` and the Markdown page; evaluate.py fills it in.
     """
     attacks = list(attacks)
-    eps = DEFAULT_EPS.get(norm, 0.0) if eps is None else eps
+    norm = norm.lower() if isinstance(norm, str) else norm  # "L2", "Linf" as papers write them
+    eps = DEFAULT_EPS.get(norm, 0.0) if eps is None else _as_radius(eps, norm)
     _validate_args(attacks, eps, batch_size, precision, n_examples, compile_mode, norm)
     metadata = _checked_metadata(metadata)
     if compile_mode != "off" and is_compiled(model):
@@ -351,6 +380,7 @@ def evaluate(
         raise EvaluationError(exported_program_message("the model is"))
     default_radii = DEFAULT_SWEEP if norm == "linf" else DEFAULT_SWEEP_L2
     radii = list(default_radii) if sweep is True else (list(sweep) if sweep else None)
+    radii = [_as_radius(r, norm, "a sweep radius") for r in radii] if radii else radii
     if radii and norm == "linf" and not all(0 <= r <= 1 for r in radii):  # also NaN
         raise EvaluationError(f"sweep radii {radii} must lie in [0, 1] (pixel scale), e.g. "
                               "[0, 2/255, 8/255]")
@@ -375,6 +405,8 @@ def evaluate(
             if out_dir is not None else contextlib.nullcontext())
     with held:
         x, y = collect_examples(data, n_examples)
+        if norm == "l2":
+            _check_l2_reach(eps, radii, x.shape[1:])
         device = model_device(model)
         chosen_layout = channels_last is not None
         measured = device.type in ("cpu", "cuda")  # where both are timed faster
