@@ -807,6 +807,11 @@ def test_two_evaluations_of_the_same_examples_are_compared_pairwise(
     evaluate(trained, (x[:50], y[:50]), attacks=["clean", "fgsm"], out_dir=tmp_path / "e", **kw)
     with pytest.raises(EvaluationError, match="same model on the same examples with the same"):
         compare(tmp_path / "a", tmp_path / "e")
+    # at another radius too: the refusal names the attacks' settings, not "the same settings"
+    evaluate(trained, (x[:50], y[:50]), attacks=["clean", "fgsm"], eps=4 / 255,
+             out_dir=tmp_path / "e4", **kw)
+    with pytest.raises(EvaluationError, match="attacks' own, such as eps"):
+        compare(tmp_path / "a", tmp_path / "e4")
     # other settings are compared, and said: bf16 against fp32 of the same model
     evaluate(trained, (x[:50], y[:50]), attacks=["clean", "fgsm"], precision="bf16",
              out_dir=tmp_path / "f", **kw)

@@ -602,3 +602,21 @@ def test_cli_evaluates_under_l2_and_refuses_fractions(make_warm_model, sample_sp
     assert "L-inf eps = 8/255" in linf_page
     assert json.loads((tmp_path / "linf" / "report.json").read_text())["norm"] == "linf"
     capsys.readouterr()
+
+
+def test_markdown_settings_column_names_the_norm_of_l2_attacks_and_of_autoattack() -> None:
+    # Catches: a results table whose settings column leaves the threat model out (the AA
+    # row had an empty column), or that writes an L2 step as x/255.
+    report = {"n": 10, "norm": "l2", "eps": 0.5, "eps_255": None, "precision": "fp32",
+              "seed": 0, "device": "cpu", "seconds": 1.0,
+              "results": {"clean": 50.0, "pgd20": 40.0, "aa": 30.0},
+              "attacks": {"pgd20": {"implementation": "dat.attacks.pgd(norm='l2')",
+                                    "version": "0", "norm": "l2", "steps": 20,
+                                    "alpha": 0.125, "loss": "ce"},
+                          "aa": {"implementation": "pyautoattack.AutoAttack", "version": "0",
+                                 "norm": "L2"}}}
+    page = format_markdown(report)
+    assert "| pgd20 | 40.00 | - | dat.attacks.pgd(norm='l2') 0 | norm=l2, steps=20, " \
+           "alpha=0.125, loss=ce |" in page
+    assert "| aa | 30.00 | - | pyautoattack.AutoAttack 0 | norm=L2 |" in page
+    assert "/255" not in page

@@ -96,8 +96,10 @@ def compare(folder_a: str | Path, folder_b: str | Path) -> dict:
         raise EvaluationError("the two evaluations used other examples; evaluate both on the "
                               "same data, --split and --n-examples")
     if a["fingerprint"] == b["fingerprint"]:  # deterministic: the numbers can only agree
-        raise EvaluationError("both folders evaluate the same model on the same examples with "
-                              "the same settings; pass the evaluations of two models")
+        raise EvaluationError(
+            "both folders evaluate the same model on the same examples with the same "
+            "evaluation settings (any difference lies in the attacks' own, such as eps, which "
+            "pairs no attack); pass the evaluations of two models")
     n = _count(a)
     masks_a, masks_b = _masks(a, n), _masks(b, n)
     common, skipped = [], []

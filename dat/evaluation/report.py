@@ -32,7 +32,7 @@ def _results_table(report: dict) -> list[str]:
         interval = f"{low:.1f} - {high:.1f}" if low is not None else "-"
         info = report["attacks"].get(name, {})
         impl = f"{info['implementation']} {info['version']}" if info else "-"
-        keys = ("steps", "alpha", "loss")
+        keys = ("norm", "steps", "alpha", "loss")
         settings = ", ".join(
             f"{k}={format_eps(info[k], info.get('norm', 'linf'))}" if k == "alpha"
             else f"{k}={info[k]}" for k in keys if k in info)
