@@ -31,6 +31,7 @@ from .models.dual_bn import bn_branch
 
 __all__ = [
     "ATTACK_COMPILE_MODES",
+    "DEFAULT_EPS",
     "NORMS",
     "as_class_indices",
     "check_compile_mode",
@@ -177,6 +178,7 @@ def project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
 
 
 NORMS = ("linf", "l2")  # threat models: L-inf (training and evaluation) and L2 (evaluation)
+DEFAULT_EPS = {"linf": 8 / 255, "l2": 0.5}  # the standard CIFAR radius of each norm
 _DIVISION_GUARD = 1e-10  # added to gradient norms, as torchattacks' PGDL2 adds it
 
 
@@ -475,7 +477,7 @@ def pgd(
         raise ValueError(f"unknown PGD loss {loss!r}; use 'ce' or 'cw'")
     check_norm(norm)
     if eps is None:
-        eps = 0.5 if norm == "l2" else 8 / 255
+        eps = DEFAULT_EPS[norm]
     if alpha is None:
         alpha = eps / 4 if norm == "l2" and isinstance(eps, numbers.Real) else 2 / 255
     check_radius(eps, alpha, steps, norm)

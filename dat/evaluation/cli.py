@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..attacks import DEFAULT_EPS
 from ..config import DataConfig
 from ..folder_lock import LOCK_NAME, hold_folder
 from ..messages import one_line, one_line_warnings
@@ -482,7 +483,7 @@ def _read_radii(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ar
     linf = args.norm == "linf"
     try:
         if args.eps is None:
-            args.eps = 8 / 255 if linf else 0.5
+            args.eps = DEFAULT_EPS[args.norm]
         else:
             args.eps = parse_eps(args.eps) if linf else parse_l2_eps(args.eps)
     except argparse.ArgumentTypeError as err:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..attacks import DEFAULT_EPS
 from ..spectral import decompose, recombine
 from .suite import make_attack, predict, seed_everything
 
@@ -51,7 +52,7 @@ def amplitude_phase_table(
         raise ValueError(f"diagnostics need a per-batch attack (fgsm, pgd20, cw, ...), "
                          f"not {attack!r}")
     if eps is None:
-        eps = 0.5 if norm == "l2" else 8 / 255
+        eps = DEFAULT_EPS.get(norm, DEFAULT_EPS["linf"])  # a bad norm: make_attack says so
     spec = make_attack(attack, eps, norm=norm)
     device = torch.device(device) if device is not None else x.device
     seed_everything(seed)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..attacks import eager_module, eval_mode, frozen_parameters, is_compiled
+from ..attacks import DEFAULT_EPS, eager_module, eval_mode, frozen_parameters, is_compiled
 from ..entry_points import exported_program, exported_program_message
 from ..folder_lock import hold_folder
 from ..models.dual_bn import bn_branch, has_dual_bn
@@ -54,7 +54,6 @@ __all__ = ["DEFAULT_SWEEP", "EvaluationError", "EvaluationInterrupted", "collect
 
 DEFAULT_SWEEP = (0, 1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255)  # L-inf radii, [0,1] scale
 DEFAULT_SWEEP_L2 = (0, 0.125, 0.25, 0.5, 1.0, 2.0)  # L2 radii, [0, 1] pixel scale
-DEFAULT_EPS = {"linf": 8 / 255, "l2": 0.5}  # the standard CIFAR radii of each threat model
 SWEEP_STEPS = 20  # the sweep runs PGD-20
 LARGE_EPS = 0.5  # L-inf radius at which any working attack reaches chance level
 MODEL_CHECK_EXAMPLES = 256  # inputs for the determinism / logits / gradient checks
