@@ -59,12 +59,17 @@ LARGE_EPS = 0.5  # L-inf radius at which any working attack reaches chance level
 MODEL_CHECK_EXAMPLES = 256  # inputs for the determinism / logits / gradient checks
 
 
+def _diagonal(image_shape: Sequence[int]) -> float:
+    """The L2 distance from a black to a white image of ``image_shape``: sqrt(C*H*W)."""
+    return math.sqrt(math.prod(image_shape))
+
+
 def large_eps(norm: str, image_shape: Sequence[int]) -> float:
     """The radius at which any working attack reaches chance: 0.5 in L-inf, and in L2 the
     length of that step on every pixel, 0.5 * sqrt(C * H * W)."""
     if norm == "linf":
         return LARGE_EPS
-    return LARGE_EPS * math.sqrt(math.prod(image_shape))
+    return LARGE_EPS * _diagonal(image_shape)
 
 
 def _as_radius(value, norm: str, what: str = "eps"):
@@ -85,7 +90,7 @@ def _check_l2_reach(eps: float, radii: Sequence[float] | None, image_shape) -> N
     """Refuse L2 radii longer than the diagonal of the image cube, sqrt(C*H*W) (black to
     white): such a ball holds every image, and a radius that large is almost always a
     0-255 value (128 for 128/255 = 0.502)."""
-    diagonal = math.sqrt(math.prod(image_shape))
+    diagonal = _diagonal(image_shape)
     shape = "x".join(str(int(d)) for d in image_shape)
     for what, r in [("eps", eps), *(("sweep radius", v) for v in radii or ())]:
         if r > diagonal:
