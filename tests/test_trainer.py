@@ -215,7 +215,29 @@ def test_ema_and_swa_follow_their_formulas() -> None:
     assert math.isclose(float(ema.module[0].bias[0]), 2.75)
 
 
-def test_autoattack_callback_records_reference_aa_on_validation_images(tmp_path) -> None:
+@pytest.fixture
+def short_autoattack(monkeypatch) -> None:
+    """The reference AutoAttack, cut to 5 iterations per sub-attack and 50 Square queries.
+
+    Tests of what is built around AutoAttack use it: at full length, a point that AA cannot
+    break costs about 100 s on a CPU (the AA numbers themselves are checked against
+    pyautoattack in test_evaluation.py)."""
+    import pyautoattack
+
+    full = pyautoattack.AutoAttack
+
+    def short(*args, **kwargs):
+        aa = full(*args, **kwargs)
+        for attack in (aa.apgd, aa.apgd_targeted):
+            attack.n_iter, attack.n_iter_2, attack.n_iter_min = 5, 2, 1
+        aa.fab.n_iter, aa.square.n_queries = 5, 50
+        return aa
+
+    monkeypatch.setattr(pyautoattack, "AutoAttack", short)
+
+
+def test_autoattack_callback_records_reference_aa_on_validation_images(
+        tmp_path, short_autoattack) -> None:
     from dat.callbacks import AutoAttackCallback, autoattack_every_10_epochs, load_callback
 
     assert load_callback("dat.callbacks:autoattack_every_10_epochs") is autoattack_every_10_epochs
