@@ -161,3 +161,61 @@ def test_amplitude_mix_rejects_bad_input():
     with pytest.raises(ValueError, match="mu"):
         AmplitudeMix(mu=2.0)
     assert "mu=0.5" in repr(AmplitudeMix(mu=0.5))
+
+
+def test_mean_amplitude_rejects_an_empty_batch():
+    with pytest.raises(ValueError, match="non-empty"):
+        mean_amplitude(torch.zeros(0, 3, 8, 8))
+
+
+def test_generator_does_not_backpropagate_into_the_logits():
+    gen = AmplitudeGenerator(10, (3, 8, 8))
+    logits = torch.randn(4, 10, requires_grad=True)
+    gen(logits).sum().backward()
+    assert logits.grad is None  # the AAG's loss must not train the classifier
+    assert all(p.grad is not None for p in gen.parameters())
+
+
+@pytest.mark.parametrize("bad", [(3, 1, 1), (3, 8, 8), (8, 5)])
+def test_mean_amplitude_of_another_shape_is_refused(bad):
+    gen = AmplitudeGenerator(10, (3, 8, 8))
+    with pytest.raises(ValueError, match=r"expected \(3, 8, 5\)"):
+        gen.set_mean_amplitude(torch.ones(bad))
+    with pytest.raises(ValueError, match=r"\(C, H, W//2\+1\)"):
+        AmplitudeGenerator(10, (3, 8, 8), amplitude_scale="dataset", mean_amp=torch.ones(bad))
+    assert torch.equal(gen.scale, torch.ones(3, 8, 5))  # unchanged by the refused call
+
+
+@pytest.mark.parametrize("z_shape", [(4, 50), (3, 100), (4, 100, 1)])
+def test_noise_of_a_wrong_shape_is_refused(z_shape):
+    gen = AmplitudeGenerator(10, (3, 8, 8))
+    with pytest.raises(ValueError, match=r"z must be \(B, 100\)"):
+        gen(torch.randn(4, 10), z=torch.randn(z_shape))
+
+
+def test_generator_image_shape_must_have_three_dims():
+    with pytest.raises(ValueError, match="image_shape must be"):
+        AmplitudeGenerator(10, (1, 3, 8, 8))
+
+
+def test_generator_runs_in_fp32_under_bf16_autocast():
+    gen = AmplitudeGenerator(10, (3, 8, 8)).eval()
+    logits, z = torch.randn(4, 10), torch.randn(4, 100)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = gen.unit(logits.bfloat16(), z=z)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, gen.unit(logits.bfloat16().float(), z=z), atol=1e-6)
+
+
+@pytest.mark.parametrize("batch_size", [3, 5])
+def test_partner_shift_takes_every_nonzero_value(batch_size):
+    shifts = {int(partner_index(batch_size, torch.Generator().manual_seed(seed))[0])
+              for seed in range(60)}
+    assert shifts == set(range(1, batch_size))
+
+
+def test_amplitude_mix_default_mu_is_one(sample_images):
+    x = sample_images[:8].float() / 255
+    default = AmplitudeMix(generator=torch.Generator().manual_seed(2))(x)
+    explicit = AmplitudeMix(mu=1.0, generator=torch.Generator().manual_seed(2))(x)
+    assert torch.equal(default, explicit)

@@ -97,3 +97,43 @@ def test_losses_are_float32_for_bf16_logits() -> None:
 def test_unknown_reduction_is_rejected() -> None:
     with pytest.raises(ValueError, match="use mean, sum or none"):
         kl_divergence(torch.zeros(1, 2), torch.zeros(1, 2), reduction="batchmean")
+
+
+def test_kl_of_bf16_logits_is_computed_from_fp32_log_softmaxes() -> None:
+    a, b = (torch.randn(8, 10) * 4).bfloat16(), (torch.randn(8, 10) * 4).bfloat16()
+    want = kl_divergence(a.float(), b.float(), reduction="none")
+    assert torch.equal(kl_divergence(a, b, reduction="none"), want)
+    assert torch.equal(kl_divergence(b, a, reduction="none"),
+                       kl_divergence(b.float(), a.float(), reduction="none"))
+
+
+def test_js_is_finite_when_both_softmaxes_underflow_in_one_class() -> None:
+    # class 2 has probability exactly 0 in float32 under both p and q
+    a = torch.tensor([[100.0, -100.0, -1000.0]], requires_grad=True)
+    b = torch.tensor([[-100.0, 100.0, -1000.0]])
+    value = js_divergence(a, b)
+    value.backward()
+    assert math.isclose(float(value.detach()), math.log(2), rel_tol=1e-5)
+    assert torch.isfinite(a.grad).all()
+
+
+def test_cw_margin_with_all_negative_logits() -> None:
+    logits = torch.tensor([[-1.0, -3.0, -2.0], [-5.0, -4.0, -6.0]])
+    y = torch.tensor([0, 1])
+    # the true logit is excluded from the max, even when every logit is below zero
+    assert torch.allclose(cw_margin(logits, y), torch.tensor([-1.0, -1.0]))
+
+
+def test_js_default_reduction_is_the_batch_mean() -> None:
+    a, b = torch.randn(5, 10) * 2, torch.randn(5, 10) * 2
+    per_sample = js_divergence(a, b, reduction="none")
+    assert torch.allclose(js_divergence(a, b), per_sample.mean())
+    assert torch.allclose(js_divergence(a, b, reduction="sum"), per_sample.sum())
+
+
+def test_trades_loss_default_has_no_label_smoothing() -> None:
+    clean, adv = torch.randn(6, 10), torch.randn(6, 10)
+    y = torch.randint(0, 10, (6,))
+    total, ce, kl = trades_loss(clean, adv, y, beta=2.0)
+    assert torch.allclose(ce, F.cross_entropy(clean, y))
+    assert torch.allclose(total, ce + 2.0 * kl)

@@ -153,3 +153,30 @@ def test_spectrum_norm_of_a_half_spectrum_is_the_full_spectrum_norm(width) -> No
     full = torch.fft.fft2(x).abs().flatten(1).norm(dim=1)  # (B,)
     assert torch.allclose(spectrum_norm(amp, width), full, rtol=1e-5)
     assert not torch.allclose(amp.flatten(1).norm(dim=1), full, rtol=0.05)  # the half alone
+
+
+def test_recombine_rejects_a_spectrum_of_another_height() -> None:
+    amp, pha = decompose(torch.rand(2, 3, 8, 9))  # (2, 3, 8, 5)
+    _one_line_error(recombine, amp, pha, size=(9, 9), match=r"expected \(9, 5\)")
+    _one_line_error(recombine, amp, pha, size=(7, 9), match=r"expected \(7, 5\)")
+
+
+@pytest.mark.parametrize("shape", [(2, 1), (2, 1, 1), (1, 2)])
+def test_lam_must_be_a_scalar_a_b_vector_or_b111(shape: tuple[int, ...]) -> None:
+    x = torch.rand(2, 3, 8, 8)
+    amp, _ = decompose(x.flip(0))
+    _one_line_error(mix_amplitude, x, amp, torch.full(shape, 0.5), match="lam of shape")
+
+
+def test_amplitude_larger_than_the_batch_is_refused_with_the_mix_message() -> None:
+    x = torch.rand(1, 3, 8, 8)
+    amp = torch.rand(2, 3, 8, 5)  # broadcasts with x's (1, 3, 8, 5) spectrum, but to 2 images
+    _one_line_error(mix_amplitude, x, amp, 0.5, match="half spectrum")
+
+
+def test_bf16_amplitude_is_mixed_in_fp32() -> None:
+    x = torch.rand(2, 3, 8, 8)
+    amp16 = (decompose(x.flip(0))[0] * 3).bfloat16()
+    got = mix_amplitude(x, amp16, 0.3, clip=False)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, mix_amplitude(x, amp16.float(), 0.3, clip=False))
