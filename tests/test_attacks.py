@@ -328,3 +328,16 @@ def test_eaeg_kl_target_uses_the_branch_being_attacked(make_warm_model, sample_b
     got = eaeg(model, x, y, EPS, ALPHA, **kw)
     assert torch.equal(got, eaeg(model, x, y, EPS, ALPHA, target_logits=target_aux, **kw))
     assert not torch.equal(got, eaeg(model, x, y, EPS, ALPHA, target_logits=target_main, **kw))
+
+
+def test_eaeg_start_is_projected_into_a_ball_smaller_than_its_noise(make_tiny_model,
+                                                                    sample_batch) -> None:
+    """The 0.001 * N(0, I) start can leave a tiny eps-ball: it is projected even when no
+    step follows (steps=0), and eps=0 returns x itself."""
+    x, y = sample_batch
+    model = make_tiny_model()
+    noise = torch.randn_like(x)
+    eps = 0.0005  # below 0.001 * |noise| for most pixels
+    start = eaeg(model, x, y, eps=eps, alpha=ALPHA, steps=0, noise=noise)
+    assert (start - x).abs().max() <= eps + 1e-7 and start.min() >= 0 and start.max() <= 1
+    assert torch.equal(trades_kl(model, x, eps=0.0, steps=0, noise=noise), x)

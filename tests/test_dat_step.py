@@ -16,7 +16,7 @@ from dat.config import DataConfig
 from dat.data import load_dataset, make_loader
 from dat.generator import AmplitudeGenerator, mean_amplitude
 from dat.methods.awp import AWP
-from dat.methods.dat import DATDraws, DATStep
+from dat.methods.dat import DATDraws, DATStep, generator_health
 from dat.mixing import flip_crop
 from dat.models import bn_branch
 from dat.spectral import decompose, mix_amplitude
@@ -602,3 +602,60 @@ def test_split_bn_on_a_model_without_batchnorm_names_split_bn_false():
     with pytest.raises(ValueError, match=r"has none .*pass split_bn=False") as err:
         DATStep(model, gen, _sgd(model.parameters()))
     assert "convert_dual_bn" not in str(err.value)
+
+
+def test_single_ae_mixes_the_amplitude_into_the_augmented_image_x_adv_comes_from(batch):
+    """single AE: x_hat is A_G mixed into the augmented x (not into x_raw), so x_hat and
+    x_hat' (A_G mixed into x') show the same crop and flip of the same image."""
+    x, y, x_raw = batch
+    assert not torch.equal(x, x_raw)  # the batch's x is augmented
+    model, gen, opt, gopt = _players()
+    step = DATStep(model, gen, opt, gopt, second_attack=False, keep_images=B)
+    d = _draws(0)
+    step.run(x, y, x_raw, draws=d)
+    im = step.last_images()
+    amp = torch.expm1(torch.fft.ifftshift(im["log_amp_g"], dim=-2))
+    assert torch.allclose(im["x_hat"], mix_amplitude(x, amp, d.lam), atol=1e-4)
+
+
+def test_the_models_and_generators_modes_on_entry_do_not_change_the_step(batch):
+    """A model and an AAG left in eval mode (after an evaluation, a checkpoint load) are
+    trained as in train mode, batch statistics included, and get their flags back."""
+    x, y, x_raw = batch
+    results = []
+    for mode in ("train", "eval"):
+        model, gen, opt, gopt = _players()
+        model.train(mode == "train")
+        gen.train(mode == "train")
+        stats = DATStep(model, gen, opt, gopt).run(x, y, x_raw, draws=_draws(0))
+        results.append((model, gen, stats["loss"].item()))
+        assert all(m.training == (mode == "train") for m in model.modules())
+    (m_train, g_train, loss_train), (m_eval, g_eval, loss_eval) = results
+    assert loss_eval == pytest.approx(loss_train, abs=1e-6)
+    assert _max_diff(m_eval, m_train) < 1e-6 and _max_diff(g_eval, g_train) < 1e-6
+
+
+@pytest.mark.parametrize("update", ["alternating", "reversal"])
+def test_without_split_bn_a_dual_bn_model_trains_its_main_branch_only(batch, update):
+    """split_bn=False: x_hat and x_hat' go through the main BN set like x and x'; the
+    auxiliary set of a dual-BN model sees no image and gets no update."""
+    x, y, x_raw = batch
+    model, gen, opt, gopt = _players()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    DATStep(model, gen, opt, gopt, split_bn=False, generator_update=update, steps=1)(
+        x[:8], y[:8], x_raw[:8])
+    after = model.state_dict()
+    aux = [k for k in before if ".aux." in k]
+    assert aux and all(torch.equal(before[k], after[k]) for k in aux)
+    assert not torch.equal(before["layer1.0.bn1.main.running_var"],
+                           after["layer1.0.bn1.main.running_var"])
+
+
+def test_generator_health_spread_is_across_the_batch_not_within_a_sample():
+    """gen_batch_std: 0 when every sample gets the same (non-flat) amplitude, large when
+    samples differ even if each is flat."""
+    same = torch.rand(1, 3, 4, 3).expand(8, -1, -1, -1)
+    flat_but_different = torch.linspace(0.1, 0.9, 8).view(8, 1, 1, 1).expand(-1, 3, 4, 3)
+    assert generator_health(same)["gen_batch_std"] < 1e-6
+    assert generator_health(flat_but_different)["gen_batch_std"] > 0.1
+    assert generator_health(torch.full((4, 3, 4, 3), 0.995))["gen_saturated"] == 1.0

@@ -382,3 +382,21 @@ def test_fused_split_on_a_timm_model_with_batchnorm_act_equals_split_bn():
         with fused_split(model):
             fused = model(x)
     assert torch.allclose(fused, plain, atol=1e-5)
+
+
+def test_nested_bn_branch_restores_the_outer_split_with_its_pairs(make_tiny_model) -> None:
+    """An inner bn_branch hands back the outer routing whole: branch and pair count."""
+    model = make_tiny_model(dual_bn=True)
+    bns = [m for m in model.modules() if isinstance(m, DualBatchNorm)]
+    with bn_branch(model, "split", pairs=2):
+        with bn_branch(model, "aux"):
+            assert all(m.branch == "aux" for m in bns)
+        assert all(m.branch == "split" and m.pairs == 2 for m in bns)
+    assert all(m.branch == "main" and m.pairs == 1 for m in bns)
+
+
+def test_converting_a_model_in_eval_mode_keeps_every_module_in_eval_mode(make_tiny_model):
+    model = convert_dual_bn(make_tiny_model().eval())
+    assert has_dual_bn(model) and not any(m.training for m in model.modules())
+    model = convert_dual_bn(make_tiny_model().train())
+    assert all(m.training for m in model.modules())

@@ -219,3 +219,25 @@ def test_amplitude_mix_default_mu_is_one(sample_images):
     default = AmplitudeMix(generator=torch.Generator().manual_seed(2))(x)
     explicit = AmplitudeMix(mu=1.0, generator=torch.Generator().manual_seed(2))(x)
     assert torch.equal(default, explicit)
+
+
+def test_build_dat_passes_every_method_setting_to_the_step():
+    """Each method.* value reaches the DATStep (none left at its default)."""
+    cfg = load_config(overrides=[
+        "method.attack.eps=0.02", "method.attack.alpha=0.004", "method.attack.steps=3",
+        "method.attack.init=uniform", "method.recombined_padding=2", "method.mu=0.5",
+        "method.mix=replace", "method.second_attack=false", "method.beta=6",
+        "method.omega=1", "method.label_smoothing=0.1", "method.generator_update=reversal",
+        "method.awp_gamma=0.01", "method.awp_warmup=3", "method.generator.lr=0.05",
+        "method.generator.momentum=0.5", "method.generator.weight_decay=0.001"])
+    model = dat.models.create("resnet_tiny", dual_bn=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = build_dat(cfg, model, opt, num_classes=10, image_shape=(3, 32, 32))
+    assert (step.eps, step.alpha, step.steps, step.attack_init) == (0.02, 0.004, 3, "uniform")
+    assert (step.padding, step.mu, step.mix, step.second_attack) == (2, 0.5, "replace", False)
+    assert (step.beta, step.omega, step.label_smoothing) == (6.0, 1.0, 0.1)
+    assert step.generator_update == "reversal" and step.awp_warmup == 3
+    assert step.awp is not None and step.awp.gamma == 0.01
+    group = step.generator_optimizer.param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.05, 0.5, 0.001)
+    assert step.sample_draws(torch.zeros(400, 3, 4, 4)).offsets.max() == 4  # padding 2
