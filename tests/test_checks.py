@@ -290,3 +290,126 @@ def test_overall_status_is_the_most_severe() -> None:
     assert C.overall_status(checks + [C.Check("c", "warn", "")]) == "warn"
     assert C.overall_status(checks + [C.Check("d", "fail", ""), C.Check("e", "warn", "")]) \
         == "fail"
+
+
+def test_eps_zero_fails_in_both_directions() -> None:
+    """The attack path scoring higher than the clean path at eps=0 is as wrong as lower."""
+    assert C.check_eps_zero(50.0, 51.0, 100).status == "fail"
+
+
+@pytest.mark.parametrize("clean, n, status", [
+    (13.0, 900, "warn"),  # exactly 3 standard errors (3 points) above chance: not clearly
+    (13.1, 900, "pass"),
+    (19.2, 100, "pass"),  # margin 300 * sqrt(0.1 * 0.9 / 100) = 9.0, the binomial variance
+    (18.9, 100, "warn")])
+def test_above_chance_margin_is_three_binomial_standard_errors(clean, n, status) -> None:
+    assert C.check_above_chance(clean, 10, n).status == status
+
+
+def test_monotone_noise_is_two_examples_on_small_n() -> None:
+    eps = [0, 2 / 255, 8 / 255]
+    assert C.check_monotone(eps, [50.0, 40.0, 41.5], 100).status == "warn"  # 1.5 of 2 points
+    assert C.check_monotone(eps, [50.0, 40.0, 42.0], 100).status == "warn"  # exactly 2 examples
+    assert C.check_monotone(eps, [50.0, 40.0, 42.5], 100).status == "fail"
+
+
+def test_monotone_judges_the_largest_rise_not_the_first() -> None:
+    eps = [0, 1 / 255, 2 / 255, 4 / 255, 8 / 255]
+    check = C.check_monotone(eps, [50.0, 40.0, 40.2, 30.0, 35.0], 1000)
+    assert check.status == "fail" and "rises by 5.00 points at eps=8/255" in check.message
+
+
+@pytest.mark.parametrize("results, n, status", [
+    ({"aa": 14.0, "cw": 12.0}, 100, "pass"),  # exactly two examples above CW: still noise
+    ({"aa": 44.5, "pgd100": 44.0, "cw": 45.0}, 10000, "fail"),  # PGD-100 is the lower bound
+    ({"aa": 10.0, "pgd20": 15.0}, 10000, "pass"),  # exactly 5 points below: not more
+    ({"aa": 10.0, "pgd20": 19.0}, 20, "pass"),  # 9 points is under two examples of 20
+    ({"aa": 10.0, "pgd20": 21.0}, 20, "warn")])
+def test_aa_gap_boundaries_and_bounds(results, n, status) -> None:
+    assert C.check_aa_gap(results, n).status == status
+
+
+def test_pgd_cw_gap_threshold_is_three_points() -> None:
+    assert C.check_pgd_cw_gap({"pgd20": 50.0, "cw": 47.5}, 1000).status == "pass"
+    assert C.check_pgd_cw_gap({"pgd20": 50.0, "cw": 47.0}, 1000).status == "pass"
+    assert C.check_pgd_cw_gap({"pgd20": 50.0, "cw": 46.9}, 1000).status == "warn"
+
+
+def test_autoattack_warnings_statuses() -> None:
+    assert C.check_autoattack_warnings(None).status == "skip"
+    assert C.check_autoattack_warnings([]).status == "pass"
+    check = C.check_autoattack_warnings(["first", "second"])
+    assert check.status == "warn" and check.message.endswith("first (+1 more)")
+
+
+def test_eval_mode_train_forwards_fail_even_when_handed_over_in_train_mode() -> None:
+    assert C.check_eval_mode(True, C.ModeMonitor(forwards=4, training_forwards=1)).status \
+        == "fail"
+    assert C.check_eval_mode(True, C.ModeMonitor(forwards=4)).status == "warn"
+    assert C.check_eval_mode(False, C.ModeMonitor(forwards=4)).status == "pass"
+
+
+def test_bn_statistics_compares_bits_and_misses_no_buffer() -> None:
+    nan = {"bn.running_mean": torch.tensor([float("nan"), 1.0])}
+    assert C.check_bn_statistics(nan, {k: v.clone() for k, v in nan.items()}).status == "pass"
+    zero = {"bn.running_mean": torch.tensor([0.0])}
+    assert C.check_bn_statistics(zero, {"bn.running_mean": torch.tensor([-0.0])}).status \
+        == "fail"
+    assert C.check_bn_statistics(zero, {}).status == "fail"  # a buffer that disappeared
+
+
+class _Lambda(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fn(x)
+
+
+def test_deterministic_fails_on_small_logit_noise() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(8, 3, 4, 4)
+    noisy = _Lambda(lambda x: x.flatten(1)[:, :10] + 1e-3 * torch.randn(len(x), 10))
+    assert C.check_deterministic(noisy, x).status == "fail"
+    assert C.check_deterministic(_Lambda(lambda x: x.flatten(1)[:, :10]), x).status == "pass"
+
+
+def test_logits_in_unit_interval_that_do_not_sum_to_one_pass() -> None:
+    x = torch.rand(8, 3, 4, 4)
+    assert C.check_logits(_Lambda(lambda x: x.flatten(1)[:, :10].sigmoid()), x).status \
+        == "pass"
+    assert C.check_logits(_Lambda(lambda x: x.flatten(1)[:, :10].softmax(1)), x).status \
+        == "fail"
+
+
+@pytest.mark.parametrize("zero, status", [(0, "pass"), (1, "warn"), (2, "warn"), (3, "fail")])
+def test_zero_gradients_fail_only_for_a_strict_majority(zero, status) -> None:
+    """ReLU before a linear layer: inputs that are all negative get exactly zero gradient."""
+    torch.manual_seed(0)
+    weight = torch.randn(3 * 4 * 4, 5)
+    model = _Lambda(lambda x: x.flatten(1).relu() @ weight)
+    x = torch.rand(4, 3, 4, 4) + 0.1
+    x[:zero] = -1.0
+    assert C.check_zero_gradients(model, x, torch.zeros(4, dtype=torch.long)).status == status
+
+
+def test_wilson_interval_of_no_examples_is_everything() -> None:
+    from dat.evaluation.statistics import wilson_interval
+    assert wilson_interval(0, 0) == (0.0, 100.0)
+
+
+def test_wilson_interval_never_leaves_0_to_100() -> None:
+    """Rounding put the lower end of 0 of 7 at -2.8e-15 and the upper of 100 of 100 above 100."""
+    from dat.evaluation.statistics import wilson_interval
+    for n in range(1, 300):
+        for correct in (0, n):
+            low, high = wilson_interval(correct, n)
+            assert 0.0 <= low <= high <= 100.0, (correct, n, low, high)
+
+
+def test_per_class_accuracy_is_none_for_a_class_without_examples() -> None:
+    from dat.evaluation.statistics import per_class_accuracy
+    y = torch.tensor([0, 0, 2, 2])
+    mask = torch.tensor([True, False, True, True])
+    assert per_class_accuracy(mask, y, 4) == [50.0, None, 100.0, None]
