@@ -392,24 +392,3 @@ def test_zero_gradients_fail_only_for_a_strict_majority(zero, status) -> None:
     x = torch.rand(4, 3, 4, 4) + 0.1
     x[:zero] = -1.0
     assert C.check_zero_gradients(model, x, torch.zeros(4, dtype=torch.long)).status == status
-
-
-def test_wilson_interval_of_no_examples_is_everything() -> None:
-    from dat.evaluation.statistics import wilson_interval
-    assert wilson_interval(0, 0) == (0.0, 100.0)
-
-
-def test_wilson_interval_never_leaves_0_to_100() -> None:
-    """Rounding put the lower end of 0 of 7 at -2.8e-15 and the upper of 100 of 100 above 100."""
-    from dat.evaluation.statistics import wilson_interval
-    for n in range(1, 300):
-        for correct in (0, n):
-            low, high = wilson_interval(correct, n)
-            assert 0.0 <= low <= high <= 100.0, (correct, n, low, high)
-
-
-def test_per_class_accuracy_is_none_for_a_class_without_examples() -> None:
-    from dat.evaluation.statistics import per_class_accuracy
-    y = torch.tensor([0, 0, 2, 2])
-    mask = torch.tensor([True, False, True, True])
-    assert per_class_accuracy(mask, y, 4) == [50.0, None, 100.0, None]

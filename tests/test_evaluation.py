@@ -350,6 +350,27 @@ def test_wilson_interval_matches_known_values() -> None:
     assert 3.0 < 50 - low < 3.2 and 3.0 < high - 50 < 3.2
 
 
+def test_wilson_interval_of_no_examples_is_everything() -> None:
+    from dat.evaluation.statistics import wilson_interval
+    assert wilson_interval(0, 0) == (0.0, 100.0)
+
+
+def test_wilson_interval_never_leaves_0_to_100() -> None:
+    """Rounding put the lower end of 0 of 7 at -2.8e-15 and the upper of 100 of 100 above 100."""
+    from dat.evaluation.statistics import wilson_interval
+    for n in range(1, 300):
+        for correct in (0, n):
+            low, high = wilson_interval(correct, n)
+            assert 0.0 <= low <= high <= 100.0, (correct, n, low, high)
+
+
+def test_per_class_accuracy_is_none_for_a_class_without_examples() -> None:
+    from dat.evaluation.statistics import per_class_accuracy
+    y = torch.tensor([0, 0, 2, 2])
+    mask = torch.tensor([True, False, True, True])
+    assert per_class_accuracy(mask, y, 4) == [50.0, None, 100.0, None]
+
+
 def test_reports_give_intervals_and_per_class_accuracy(make_warm_model, sample_batch) -> None:
     x, y = sample_batch  # 16 images, labels 0..9
     report = evaluate(make_warm_model().eval(), (x, y), attacks=["clean", "fgsm"],
