@@ -124,6 +124,18 @@ def test_bounds_check_counts_examples_beyond_eps_or_outside_0_1() -> None:
     assert stats.max_value == pytest.approx(1.01)
 
 
+def test_bounds_check_counts_pixels_below_0_as_outside() -> None:
+    """An attack that forgets to clamp leaves the image box on both sides: a pixel pushed
+    below 0 (within eps) counts as outside, as one above 1 does."""
+    x = torch.full((2, 1, 2, 2), 0.01)
+    x_adv = x.clone()
+    x_adv[0, 0, 0, 0] = -0.5 * EPS + 0.01  # inside the ball, below 0
+    stats = BoundsStats(EPS)
+    stats.update(x_adv, x)
+    assert (stats.count, stats.outside) == (2, 1)
+    assert stats.min_value == pytest.approx(-0.5 * EPS + 0.01)
+
+
 def test_sweep_step_is_2_over_255_or_madrys_2_5_eps_over_steps() -> None:
     assert sweep_alpha(8 / 255, 20) == ALPHA == 2 / 255  # 2.5 * eps / 20 is smaller
     assert sweep_alpha(0.5, 20) == pytest.approx(2.5 * 0.5 / 20)  # large radius: cross it
@@ -869,3 +881,193 @@ def test_class_names_head_the_per_class_table(make_warm_model, sample_batch) -> 
     with pytest.raises(EvaluationError, match="9 class_names for a model with 10 outputs"):
         evaluate(make_warm_model().eval(), (x, y), attacks=["clean"], progress=False,
                  checks=False, class_names=names[:9])
+
+
+def test_compare_subtracts_b_from_a_and_pairs_only_same_settings(tmp_path,
+                                                                 monkeypatch) -> None:
+    """A - B is A's accuracy minus B's; worst_case over the shared attacks is each model's
+    own per-point worst case (every attack failed), as evaluate() reports it; an attack run
+    at another radius is not paired. The margin model's robust points are known exactly."""
+    from dat.evaluation import report as report_module
+    from dat.evaluation.compare import compare
+
+    monkeypatch.setattr(report_module, "_plots", lambda report, out: {})  # PNGs: not tested
+    model, x, y, margins = _margin_data()
+    wrong = _SignedScore(-model.w.detach()).eval()  # misclassifies every point
+    kw = dict(attacks=["clean", "fgsm", "pgd5"], eps=EPS, progress=False, checks=False)
+    ra = evaluate(model, (x, y), out_dir=tmp_path / "a", **kw)
+    evaluate(wrong, (x, y), out_dir=tmp_path / "b", **kw)
+    rows = {r["attack"]: r for r in compare(tmp_path / "a", tmp_path / "b")["rows"]}
+    assert rows["clean"]["difference"] == 100.0 and rows["clean"]["only_b"] == 0
+    worst = rows["worst_case (fgsm, pgd5)"]
+    robust = 100.0 * float((margins > EPS).float().mean())
+    assert worst["a"] == ra["results"]["worst_case"] == pytest.approx(robust) and robust < 100
+    assert worst["b"] == 0 and worst["difference"] == pytest.approx(robust)
+    evaluate(wrong, (x, y), out_dir=tmp_path / "half", **{**kw, "eps": EPS / 2})
+    result = compare(tmp_path / "a", tmp_path / "half")
+    assert [r["attack"] for r in result["rows"]] == ["clean"]
+    assert result["not_compared"] == ["fgsm (other alpha, eps)", "pgd5 (other eps)"]
+
+
+class _RecordsDtype(nn.Module):
+    """A linear model on 3x8x8 images that records the dtype of every logits tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3 * 8 * 8, 10)
+        self.seen: set[torch.dtype] = set()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.fc(x.flatten(1))
+        self.seen.add(out.dtype)
+        return out
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(channels_last=True), dict(precision="bf16"),
+                                    dict(precision="bf16", channels_last=False)])
+def test_fp32_is_the_default_and_bf16_runs_under_autocast(sample_batch, kwargs) -> None:
+    """Numbers are fp32 unless bf16 is asked for (a channels_last forward included), and
+    precision='bf16' does run the attacked forward under bf16 autocast."""
+    x, y = sample_batch
+    model = _RecordsDtype().eval()
+    report = evaluate(model, (F.avg_pool2d(x, 4), y), attacks=["clean", "fgsm"],
+                      progress=False, checks=False, **kwargs)
+    bf16 = kwargs.get("precision") == "bf16"
+    assert report["precision"] == ("bf16" if bf16 else "fp32")
+    assert (torch.bfloat16 in model.seen) == bf16 and torch.float16 not in model.seen
+
+
+def test_check_and_sweep_attacks_get_their_radius_step_and_examples() -> None:
+    """The sweep and the large-eps check take Madry's 2.5 eps / steps step at large radii
+    (2/255 would not cross the ball in 20 steps); the integrity checks attack the first
+    check_examples points (all of them when there are fewer), and eps_zero compares PGD at
+    eps 0 with the clean accuracy of those same points."""
+    model, x, y, _ = _margin_data()
+    y = y.clone()
+    y[5:15] = 1 - y[5:15]  # misclassified: the clean accuracy of the first 5 is 100%
+    correct = len(y) - 10
+    for check_examples, attacked in ((len(x) + 5, correct), (5, 5)):
+        report = evaluate(model, (x, y), attacks=["clean"], sweep=[0.25], progress=False,
+                          check_examples=check_examples)
+        sweep = report["attacks"]["sweep@63.8/255"]
+        assert (sweep["eps"], sweep["steps"]) == (0.25, 20)
+        assert sweep["alpha"] == pytest.approx(2.5 * 0.25 / 20)
+        big = report["attacks"]["check@eps=0.5"]
+        assert (big["eps"], big["alpha"]) == (0.5, pytest.approx(2.5 * 0.5 / 20))
+        assert report["bounds"]["sweep@63.8/255"]["count"] == correct
+        assert report["bounds"]["check@eps=0"]["count"] == attacked
+        assert report["bounds"]["check@eps=0.5"]["count"] == attacked
+        assert report["checks"]["eps_zero"]["status"] == "pass", report["checks"]["eps_zero"]
+
+
+def test_every_batch_is_attacked_up_to_the_last_point() -> None:
+    """Whatever the batch size, every clean-correct point is attacked, the last one too:
+    the reversed margin data end on a point that falls below its margin."""
+    model, x, y, margins = _margin_data()
+    x, y, margins = x.flip(0), y.flip(0), margins.flip(0)
+    correct = torch.ones(len(y), dtype=torch.bool)
+    for batch_size in (1, 7, len(y)):
+        bounds = BoundsStats(EPS)
+        still = attack_points(make_attack("fgsm", EPS), model, x, y, correct, batch_size,
+                              torch.device("cpu"), progress=False, bounds=bounds)
+        assert torch.equal(still, margins > EPS) and bounds.count == len(y)
+
+
+def test_each_attack_draws_its_random_start_from_the_seed_whatever_ran_before() -> None:
+    """attack_points re-seeds before attacking: an attack's numbers do not depend on the
+    attacks that ran before it. With no gradient PGD stays at its random start."""
+    x, y = torch.full((4, 3, 8, 8), 0.5), torch.zeros(4, dtype=torch.int64)
+    runs = []
+    for _ in range(2):
+        bounds = BoundsStats(EPS)
+        attack_points(make_attack("pgd20", EPS), _Blind(), x, y, torch.ones(4, dtype=torch.bool),
+                      2, torch.device("cpu"), seed=5, progress=False, bounds=bounds)
+        torch.rand(100)  # another attack's draws
+        runs.append(bounds.to_dict())
+    assert runs[0] == runs[1]
+
+
+def test_suite_pgd_is_torchattacks_pgd_with_the_given_eps_step_and_steps() -> None:
+    """pgd<N> runs N steps of the step it is given (the sweep's 2.5 eps / steps), not
+    2/255 or a capped step count."""
+    import torchattacks
+
+    model, x, y, _ = _margin_data()
+    for name, eps, alpha, steps in (("pgd25", 0.3, 0.01, 25), ("pgd3", 0.1, 0.05, 3)):
+        torch.manual_seed(0)
+        ours = make_attack(name, eps, alpha).fn(model, x, y)
+        torch.manual_seed(0)
+        ref = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)(x, y)
+        assert torch.equal(ours, ref), name
+
+
+def test_autoattack_gets_the_evaluations_radius_seed_norm_and_targets(sample_batch,
+                                                                    monkeypatch) -> None:
+    """What evaluate() hands pyautoattack, checked without running the cascade: eps,
+    seed, norm, version, batch size, and nine classes' 8 target classes (the standard 9
+    would index past the last class). The fake flips one clean-correct point."""
+    seen = {}
+
+    def fake(self, x, y, *, batch_size=250, state_path=None):
+        seen.update(eps=self.epsilon, seed=self.seed, norm=self.norm, version=self.version,
+                    attacks=list(self.attacks_to_run), batch_size=batch_size,
+                    targets=(self.apgd_targeted.n_target_classes, self.fab.n_target_classes))
+        with torch.no_grad():
+            pred = self.model(x).argmax(1)
+        first = int((pred == y).nonzero()[0])
+        pred[first] = (y[first] + 1) % 9
+        return x.clone(), pred
+
+    monkeypatch.setattr(AutoAttack, "run_standard_evaluation", fake)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 9)).eval()
+    x = F.avg_pool2d(sample_batch[0], 4)
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    y = torch.where(torch.arange(len(x)) % 2 == 0, pred, (pred + 1) % 9)  # half correct
+    for norm, eps, aa_norm in (("linf", 3 / 255, "Linf"), ("l2", 0.3, "L2")):
+        report = evaluate(model, (x, y), attacks=["clean", "aa"], eps=eps, norm=norm, seed=7,
+                          batch_size=5, progress=False, checks=False)
+        assert seen == dict(eps=eps, seed=7, norm=aa_norm, version="standard",
+                            attacks=["apgd-ce", "apgd-t", "fab-t", "square"], batch_size=5,
+                            targets=(8, 8))
+        res, n = report["results"], len(y)
+        assert res["clean"] == 50 and res["aa"] == pytest.approx(res["clean"] - 100 / n)
+        assert res["worst_case"] == res["aa"]
+        assert report["bounds"]["aa"]["count"] == round(res["clean"] * n / 100)  # attacked
+
+
+def test_markdown_tables_keep_each_number_in_its_cell() -> None:
+    """The page a person reads: each interval low to high, the sweep's accuracies under
+    their own radii (8/255 and 0.5 = 128/255), AA's breakdown from clean on, worst_case
+    named as the per-example result, the per-class table up to 20 classes, each check."""
+    classes = 20
+    report = {"n": 100, "norm": "linf", "eps": 8 / 255, "precision": "fp32", "seed": 0,
+              "device": "cpu", "seconds": 1.0, "num_classes": classes,
+              "results": {"clean": 80.0, "pgd20": 45.5, "aa": 41.25, "worst_case": 40.0},
+              "ci95": {"clean": [71.1, 86.7], "pgd20": [35.9, 55.4], "aa": [31.9, 51.2],
+                       "worst_case": [30.9, 49.8]},
+              "attacks": {"pgd20": {"implementation": "torchattacks.PGD", "version": "3",
+                                    "steps": 20, "alpha": 2 / 255, "loss": "ce"},
+                          "aa": {"implementation": "pyautoattack.AutoAttack", "version": "0",
+                                 "breakdown": {"clean": 80.0, "apgd-ce": 45.0, "apgd-t": 42.0,
+                                               "fab-t": 42.0, "square": 41.25}}},
+              "per_class": {"clean": [5.0 * c for c in range(classes)]},
+              "sweep": {"attack": "pgd20", "alpha_rule": "max(2/255, 2.5*eps/steps)",
+                        "norm": "linf", "eps": [0, 8 / 255, 0.5], "accuracy": [80.0, 45.5, 0.0]},
+              "checks": {"bounds": {"name": "bounds", "status": "pass", "message": "in bounds"}},
+              "checks_status": "pass"}
+    page = format_markdown(report)
+    assert "100 examples, L-inf eps = 8/255, precision fp32, seed 0, device cpu" in page
+    for line in ("| clean | 80.00 | 71.1 - 86.7 | - |  |",
+                 "| pgd20 | 45.50 | 35.9 - 55.4 | torchattacks.PGD 3 | steps=20, alpha=2/255, "
+                 "loss=ce |",
+                 "| aa | 41.25 | 31.9 - 51.2 | pyautoattack.AutoAttack 0 |  |",
+                 "| worst_case | 40.00 | 30.9 - 49.8 | per example: any attack succeeds |  |",
+                 "| clean 80.00 | apgd-ce 45.00 | apgd-t 42.00 | fab-t 42.00 | square 41.25 |",
+                 "| eps | 0/255 | 8/255 | 128/255 |", "| acc (%) | 80.00 | 45.50 | 0.00 |",
+                 "| attack | " + " | ".join(map(str, range(classes))) + " |",
+                 "| clean | " + " | ".join(f"{5.0 * c:.1f}" for c in range(classes)) + " |",
+                 "## Integrity checks: PASS", "| check | status | finding |",
+                 "| bounds | PASS | in bounds |"):
+        assert line in page.splitlines(), line

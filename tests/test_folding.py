@@ -16,6 +16,8 @@ import dat
 from dat.evaluation.prepare import fold_for_attacks
 from dat.models.folding import (
     NO_CONV,
+    NO_STATS,
+    OTHER_CONV,
     REPEATED,
     SHARED,
     SUBCLASS,
@@ -230,3 +232,63 @@ def test_the_nothing_folded_note_says_why():
     no_bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()).eval()
     assert fold_for_attacks(no_bn, True, x, hooked=False)[1]["note"] == \
         "the model has no BatchNorm layer"
+
+
+def test_a_model_in_train_mode_folds_into_its_eval_mode_function(sample_batch):
+    """The copy folds eval-mode BN (running statistics), whatever mode the model is in,
+    and leaves the model's own mode alone."""
+    x, _ = sample_batch
+    model = _warm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten()), x)
+    model.train()
+    folded, n = fold_batchnorm(model)
+    assert n == 1 and not folded.training and model.training
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_bn_without_statistics_or_after_a_transposed_conv_does_not_fold(sample_batch):
+    """BN without running statistics normalises by the batch's own, and a transposed
+    convolution's weight is laid out the other way round: neither may fold."""
+    x, _ = sample_batch
+    model = _warm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False),
+                                nn.ConvTranspose2d(4, 4, 3), nn.BatchNorm2d(4), nn.Flatten()), x)
+    unfolded: dict[str, str] = {}
+    folded, n = fold_batchnorm(model, unfolded=unfolded)
+    assert n == 0 and unfolded == {"1": NO_STATS, "3": OTHER_CONV}
+    assert max_logit_gap(model, folded, x) < 1e-6
+
+
+class _Fixed(nn.Module):
+    def __init__(self, logits: Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.logits
+
+
+def test_max_logit_gap_is_the_largest_absolute_difference_relative_to_the_logits():
+    """A fold whose logits are too low (negative difference) is as wrong as one too high,
+    and the gap is relative to the largest logit, as FOLD_TOLERANCE is."""
+    ref = torch.tensor([[10.0, -4.0], [2.0, 0.5]])
+    x = torch.zeros(2, 1)
+    assert max_logit_gap(_Fixed(ref), _Fixed(ref - torch.tensor([[0.0, 0.0], [0.5, 0.0]])),
+                         x) == pytest.approx(0.05)
+    assert max_logit_gap(_Fixed(ref), _Fixed(ref + 1.0), x) == pytest.approx(0.1)
+
+
+def test_a_fold_with_nan_logits_is_not_used(sample_batch, monkeypatch):
+    """NaN fails every comparison: a gap check written as gap > tolerance would let it in."""
+    import dat.evaluation.prepare as prepare
+
+    def broken(model, **kwargs):
+        folded, n = fold_batchnorm(model, **kwargs)
+        with torch.no_grad():
+            next(folded.parameters()).fill_(float("nan"))
+        return folded, n
+
+    monkeypatch.setattr(prepare, "fold_batchnorm", broken)
+    x, _ = sample_batch
+    model = _warm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten()), x)
+    target, fold = fold_for_attacks(model, True, x, hooked=False)
+    assert target is model and fold["folded"] == 0 and "nan" in fold["note"]
