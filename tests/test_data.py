@@ -72,6 +72,15 @@ def test_train_subset_is_stratified_and_keeps_the_validation_split(sample_splits
     assert _keys(small.train.images) <= _keys(sample_splits.train.images)
 
 
+def test_subsets_of_the_whole_set_and_of_a_class_sorted_test_split(tmp_path: Path) -> None:
+    """train_subset equal to the training set is no subset (not an error); test_subset is
+    stratified, not the first N of a test/ read class by class."""
+    _png_tree(tmp_path, {"train": ["a", "b", "c"], "test": ["a", "b", "c"]}, per_class=4)
+    s, _ = _load_noting(tmp_path, train_subset=12, test_subset=3)
+    assert len(s.train) == 12
+    assert s.test.labels.tolist() == [0, 1, 2]
+
+
 def test_a_training_subset_keeps_a_rare_class(tmp_path: Path) -> None:
     """A class whose proportional share rounds to zero used to vanish from train_subset
     (200 + 200 + 2 images, subset 50: the rare class got none); now it keeps one."""
@@ -254,6 +263,15 @@ def test_cifar_names_refuse_a_tree_of_other_data(tiny_tree: Path, name, size, fo
     assert "\n" not in str(info.value)
 
 
+def test_cifar10_name_refuses_ten_classes_of_another_image_size(tmp_path: Path) -> None:
+    """The right class count is not enough: 10 classes of 8x8 images are not CIFAR-10."""
+    names = [f"c{i}" for i in range(10)]
+    _png_tree(tmp_path, {"train": names, "test": names}, per_class=1)
+    with pytest.raises(DataError, match=r"holds 10 classes of 3x8x8 images, not cifar10's 10 "
+                                        "of 3x32x32"):
+        load_dataset(DataConfig(name="cifar10", root=str(tmp_path), val_size=0))
+
+
 def test_mis_sized_image_gives_a_clear_error(tiny_tree: Path) -> None:
     Image.new("RGB", (30, 32)).save(tiny_tree / "train" / "dog" / "small.png")
     with pytest.raises(DataError, match="30x32 but .* is 32x32; resize all images") as info:
@@ -399,6 +417,75 @@ def test_8_bit_values_in_a_16_bit_file_are_named(tmp_path: Path) -> None:
     assert len(dark) == 1 and "1 16/32-bit images" in dark[0] and "narrow.png" in dark[0]
 
 
+def test_16_bit_values_round_to_the_nearest_8_bit_value(tmp_path: Path) -> None:
+    """0..65535 to 0..255 rounds (x + 128) // 257, not truncates: 257 v + 200 is v + 1; a
+    16-bit file whose largest value is exactly 255 is named as 8-bit data too."""
+    v = np.arange(64, dtype=np.uint16).reshape(8, 8) * 4
+    for split in ("train", "test"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        Image.fromarray(v * 257 + 200).save(tmp_path / split / "a" / "wide.png")
+    narrow = v.copy()
+    narrow[0, 0] = 255
+    Image.fromarray(narrow).save(tmp_path / "train" / "a" / "narrow.png")
+    s, notes = _load_noting(tmp_path)
+    want = torch.from_numpy(v.astype(np.uint8) + 1).expand(3, 8, 8)
+    assert torch.equal(s.test[0][0], want)
+    assert any("1 16/32-bit images" in n and "narrow.png" in n for n in notes)
+
+
+def test_float_images_round_to_8_bits_and_refuse_values_outside_0_1(tmp_path: Path) -> None:
+    """[0, 1] is closed (1.0 is 255) and values are rounded (0.999 is 255, not 254); values
+    below 0 or NaN are refused like values above 1."""
+    white = np.ones((8, 8), np.float32)
+    white[0, 1] = 0.999
+    for split in ("train", "test"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        for name in ("f.tif", "g.tif"):  # two: BatchNorm needs two training images
+            Image.fromarray(white).save(tmp_path / split / "a" / name)
+    s, _ = _load_noting(tmp_path)
+    assert torch.equal(s.test[0][0], torch.full((3, 8, 8), 255, dtype=torch.uint8))
+    for value in (-0.5, float("nan")):
+        bad = np.full((8, 8), 0.5, np.float32)
+        bad[0, 0] = value
+        Image.fromarray(bad).save(tmp_path / "train" / "a" / "bad.tif")
+        with pytest.raises(DataError, match=r"bad.tif is a float image with values outside"):
+            _load_noting(tmp_path)
+
+
+def test_an_image_resized_after_the_scan_is_refused_when_read(tmp_path: Path) -> None:
+    """Headers are checked when the tree is scanned; a file replaced later (mid-run) by one
+    of another size must not reach a batch (torch.stack would fail without naming it)."""
+    path = tmp_path / "late.png"
+    Image.new("RGB", (6, 8)).save(path)
+    data = ImageSet(torch.zeros(1, dtype=torch.int64), files=[str(path)], image_shape=(3, 8, 8))
+    with pytest.raises(DataError, match=r"late.png is 6x8 but the dataset's images are 8x8"):
+        data[0]
+
+
+def test_held_out_images_of_another_size_than_train_are_refused(tmp_path: Path) -> None:
+    _png_tree(tmp_path, {"train": ["cat", "dog"]})
+    (tmp_path / "test" / "cat").mkdir(parents=True)
+    Image.new("RGB", (6, 6)).save(tmp_path / "test" / "cat" / "0.png")
+    with pytest.raises(DataError, match=r"test images are \(3, 6, 6\), train/ images "
+                                        r"\(3, 8, 8\); resize all images to one size"):
+        _load_noting(tmp_path)
+
+
+def test_annotation_files_beside_the_class_folders_are_not_counted(tmp_path: Path) -> None:
+    _png_tree(tmp_path, {"train": ["cat", "dog"], "test": ["cat", "dog"]})
+    (tmp_path / "train" / "wnids.txt").write_text("cat\ndog\n")  # as Tiny-ImageNet ships
+    assert _load_noting(tmp_path)[1] == []
+
+
+def test_an_annotation_naming_a_missing_file_says_which_line(tmp_path: Path) -> None:
+    _png_tree(tmp_path, {"train": ["n1", "n2"]})
+    (tmp_path / "val" / "images").mkdir(parents=True)
+    (tmp_path / "val" / "val_annotations.txt").write_text("gone.JPEG\tn1\t0\t0\t7\t7\n")
+    with pytest.raises(DataError, match=r"val_annotations.txt line 1 names .*gone.JPEG, which "
+                                        "does not exist"):
+        _load_noting(tmp_path)
+
+
 def test_hidden_folders_and_files_are_skipped(tmp_path: Path) -> None:
     """.ipynb_checkpoints/ became class 0 and shifted every label; macOS ._* stopped the run."""
     _png_tree(tmp_path, {"train": ["cat", "dog"], "test": ["cat", "dog"]})
@@ -525,6 +612,30 @@ def test_offline_cifar_without_data_fails_fast_naming_data_root(tmp_path, monkey
     assert not root.exists()  # no empty folder left behind
 
 
+def test_a_failed_download_restores_the_socket_timeout_and_keeps_an_existing_root(
+        tmp_path, monkeypatch) -> None:
+    """The 30 s download timeout is process-wide: it must not outlive the download (it
+    would cut TensorBoard's or a user's connections); a folder the user made stays."""
+    import sys
+    from types import SimpleNamespace
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    # a stand-in torchvision whose download fails at once (and costs no import)
+    fake = SimpleNamespace(datasets=SimpleNamespace(CIFAR10=offline, CIFAR100=offline))
+    monkeypatch.setitem(sys.modules, "torchvision", fake)
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(7.0)
+    try:
+        with pytest.raises(DataError, match=r"could not be downloaded \(no network\)"):
+            load_dataset(DataConfig(name="cifar10", root=str(tmp_path)))
+        assert socket.getdefaulttimeout() == 7.0
+    finally:
+        socket.setdefaulttimeout(before)
+    assert tmp_path.is_dir()  # existed (empty) before: not removed
+
+
 # ---------------------------------------------------------------- loaders
 
 
@@ -583,6 +694,27 @@ def test_augment_batch_without_crop_or_flip_is_identity() -> None:
     assert torch.equal(augment_batch(x, 0, False, torch.Generator().manual_seed(0)), x)
 
 
+def test_random_crop_draws_every_offset_per_image_on_non_square_images() -> None:
+    """Offsets 0..2p in both axes, drawn per image and independently per axis; h != w
+    (ImageFolder images need not be square)."""
+    raw = torch.arange(1, 25, dtype=torch.float32).view(1, 1, 4, 6)  # distinct, not 0
+    out = augment_batch(raw.expand(200, 1, 4, 6), 2, False, torch.Generator().manual_seed(0))
+    assert out.shape == (200, 1, 4, 6)
+    candidates = _crop_candidates(raw[0], 2)[:25]  # unflipped, index dy * 5 + dx
+    found = [(candidates == x).flatten(1).all(1).nonzero().flatten().tolist() for x in out]
+    assert all(len(f) == 1 for f in found)
+    assert {f[0] for f in found} == set(range(25))  # every (dy, dx), so dy != dx too
+
+
+def test_flips_are_drawn_per_image_with_probability_one_half() -> None:
+    """One draw per image, not one per batch (a whole batch mirrored or not)."""
+    x = torch.rand(1, 3, 5, 5).expand(64, 3, 5, 5)
+    out = augment_batch(x, 0, True, torch.Generator().manual_seed(0))
+    flipped = (out == x.flip(-1)).flatten(1).all(1)
+    assert torch.equal(flipped | (out == x).flatten(1).all(1), torch.ones(64, dtype=torch.bool))
+    assert 20 <= int(flipped.sum()) <= 44  # some of one batch, not all or none
+
+
 def test_set_epoch_changes_the_order_deterministically(sample_splits) -> None:
     data = sample_splits.train.subset(torch.arange(128))
     a, b = _loader(data, "resident"), _loader(data, "resident")
@@ -621,3 +753,77 @@ def test_rank_sharding_covers_every_sample_once(n: int, world: int, batch: int, 
 def test_bad_rank_gives_a_clear_error(sample_splits) -> None:
     with pytest.raises(DataError, match="rank=2"):
         _loader(sample_splits.val, "resident", rank=2, world_size=2)
+
+
+def _numbered(n: int) -> ImageSet:
+    """``n`` distinct 3x4x4 images labelled 0..n-1 (image i is filled with i)."""
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 4, 4).contiguous()
+    return ImageSet(torch.arange(n), images=images, image_shape=(3, 4, 4))
+
+
+def test_an_evaluation_loader_keeps_order_and_images_in_eval_batches() -> None:
+    """train=False: the data in order, not augmented, in batches of eval_batch_size."""
+    cfg = DataConfig(batch_size=4, eval_batch_size=8)
+    batches = list(make_loader(_numbered(20), cfg, "cpu", train=False))
+    assert [len(b.y) for b in batches] == [8, 8, 4]
+    assert torch.equal(torch.cat([b.y for b in batches]), torch.arange(20))
+    assert all(torch.equal(b.x, b.x_raw) for b in batches)
+
+
+def test_one_image_makes_one_batch() -> None:
+    """--n-examples 1: a single image is one batch, not an empty or failing loader."""
+    loader = make_loader(_numbered(1), DataConfig(), "cpu", train=False)
+    assert len(loader) == 1 and [b.y.tolist() for b in loader] == [[0]]
+
+
+def test_training_batches_are_shuffled_differently_each_epoch() -> None:
+    loader = _loader(_numbered(32), "resident", batch=8)
+    orders = []
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        orders.append(torch.cat([b.y for b in loader]))
+    assert sorted(orders[0].tolist()) == list(range(32))
+    assert not torch.equal(orders[0], torch.arange(32)) and not torch.equal(*orders)
+
+
+@pytest.mark.parametrize("padding, flip", [(0, False), (0, True), (2, False)])
+def test_crop_padding_and_flip_settings_reach_the_training_loader(padding, flip) -> None:
+    data = ImageSet(torch.zeros(32, dtype=torch.int64), image_shape=(3, 6, 6),
+                    images=torch.randint(1, 256, (32, 3, 6, 6), dtype=torch.uint8))
+    cfg = DataConfig(batch_size=32, crop_padding=padding, flip=flip)
+    (batch,) = make_loader(data, cfg, "cpu", train=True)
+    flipped = (batch.x == batch.x_raw.flip(-1)).flatten(1).all(1)
+    same = (batch.x == batch.x_raw).flatten(1).all(1)
+    assert bool((same | flipped).all()) == (padding == 0)  # no crop: raw or mirrored only
+    assert bool(flipped.any()) == flip
+    if padding:  # every image is one of the 25 crops of its 2-pixel padding, not more
+        assert all((_crop_candidates(r, 2)[:25] == x).flatten(1).all(1).any()
+                   for x, r in zip(batch.x, batch.x_raw, strict=True))
+
+
+def test_ranks_draw_different_augmentations() -> None:
+    """Each rank crops and flips with its own draws (the same draws on every rank would
+    augment the global batch in lock-step)."""
+    images = torch.randint(1, 256, (1, 3, 8, 8), dtype=torch.uint8).expand(32, 3, 8, 8)
+    data = ImageSet(torch.arange(32), images=images.contiguous(), image_shape=(3, 8, 8))
+    x0, x1 = (next(iter(_loader(data, "resident", batch=16, rank=r, world_size=2))).x
+              for r in (0, 1))
+    assert not torch.equal(x0, x1)
+
+
+def test_fewer_images_than_ranks_are_refused() -> None:
+    with pytest.raises(DataError, match="1 images cannot be sharded over 2 ranks"):
+        _loader(_numbered(1), "resident", rank=0, world_size=2)
+
+
+def test_auto_loader_keeps_a_small_file_tree_resident(tmp_path: Path) -> None:
+    """``auto`` decodes up to 200,000 files onto the device; more stay on disk."""
+    from dat.data import DataLoaderLoader, ResidentLoader
+
+    _png_tree(tmp_path, {"train": ["a", "b"]})
+    files = sorted(str(p) for p in tmp_path.rglob("*.png"))
+    small = ImageSet(torch.tensor([0, 0, 1, 1]), files=files, image_shape=(3, 8, 8))
+    assert isinstance(make_loader(small, DataConfig(), "cpu", train=True), ResidentLoader)
+    big = ImageSet(torch.zeros(200_001, dtype=torch.int64), files=files[:1] * 200_001,
+                   image_shape=(3, 8, 8))
+    assert isinstance(make_loader(big, DataConfig(), "cpu", train=True), DataLoaderLoader)

@@ -215,6 +215,56 @@ def test_ema_and_swa_follow_their_formulas() -> None:
     assert math.isclose(float(ema.module[0].bias[0]), 2.75)
 
 
+def test_ema_warmup_follows_its_formula_and_decay_is_not_the_weight() -> None:
+    """With warmup the decay after n updates is min(decay, (1 + n) / (10 + n)): 2/11, then
+    3/12; without it, avg moves by 1 - decay towards the model (0.5 would not tell them apart)."""
+    model = _net(0.0)
+    warm, plain = WeightAverager(model, "ema"), WeightAverager(model, "ema", 0.9, warmup=False)
+    for value in (11.0, 0.0, 12.0):
+        model.load_state_dict(_net(value).state_dict())
+        warm.update_step(model)
+        plain.update_step(model)
+    # warm: 11, then 11 + 9/11 (0 - 11) = 2, then 2 + 9/12 (12 - 2) = 9.5
+    assert torch.allclose(warm.module[0].weight, torch.full((2, 2), 9.5))
+    # plain: 11, then 11 - 0.1 * 11 = 9.9, then 9.9 + 0.1 * (12 - 9.9) = 10.11
+    assert torch.allclose(plain.module[0].weight, torch.full((2, 2), 10.11))
+
+
+def test_ema_and_swa_each_average_only_on_their_own_event() -> None:
+    """EMA averages per step and SWA per epoch; the trainer calls both hooks on both."""
+    model = _net(1.0)
+    ema, swa = WeightAverager(model, "ema"), WeightAverager(model, "swa")
+    assert not ema.active and not swa.active  # nothing averaged yet: use the model
+    model.load_state_dict(_net(5.0).state_dict())
+    ema.update_epoch(model, 0)
+    swa.update_step(model)
+    assert ema.n_averaged == swa.n_averaged == 0
+    assert torch.equal(ema.module[0].bias, torch.ones(2))
+    assert torch.equal(swa.module[0].bias, torch.ones(2))
+
+
+def test_integer_buffers_are_copied_from_the_model_not_into_it() -> None:
+    """num_batches_tracked goes model -> average; the trained model must keep its own."""
+    model = _net(0.0)
+    ema = WeightAverager(model, "ema")
+    model[1].num_batches_tracked.fill_(3)
+    ema.update_step(model)
+    assert int(model[1].num_batches_tracked) == 3 == int(ema.module[1].num_batches_tracked)
+
+
+def test_the_average_is_frozen_and_refuses_another_kind_of_checkpoint() -> None:
+    """The average is for inference: in eval mode (BN uses its averaged statistics) with no
+    parameter needing gradients; an SWA average loaded into an EMA run would silently
+    continue with the wrong formula."""
+    model = _net(0.0)  # in train mode
+    ema = WeightAverager(model, "ema")
+    assert not ema.module.training and model.training
+    assert not any(p.requires_grad for p in ema.module.parameters())
+    with pytest.raises(ValueError, match="checkpoint averages with 'swa', this run with 'ema'; "
+                                         "set train.weight_averaging=swa"):
+        ema.load_state_dict(WeightAverager(model, "swa").state_dict())
+
+
 @pytest.fixture
 def short_autoattack(monkeypatch) -> None:
     """The reference AutoAttack, cut to 5 iterations per sub-attack and 50 Square queries.
