@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import random
 from pathlib import Path
@@ -14,10 +15,12 @@ from dat.checkpoint import (
     CheckpointError,
     capture_rng,
     check_compatible,
+    find_run_checkpoint,
     load_checkpoint,
     load_for_resume,
     load_model_state,
     restore_rng,
+    resume_target,
     save_checkpoint,
 )
 from dat.models import create
@@ -122,3 +125,88 @@ def test_checkpoints_for_another_model_or_class_count_are_refused() -> None:
         load_model_state(create("resnet_tiny", num_classes=100), weights, "best.pt")
     assert "best.pt does not fit this model" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_older_copies_shift_one_place_each_save(tmp_path: Path) -> None:
+    """With keep=3 each save moves last.2.pt to last.3.pt before last.1.pt to last.2.pt:
+    the other order would overwrite one copy with a newer one (keep=2 cannot tell)."""
+    path = tmp_path / "last.pt"
+    for value in range(5):
+        save_checkpoint(_state(value), path, keep=3)
+    names = ("last.pt", "last.1.pt", "last.2.pt", "last.3.pt")
+    assert [load_checkpoint(tmp_path / n)["epoch"] for n in names] == [4, 3, 2, 1]
+
+
+def test_a_crash_before_the_final_rename_leaves_last_pt_in_place(
+        tmp_path: Path, monkeypatch) -> None:
+    """The previous last.pt is kept as last.1.pt by a hard link, so last.pt itself exists
+    until the new file is renamed over it: a crash in between leaves both good."""
+    path = save_checkpoint(_state(1), tmp_path / "last.pt", keep=2)
+    real_replace = os.replace
+
+    def crash_on_the_final_rename(src, dst):
+        if str(src).endswith(".tmp"):
+            raise KeyboardInterrupt  # e.g. killed right there
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_the_final_rename)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(_state(2), path, keep=2)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert load_for_resume(path, keep=2)[0]["epoch"] == 1
+
+
+def test_resume_falls_back_to_an_older_copy_also_with_keep_0(tmp_path: Path) -> None:
+    """train.keep_checkpoints may change on a resume: copies written under an earlier
+    setting are still the fallback when last.pt is torn."""
+    path = tmp_path / "last.pt"
+    for value in range(2):
+        save_checkpoint(_state(value), path, keep=1)
+    path.write_bytes(b"torn")
+    state, used = load_for_resume(path, keep=0, warn=lambda message: None)
+    assert used.name == "last.1.pt" and state["epoch"] == 0
+
+
+def test_resume_targets_of_a_run_folder_and_of_auto(tmp_path: Path) -> None:
+    """--resume takes a file, a run folder or its checkpoints/ folder; --resume auto
+    without a run name takes the run saved most recently, not the last one by name."""
+    runs = tmp_path / "runs"
+    for name, mtime in (("b-old", 1_000_000), ("a-new", 2_000_000)):
+        last = save_checkpoint(_state(1), runs / name / "checkpoints" / "last.pt")
+        os.utime(last, (mtime, mtime))
+    a = runs / "a-new" / "checkpoints" / "last.pt"
+    assert resume_target(a) == a
+    assert resume_target(runs / "a-new") == a
+    assert resume_target(runs / "a-new" / "checkpoints") == a
+    assert find_run_checkpoint(runs, "") == a
+    assert find_run_checkpoint(runs, "b-old") == runs / "b-old" / "checkpoints" / "last.pt"
+    with pytest.raises(CheckpointError, match="--resume auto found no run under"):
+        find_run_checkpoint(tmp_path / "empty", "")
+
+
+def test_every_key_a_resume_may_change_is_accepted() -> None:
+    """RESUME_MAY_CHANGE as documented in check_compatible: extending epochs, moving the
+    run or its data, bookkeeping, speed settings and the learning-rate schedule (lowering
+    optim.lr is the advice after non-finite steps)."""
+    from dat.config import config_to_dict, load_config
+
+    base = ["model.name=resnet_tiny", "data.name=cifar10-sample", "train.epochs=2"]
+    changed = [
+        "train.epochs=5", "train.out_dir=elsewhere", "train.run_name=moved",
+        "train.resume=auto", "train.device=cpu", "train.val_every=2",
+        "train.test_attacks=[clean]", "train.image_every=0", "train.max_bad_steps=3",
+        "train.keep_checkpoints=4", "train.callbacks=[mod:fn]", "train.checkpoint_every=7",
+        "data.root=/local/disk", "data.test_subset=10", "data.batch_size=64",
+        "data.eval_batch_size=100", "data.loader=dataloader", "data.num_workers=0",
+        "perf.log_every=7", "perf.precision=fp32", "perf.channels_last=off",
+        "optim.lr=0.01", "optim.schedule=cosine", "optim.milestones=[1]", "optim.gamma=0.5",
+        "optim.warmup_epochs=1", "optim.lr_scaling=linear", "optim.reference_batch_size=256",
+    ]
+    state = {"config": config_to_dict(load_config(None, base)), "num_classes": 10,
+             "trainer": {"epoch": 2, "step_in_epoch": 0}}
+    new = config_to_dict(load_config(None, [*base, *changed]))
+    check_compatible(state, "resnet_tiny", 10, new)
+    new["optim"]["momentum"] = 0.5  # what the optimiser state keeps: fixed
+    with pytest.raises(CheckpointError, match=r"\(optim.momentum: trained with 0.9"):
+        check_compatible(state, "resnet_tiny", 10, new)

@@ -58,6 +58,11 @@ BAD_OVERRIDES = [
     (["perf.compile=fast"], r"perf.compile='fast' is not valid; use one of off, default"),
     (["perf.batched_branches=maybe"], r"use one of auto, on, off"),
     (["perf.fused_split_bn=always"], r"perf.fused_split_bn='always' is not valid; use one of"),
+    # the boundaries of the ranges: each value here is the first one outside
+    (["method.label_smoothing=1"], r"method.label_smoothing=1.0 must be in \[0, 1\)"),
+    (["optim.lr=0"], r"optim.lr=0.0 must be > 0"),
+    (["train.epochs=0"], r"train.epochs=0 must be >= 1"),
+    (["train.callbacks=[on_event]"], r"entry 'on_event' is not 'module:function'"),
 ]
 
 
@@ -66,6 +71,28 @@ def test_bad_values_give_one_line_errors_naming_the_fix(overrides, match) -> Non
     with pytest.raises(ConfigError, match=match) as info:
         load_config(overrides=overrides)
     assert "\n" not in str(info.value)
+
+
+def test_override_values_keep_everything_after_the_first_equals_sign() -> None:
+    """Only the first '=' splits key from value: a path with '=' in it stays whole."""
+    cfg = load_config(overrides=["data.root=/data/split=1", "train.run_name=lr=0.1"])
+    assert (cfg.data.root, cfg.train.run_name) == ("/data/split=1", "lr=0.1")
+
+
+def test_overrides_given_as_one_string_are_refused() -> None:
+    """load_config(None, "train.epochs=2") would read each character as an override."""
+    with pytest.raises(ConfigError, match=re.escape(
+            "overrides='train.epochs=2' must be a list of 'key=value' strings, "
+            "e.g. ['train.epochs=2']")):
+        load_config(None, "train.epochs=2")
+
+
+def test_eps_0_is_clean_training_whatever_the_step_size() -> None:
+    """alpha <= eps is required only for eps > 0: eps=0 (no perturbation) keeps the
+    default alpha instead of asking for alpha=0, which is refused."""
+    assert load_config(overrides=["method.attack.eps=0"]).method.attack.eps == 0
+    with pytest.raises(ConfigError, match="method.attack.alpha > 0"):
+        load_config(overrides=["method.attack.eps=0", "method.attack.alpha=0"])
 
 
 @pytest.mark.parametrize(("override", "words"), [

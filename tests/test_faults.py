@@ -268,6 +268,25 @@ def test_a_full_disk_keeps_the_old_file_and_says_so(tmp_path, monkeypatch) -> No
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
 
+def test_a_full_quota_is_reported_like_a_full_disk(tmp_path, monkeypatch) -> None:
+    """EDQUOT (a user's quota on a shared file system, common on clusters) means the same
+    as ENOSPC: the old file is intact and the message says so, not a raw OSError."""
+    from dat.checkpoint import WriteError, save_checkpoint
+
+    path = save_checkpoint({"x": torch.ones(2)}, tmp_path / "last.pt")
+    before = path.read_bytes()
+
+    def over_quota(obj, f, *args, **kwargs):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    monkeypatch.setattr(torch, "save", over_quota)
+    with pytest.raises(WriteError, match="Disk quota exceeded .*last.pt, if any, is unchanged"
+                       ) as info:
+        save_checkpoint({"x": torch.zeros(2)}, path, keep=1)
+    assert info.value.errno == errno.EDQUOT
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
 def test_a_full_disk_during_training_is_one_line(capsys, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(torch, "save", _disk_full_save)
     code = train_main(["--no-progress", *TINY, f"train.out_dir={tmp_path}",
@@ -458,6 +477,99 @@ def test_step_guard_rolls_back_every_layout_exactly_in_a_few_kernels(fused) -> N
         guard.commit(torch.tensor(1.0))
     assert len(guard._tensors()) > 160
     assert Count.n < 40 if fused else Count.n > 160, Count.n
+
+
+def _guarded_sgd_step(guard: StepGuard, model: nn.Module, opt, grad: float, loss: float) -> bool:
+    """One guarded step with every gradient set to ``grad``; returns the guard's flag."""
+    guard.snapshot()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, grad)
+    opt.step()
+    return bool(guard.commit(torch.tensor(loss)))
+
+
+def test_step_guard_counts_streaks_and_resets_the_counts_on_each_read() -> None:
+    """The trainer stops at ``max_bad_steps`` consecutive bad steps and adds the bad steps
+    to ``state.bad_steps`` at each log: a good step must end a streak, and a read must not
+    report the same streak or the same bad steps again."""
+    torch.manual_seed(0)
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = StepGuard([model], [opt])
+
+    def steps(pattern: str) -> list[float]:
+        for c in pattern:  # B: a non-finite loss, G: a good step
+            _guarded_sgd_step(guard, model, opt, 1.0, float("nan") if c == "B" else 1.0)
+        return [float(v) for v in guard.counters(torch.device("cpu"))]
+
+    assert steps("BGBBG") == [2, 3]  # longest streak 2 (not 3: G broke it), 3 bad in all
+    assert steps("G") == [0, 0]  # nothing new since the read
+    assert steps("BGB") == [1, 2]  # streaks of one, even though 2 was seen before
+    assert steps("B") == [2, 1]  # a streak running across a read is still counted whole
+
+
+def test_step_guard_zeroes_optimiser_state_created_by_a_bad_first_step() -> None:
+    """SGD creates its momentum buffers on the first step; when that step is non-finite the
+    snapshot has no copy to restore, so the guard zeroes them: a NaN kept there would
+    poison every later step, and a run would stop at max_bad_steps with nothing learnt."""
+    torch.manual_seed(0)
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    guard = StepGuard([model], [opt])
+    before = [p.detach().clone() for p in model.parameters()]
+    assert not _guarded_sgd_step(guard, model, opt, float("nan"), 1.0)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    assert all(torch.equal(s["momentum_buffer"], torch.zeros_like(s["momentum_buffer"]))
+               for s in opt.state.values())
+    assert _guarded_sgd_step(guard, model, opt, 1.0, 1.0)  # the next good step trains
+    assert all(torch.isfinite(p).all() and not torch.equal(a, p)
+               for a, p in zip(before, model.parameters(), strict=True))
+
+
+def test_step_guard_refuses_non_finite_gradients_with_finite_weights() -> None:
+    """ok also needs finite gradients (the module docstring's contract), e.g. for a
+    parameter the optimiser does not step: its weight stays finite, its gradient is not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    opt = torch.optim.SGD(model[0].parameters(), lr=0.1)  # model[1] is not stepped
+    guard = StepGuard([model], [opt])
+    guard.snapshot()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    model[1].weight.grad[0, 0] = float("inf")
+    before = model[0].weight.detach().clone()
+    opt.step()
+    assert not bool(guard.commit(torch.tensor(1.0)))
+    assert torch.equal(model[0].weight, before)  # the whole step was rolled back
+
+
+def test_step_guard_also_rolls_back_what_the_method_owns() -> None:
+    """``extra`` (the trainer passes its method) adds the modules and optimisers held as its
+    attributes, e.g. DAT's amplitude generator and its SGD: a bad step that moved the
+    generator must leave it as it was, like the classifier."""
+    torch.manual_seed(0)
+    model, generator = nn.Linear(2, 2), nn.Linear(2, 2)
+
+    class Method:  # like a method step: the generator and its optimiser as attributes
+        def __init__(self) -> None:
+            self.generator = generator
+            self.gen_opt = torch.optim.SGD(generator.parameters(), lr=0.1, momentum=0.9)
+
+    method = Method()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = StepGuard([model], [opt], extra=method)
+    for loss in (1.0, float("nan")):  # the first creates the generator's momentum
+        state = {k: v.clone() for k, v in generator.state_dict().items()}
+        momentum = [s["momentum_buffer"].clone() for s in method.gen_opt.state.values()]
+        guard.snapshot()
+        for p in [*model.parameters(), *generator.parameters()]:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        method.gen_opt.step()
+        guard.commit(torch.tensor(loss))
+    assert _state_equal(state, generator.state_dict())
+    assert all(torch.equal(a, s["momentum_buffer"]) for a, s in zip(
+        momentum, method.gen_opt.state.values(), strict=True))
 
 
 def test_a_second_process_is_refused_while_a_run_or_an_evaluation_holds_its_folder(

@@ -397,3 +397,46 @@ def test_ctrl_c_in_the_final_test_resumes_only_the_unfinished_attacks(tmp_path,
                       progress=False).fit()
     assert ran[0] == "cw" and "fgsm" not in ran  # fgsm came from progress.json
     assert resumed["test"] == straight["test"]
+
+
+def test_a_resume_restores_the_weight_average_counters_and_random_states(
+        tmp_path, sample_splits) -> None:
+    """The EMA copy, which no other resume test reaches (their runs average nothing), and,
+    checked directly rather than through bit-identical weights, every TrainState counter
+    and the Python, NumPy and torch RNG states right after Trainer(cfg) resumed. best.pt
+    is written after last.pt here (a kill between the two at an epoch's end): the best
+    scores must come from best.pt, the file they describe."""
+    import random
+    from dataclasses import asdict
+
+    import numpy as np
+
+    run = ["train.run_name=ema", "train.weight_averaging=ema"]
+    first = Trainer(_tiny_cfg(tmp_path, *run), progress=False, splits=sample_splits)
+    with torch.no_grad():
+        for p in first.model.parameters():
+            p.add_(1.0)  # the average now differs from a freshly built one
+    first.averager.update_step(first.model)
+    random.random(), np.random.rand(), torch.rand(1)  # as training draws: the states move on
+    s = first.state
+    s.epoch, s.global_step, s.images_seen, s.bad_steps = 1, 2, 32, 1
+    s.step_seconds, s.wall_seconds, s.history = 1.5, 2.5, [{"epoch": 1, "clean": 50.0}]
+    first.save_last()
+    counters = asdict(s)  # what last.pt holds
+    s.last_val = {"epoch": 1, "clean": 50.0, "pgd2": 12.5}
+    s.best_val_pgd, s.best_val_clean, s.best_epoch = 12.5, 50.0, 1
+    first.save_best()
+    del first
+    saved = load_checkpoint(tmp_path / "ema" / "checkpoints" / "last.pt")
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)  # anything but the saved states
+    resumed = Trainer(_tiny_cfg(tmp_path, *run, "train.resume=auto"), progress=False,
+                      splits=sample_splits)
+    assert _state_equal(resumed.averager.state_dict(), saved["averaging"])
+    assert resumed.averager.n_averaged == 1
+    best = {"best_val_pgd": 12.5, "best_val_clean": 50.0, "best_epoch": 1}
+    assert counters["best_epoch"] == 0  # so the next line also checks best.pt was read
+    assert asdict(resumed.state) == {**counters, **best}
+    rng = saved["rng"]
+    assert random.getstate()[1] == tuple(rng["python"][1])
+    assert np.random.get_state()[2] == rng["numpy"]["pos"]
+    assert torch.equal(torch.get_rng_state(), rng["torch"])
