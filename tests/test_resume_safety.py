@@ -440,3 +440,17 @@ def test_a_resume_restores_the_weight_average_counters_and_random_states(
     assert random.getstate()[1] == tuple(rng["python"][1])
     assert np.random.get_state()[2] == rng["numpy"]["pos"]
     assert torch.equal(torch.get_rng_state(), rng["torch"])
+
+
+def test_older_copies_hold_older_steps_when_a_step_save_meets_an_epoch_end(tmp_path) -> None:
+    """train.checkpoint_every dividing the epoch saves last.pt at an epoch's last step, and
+    the epoch end saves it again at that same step (now with the validation and the epoch
+    count). The second save replaces last.pt: rotating would spend last.1.pt on a copy of
+    the same step and push the previous epoch's end out of the kept copies."""
+    Trainer(_tiny_cfg(tmp_path, "train.run_name=r", "train.checkpoint_every=2",
+                      "train.keep_checkpoints=2"), progress=False).fit()
+    folder = tmp_path / "r" / "checkpoints"
+    kept = {n: load_checkpoint(folder / n)["trainer"] for n in ("last.pt", "last.1.pt")}
+    assert (kept["last.pt"]["global_step"], kept["last.pt"]["epoch"]) == (4, 2)
+    assert (kept["last.1.pt"]["global_step"], kept["last.1.pt"]["epoch"]) == (2, 1)
+    assert not (folder / "last.2.pt").exists()  # only two distinct steps were saved
