@@ -723,6 +723,7 @@ def test_a_batch_of_one_or_an_unbatched_image_is_refused_before_bn_moves() -> No
         with pytest.raises(ValueError, match="add the batch dimension with x\\[None\\]"):
             step(torch.rand(3, 32, 32), torch.tensor([3]))
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+        assert step(torch.rand(2, 3, 32, 32), torch.tensor([3, 4]))["loss"] > 0  # 2 is enough
 
 
 def test_a_model_that_casts_its_own_input_is_still_attacked() -> None:

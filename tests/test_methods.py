@@ -108,6 +108,8 @@ def test_eps_in_pixel_units_is_rejected() -> None:
     model = create_model("resnet_tiny")
     with pytest.raises(ValueError, match="0-255 units"):
         PGDATStep(model, torch.optim.SGD(model.parameters(), lr=0.1), eps=8)
+    with pytest.raises(ValueError, match="0-255 units"):  # alpha=2 meant 2/255 too
+        PGDATStep(model, torch.optim.SGD(model.parameters(), lr=0.1), alpha=2)
 
 
 def _by_hand_awp_then_sgd(model, loss_of, gamma: float, lr: float) -> dict[str, torch.Tensor]:
@@ -327,3 +329,136 @@ def test_trades_refuses_an_unknown_start() -> None:
     model = create_model("resnet_tiny", num_classes=10)
     with pytest.raises(ValueError, match="init='zeros'; use 'uniform' or 'gaussian'"):
         TRADESStep(model, torch.optim.SGD(model.parameters(), lr=0.1), init="zeros")
+
+
+def test_mart_loss_weights_each_example_by_its_own_clean_miss_and_averages_the_batch() -> None:
+    """The MART loss written out per example on a batch of 4 (the one-example hand check
+    above cannot tell a per-example weight from a batch-wide one, nor a mean from a sum):
+    values, and gradients, which flow through the weight (1 - p_y(x)) as in the paper's code."""
+    torch.manual_seed(0)
+    clean = (3 * torch.randn(4, 5)).requires_grad_()
+    adv = (3 * torch.randn(4, 5)).requires_grad_()
+    y, beta = torch.tensor([0, 3, 1, 4]), 2.5
+
+    def by_hand(clean, adv):
+        rows = []
+        for i, k in enumerate(y.tolist()):
+            p_adv, p_clean = adv[i].softmax(0), clean[i].softmax(0)
+            top_wrong = torch.cat([p_adv[:k], p_adv[k + 1:]]).max()
+            bce = -p_adv[k].log() - (1 - top_wrong).log()
+            kl = (p_clean * (p_clean.log() - p_adv.log())).sum()
+            rows.append(torch.stack([bce, kl * (1 - p_clean[k])]))
+        bce, weighted_kl = torch.stack(rows).mean(0)
+        return bce + beta * weighted_kl, bce, weighted_kl
+
+    got, want = mart_loss(clean, adv, y, beta), by_hand(clean, adv)
+    for g, w in zip(got, want, strict=True):
+        assert float(g.detach()) == pytest.approx(float(w.detach()), rel=1e-5)
+    for g, w in zip(torch.autograd.grad(got[0], (clean, adv)),
+                    torch.autograd.grad(want[0], (clean, adv)), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_non_default_settings_reach_the_attack_the_loss_and_every_stat(name, train_batch) -> None:
+    """eps, alpha, beta and the gaussian start away from the defaults (the paper test above
+    uses eps 8/255, alpha 2/255, beta 6: a hard-coded default passes it); every returned
+    stat recomputed by hand; BN statistics moved by the loss's train-mode forwards only
+    (PGD-AT's clean accuracy is an eval-mode forward)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from dat.attacks import pgd, trades_kl
+
+    x, y = train_batch[0][::4], train_batch[1][::4]  # 16 images, labels 0..9
+    torch.manual_seed(0)  # measured: clean and adversarial accuracies differ, not all 0
+    model = create_model("resnet_tiny", num_classes=10)
+    before = copy.deepcopy(model)
+    eps, alpha, beta = 12 / 255, 4 / 255, 2.5
+    step = BASELINES[name](model, torch.optim.SGD(model.parameters(), lr=0.1), eps=eps,
+                           alpha=alpha, steps=3, init="gaussian", keep_images=16,
+                           **({} if name == "pgd_at" else {"beta": beta}))
+    torch.manual_seed(1)
+    stats = step.run(x, y)
+    torch.manual_seed(1)  # the same 0.001 N(0, I) start, now by hand
+    if name == "trades":
+        want = trades_kl(before, x, eps, alpha, 3)
+    else:
+        want = pgd(before, x, y, eps, alpha, 3, start=0.001 * torch.randn_like(x))
+    assert torch.equal(step.last_images()["x_adv"], want)
+
+    def acc(logits):
+        return float((logits.argmax(1) == y).float().sum()) / len(y)
+
+    with torch.no_grad():
+        if name == "pgd_at":
+            clean = before.eval()(x)
+            adv = before.train()(want)
+            expected = {"loss": float(F.cross_entropy(adv, y))}
+        else:
+            clean, adv = before.train()(x), before(want)
+            if name == "trades":
+                ce = F.cross_entropy(clean, y)
+                kl = (clean.softmax(1) * (clean.log_softmax(1) - adv.log_softmax(1))).sum(1).mean()
+                expected = {"loss": float(ce + beta * kl), "ce": float(ce), "kl": float(kl)}
+            else:  # mart_loss itself is checked against the paper's formula above
+                total, bce, kl = mart_loss(clean, adv, y, beta)
+                expected = {"loss": float(total), "bce": float(bce), "kl": float(kl)}
+    expected.update(acc_clean=acc(clean), acc_adv=acc(adv))
+    # two equal accuracies could not tell clean logits from adversarial ones in the stats
+    assert expected["acc_clean"] != expected["acc_adv"], "pick another seed for this test"
+    assert stats.keys() == expected.keys()
+    for key, value in expected.items():
+        assert float(stats[key]) == pytest.approx(value, abs=1e-5), key
+    for key, value in before.state_dict().items():  # before: its own train forwards above
+        if "running" in key or "num_batches" in key:
+            assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_each_step_starts_from_zeroed_gradients(train_batch) -> None:
+    """A step's update is its own batch's gradient: the same step run twice from the same
+    state leaves the same .grad (without zero_grad the second would hold twice as much)."""
+    import copy
+
+    x, y = train_batch[0][:8], train_batch[1][:8]
+    model = create_model("resnet_tiny", num_classes=10)
+    step = PGDATStep(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=1)
+    state, grads = copy.deepcopy(model.state_dict()), []
+    for _ in range(2):
+        model.load_state_dict(state)  # weights and BN statistics (not .grad)
+        torch.manual_seed(0)
+        step.run(x, y)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_awp_is_taken_afresh_at_each_steps_weights_and_in_train_mode(train_batch) -> None:
+    """AWP's proxy copies the model's current weights and train flags at every step: the
+    second step's update (proxy re-synced, its gradients zeroed) and that of a model handed
+    in in eval mode (trained in train mode, its proxy too) are SGD at w + v, as by hand."""
+    import copy
+
+    x, y = train_batch[0][:16], train_batch[1][:16]
+    torch.manual_seed(0)
+    model = create_model("resnet_tiny", num_classes=10).eval()
+    step = TRADESStep(model, torch.optim.SGD(model.parameters(), lr=0.5), steps=2, beta=6.0,
+                      awp_gamma=0.02, keep_images=16)
+    for _ in range(2):
+        before = copy.deepcopy(model)
+        step.run(x, y)
+        loss_of = _method_loss("trades", x, step.last_images()["x_adv"], y)
+        expected = _by_hand_awp_then_sgd(before, loss_of, 0.02, 0.5)
+        for key, w in model.named_parameters():
+            torch.testing.assert_close(w.detach(), expected[key], rtol=1e-4, atol=1e-5)
+    assert not model.training
+
+
+def test_a_baseline_has_no_state_and_refuses_one() -> None:
+    model = create_model("resnet_tiny", num_classes=10)
+    step = PGDATStep(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert step.state_dict() == {}
+    step.load_state_dict({})
+    with pytest.raises(ValueError, match=r"PGDATStep has no state but got keys \['awp'\]"):
+        step.load_state_dict({"awp": 1})
