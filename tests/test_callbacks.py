@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import dat.trainer
-from dat.callbacks import Callback, load_callback
+from dat.callbacks import Callback, ValidationCallback, load_callback, robust_accuracy
 from dat.cli import train_main
 from dat.config import ConfigError, load_config
 from dat.trainer import Trainer
@@ -271,3 +272,115 @@ def test_train_error_on_ctrl_c_comes_after_the_resume_point_is_saved(tmp_path) -
         trainer.fit()
     assert seen == [(KeyboardInterrupt, True, 1)]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# ---- ValidationCallback and robust_accuracy, without a training run ----------------------
+def _validating(monkeypatch, scores, **train):
+    """A stand-in trainer for ValidationCallback; ``robust_accuracy`` returns ``scores``
+    (clean, robust) in turn and records how it was called."""
+    from types import SimpleNamespace
+
+    import dat.callbacks
+    from dat.config import Config
+    from dat.run_state import TrainState
+
+    calls, saved = [], []
+
+    def fake_accuracy(model, x, y, eps, alpha, steps, batch_size=500, seed=0):
+        calls.append({"steps": steps, "batch_size": batch_size, "seed": seed, "eps": eps})
+        return scores[len(calls) - 1]
+
+    monkeypatch.setattr(dat.callbacks, "robust_accuracy", fake_accuracy)
+    cfg = Config()
+    for key, value in {"epochs": len(scores), "val_every": 1, "val_pgd_steps": 3, "seed": 7,
+                       **train}.items():
+        setattr(cfg.train, key, value)
+    cfg.method.attack.steps, cfg.data.eval_batch_size = 5, 11  # not to be confused with them
+    trainer = SimpleNamespace(cfg=cfg, state=TrainState(), eval_model=lambda: None,
+                              val_data=(torch.zeros(4, 3, 2, 2), torch.zeros(4)))
+    trainer.save_best = lambda: saved.append(trainer.state.best_epoch)
+    return trainer, calls, saved
+
+
+def test_best_pt_goes_to_the_highest_pgd_accuracy_and_ties_to_higher_clean(monkeypatch) -> None:
+    # (clean, pgd) per epoch: a strict rise in pgd wins; an exact tie keeps the older epoch;
+    # an equal pgd with higher clean wins; higher clean alone with lower pgd never wins
+    scores = [(50.0, 20.0), (40.0, 30.0), (40.0, 30.0), (45.0, 30.0), (90.0, 25.0)]
+    trainer, calls, saved = _validating(monkeypatch, scores)
+    cb = ValidationCallback()
+    for epoch in range(len(scores)):
+        cb.on_epoch_end(trainer, epoch)
+    s = trainer.state
+    assert saved == [1, 2, 4]  # save_best runs after the 1-based best_epoch is set
+    assert (s.best_epoch, s.best_val_pgd, s.best_val_clean) == (4, 30.0, 45.0)
+    assert s.last_val == {"epoch": 5, "clean": 90.0, "pgd3": 25.0}
+    assert [h["epoch"] for h in s.history] == [1, 2, 3, 4, 5]
+    assert s.history[0] == {"epoch": 1, "clean": 50.0, "pgd3": 20.0}
+    # validation runs train.val_pgd_steps PGD steps (not the attack's training steps),
+    # in data.eval_batch_size batches, seeded by train.seed
+    assert calls[0] == {"steps": 3, "batch_size": 11, "seed": 7, "eps": 8 / 255}
+
+
+def test_validation_runs_every_val_every_epochs_and_after_the_last(monkeypatch) -> None:
+    trainer, calls, _ = _validating(monkeypatch, [(10.0, 5.0)] * 3, epochs=5, val_every=2)
+    cb = ValidationCallback()
+    for epoch in range(5):
+        cb.on_epoch_end(trainer, epoch)
+    assert [h["epoch"] for h in trainer.state.history] == [2, 4, 5]  # 5: the last epoch
+    trainer, calls, _ = _validating(monkeypatch, [], epochs=2, val_every=0)
+    for epoch in range(2):
+        cb.on_epoch_end(trainer, epoch)
+    assert calls == [] and trainer.state.history == []  # 0: never, not even after the last
+    trainer, calls, _ = _validating(monkeypatch, [], epochs=1)
+    trainer.val_data = (torch.zeros(0, 3, 2, 2), torch.zeros(0))  # data.val_size=0
+    cb.on_epoch_end(trainer, 0)
+    assert calls == [] and trainer.state.last_val == {}
+
+
+def test_robust_accuracy_is_clean_then_pgd_on_the_main_branch_in_eval_mode(
+        make_warm_model, sample_batch) -> None:
+    """Checks the documented recipe step by step: batch i starts PGD from a draw seeded
+    seed + i, on the main BN branch in eval mode, under a forked RNG."""
+    import dat
+    from dat.attacks import pgd
+
+    model = make_warm_model(dual_bn=True).train()
+    x, _ = sample_batch
+    with torch.no_grad(), dat.models.bn_branch(model.eval(), "main"):
+        y = model(x).argmax(1)  # every image correct when clean
+    model.train()
+    stats = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    clean, robust = robust_accuracy(model, x, y, 8 / 255, 2 / 255, steps=2, batch_size=6,
+                                    seed=3)
+    assert torch.equal(torch.get_rng_state(), rng)  # training's random stream untouched
+    assert model.training  # restored
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items())  # no BN update
+    correct = 0
+    with dat.models.bn_branch(model.eval(), "main"):
+        for i, (xb, yb) in enumerate(zip(x.split(6), y.split(6), strict=True)):
+            torch.manual_seed(3 + i)
+            x_adv = pgd(model, xb, yb, 8 / 255, 2 / 255, 2, check_range=False)
+            with torch.no_grad():
+                correct += int((model(x_adv).argmax(1) == yb).sum())
+    assert clean == 100.0 and robust == 100.0 * correct / len(y) < 100.0
+
+
+def test_a_function_callback_gets_each_event_by_name_with_its_payload_unchanged() -> None:
+    from dat.callbacks import FunctionCallback
+
+    seen: list[tuple] = []
+    cb = FunctionCallback(lambda trainer, event, payload: seen.append((trainer, event, payload)))
+    stats, means, metrics, error = {"loss": torch.zeros(())}, {"loss": 1.5}, {"test": {}}, \
+        RuntimeError("x")
+    cb.on_train_start("T")
+    cb.on_step_start("T")
+    cb.on_step_end("T", stats)
+    cb.on_log("T", means)
+    cb.on_epoch_end("T", 0)  # the 0-based index, as Callback.on_epoch_end gets it
+    cb.on_train_end("T", metrics)
+    cb.on_train_error("T", error)
+    assert seen == [("T", "train_start", None), ("T", "step_start", None),
+                    ("T", "step_end", stats), ("T", "log", means), ("T", "epoch_end", 0),
+                    ("T", "train_end", metrics), ("T", "train_error", error)]
+    assert seen[2][2] is stats and seen[3][2] is means  # the same objects, no copies

@@ -7,9 +7,11 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import dat
+import dat.export
 from dat.config import Config, config_to_dict
 from dat.data import stratified_split
 from dat.evaluation import load_checkpoint
@@ -100,3 +102,50 @@ def test_model_entry_point_with_exported_weights(make_warm_model, sample_splits,
     with torch.no_grad(), dat.models.bn_branch(dual, "main"):
         expected = 100.0 * int((dual(x).argmax(1) == y).sum()) / 24
     assert report["results"]["clean"] == expected
+
+
+def test_cli_writes_the_metadata_and_names_the_branch(make_warm_model, tmp_path,
+                                                      capsys) -> None:
+    # the safetensors header says what the weights are for whoever loads the file alone
+    _save_checkpoint(make_warm_model(dual_bn=True).eval(), tmp_path / "best.pt")
+    out = tmp_path / "model.safetensors"
+    assert main(["--checkpoint", str(tmp_path / "best.pt"), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.startswith(
+        f"exported resnet_tiny (10 classes, main BN) -> {out} [safetensors]\n")
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata() == {"model": "resnet_tiny", "num_classes": "10", "bn_branch": "main",
+                                "input": "RGB in [0, 1], normalisation inside the model"}
+
+
+def test_cli_writes_nothing_when_the_exported_logits_differ(make_warm_model, tmp_path, capsys,
+                                                           monkeypatch) -> None:
+    """The reload check is what keeps a wrong export from reaching --out."""
+    _save_checkpoint(make_warm_model(dual_bn=True).eval(), tmp_path / "best.pt")
+    real = dat.export.export_state_dict
+
+    def off_by_a_little(model):  # a bias 1e-3 off: small, but over the 1e-5 tolerance
+        state = real(model)
+        state["linear.bias"] += 1e-3
+        return state
+
+    monkeypatch.setattr(dat.export, "export_state_dict", off_by_a_little)
+    out = tmp_path / "model.safetensors"
+    assert main(["--checkpoint", str(tmp_path / "best.pt"), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "exported logits differ from the checkpoint's" in err and str(out) in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]  # nor a staged file
+
+
+def test_loading_an_export_is_strict_and_the_suffix_must_fit_the_format(make_warm_model,
+                                                                        tmp_path) -> None:
+    model = make_warm_model()
+    path = export_model(model, tmp_path / "m.safetensors")
+    state = load_file(str(path))
+    del state["linear.bias"]  # a file for another head must not load half-way
+    save_file(state, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*linear\.bias"):
+        load_exported(tmp_path / "partial.safetensors", "resnet_tiny", 10)
+    with pytest.raises(ValueError, match=r"--out .*m\.pt does not fit --format safetensors: "
+                                         r"name it m\.safetensors or pass --format robustbench"):
+        export_model(model, tmp_path / "m.pt", "safetensors")
+    assert not (tmp_path / "m.pt").exists()

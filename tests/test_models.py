@@ -194,3 +194,38 @@ def test_a_package_that_fails_inside_is_not_blamed_on_pythonpath(tmp_path, monke
     with pytest.raises(ValueError, match="cannot import 'no_pkg_xyz'.*add its folder to "
                                          "PYTHONPATH"):
         create("no_pkg_xyz:build")
+
+
+def test_an_unknown_name_lists_every_way_to_name_a_model() -> None:
+    with pytest.raises(ValueError) as info:
+        create("resnet19")
+    message = str(info.value)
+    assert str(list_models()) in message  # the names to pick from, not only "unknown"
+    assert "'timm/<timm model name>'" in message and "module:function" in message
+
+
+def test_a_name_cannot_be_registered_twice() -> None:
+    from dat.models import register
+
+    with pytest.raises(ValueError, match="model 'resnet_tiny' is already registered"):
+        register("resnet_tiny")(lambda num_classes: None)
+    assert create("resnet_tiny").linear.out_features == 10  # the original is kept
+
+
+def test_normalize_checks_std_too_and_keeps_the_input_dtype() -> None:
+    with pytest.raises(ValueError, match="in_chans=1 but mean/std have 1/3 values"):
+        Normalize((0.5,), CIFAR10_STD, channels=1)
+    x = torch.rand(2, 3, 4, 4).bfloat16()  # float32 buffers would promote bf16 inputs
+    assert Normalize(CIFAR10_MEAN, CIFAR10_STD)(x).dtype == torch.bfloat16
+
+
+def test_timm_models_normalise_once_with_the_given_mean_and_std() -> None:
+    mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 0.125)
+    model = create("timm/resnet10t", num_classes=7, mean=mean, std=std, drop_rate=0.25,
+                   pretrained=False).eval()  # pretrained=False is allowed: it is what we do
+    assert model.net.drop_rate == 0.25  # other keyword arguments reach timm.create_model
+    assert torch.equal(model.normalize.mean.flatten(), torch.tensor(mean))
+    assert torch.equal(model.normalize.std.flatten(), torch.tensor(std))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), model.net(Normalize(mean, std)(x)))

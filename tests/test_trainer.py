@@ -119,6 +119,10 @@ def test_tensorboard_has_scalars_for_stats_validation_test_and_images(tiny_run) 
     assert {"train/loss", "train/kl", "train/acc_adv", "train/lr", "train/images_per_s",
             "val/clean", "val/pgd2", "test/clean", "test/pgd20"} <= scalars
     assert [e.step for e in events.Scalars("train/loss")] == [2, 4]  # synced every 2 steps
+    # validation and test at the global step too (not the epoch), and no val/epoch curve
+    assert [e.step for e in events.Scalars("val/pgd2")] == [4] == [
+        e.step for e in events.Scalars("test/clean")]
+    assert not any(tag.endswith("/epoch") for tag in scalars)
     assert {"images/x", "images/x_adv"} <= set(events.Tags()["images"])
 
 
