@@ -52,12 +52,12 @@ class CheckpointedRun:
         state, path = self._checkpoint_state(), self.run_dir / "checkpoints" / "last.pt"
         # the same step again (an epoch's end just after a train.checkpoint_every save, or
         # Ctrl-C there): replace last.pt, so the older copies stay older points of the run
-        again = getattr(self, "_last_saved_step", None) == self.state.global_step
+        again = self._last_saved_step == self.state.global_step
         if self.dist.is_main:
             ckpt.save_checkpoint(state, path,
                                  keep=0 if again else self.cfg.train.keep_checkpoints)
         distributed.barrier()
-        self._saved_last, self._last_saved_step = True, self.state.global_step
+        self._last_saved_step = self.state.global_step
         return path
 
     def weights_kind(self) -> str:

@@ -205,7 +205,8 @@ class Trainer(CheckpointedRun):
         if not self.dist.is_main:
             self._unlock.detach()
         self._synced_at = -1  # global step of the last BN-statistics sync
-        self._fresh, self._saved_last, self._stop_requested = resume is None, False, False
+        self._fresh, self._stop_requested = resume is None, False
+        self._last_saved_step: int | None = None  # global step of this session's last last.pt
         if resume is not None:
             try:
                 self.resume(resume, loaded)
@@ -308,7 +309,7 @@ class Trainer(CheckpointedRun):
         """A new run's folder must still be its own: another Trainer of this process with
         the same ``train.run_name`` (the folder lock is per process) may have written a run
         there since this one was built, and this fit would overwrite it."""
-        if not self._fresh or self._saved_last or self.dist.enabled:
+        if not self._fresh or self._last_saved_step is not None or self.dist.enabled:
             return
         if any((self.run_dir / "checkpoints").glob("last*.pt")):
             raise ConfigError(
