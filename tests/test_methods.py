@@ -112,11 +112,13 @@ def test_eps_in_pixel_units_is_rejected() -> None:
         PGDATStep(model, torch.optim.SGD(model.parameters(), lr=0.1), alpha=2)
 
 
-def _by_hand_awp_then_sgd(model, loss_of, gamma: float, lr: float) -> dict[str, torch.Tensor]:
+def _by_hand_awp_then_sgd(model, loss_of, gamma: float, lr: float,
+                          weight_decay: float = 0.0) -> dict[str, torch.Tensor]:
     """AWP written out from the paper, then one plain SGD step: the expected new weights.
 
     v_l = gamma * ||w_l|| * d_l / ||d_l|| with d = one SGD ascent step (lr 0.01) of a copy;
-    the gradient is taken at w + v, and v is removed again after the step.
+    the gradient is taken at w + v, and v is removed again after the step. As in the AWP
+    authors' code the step is taken at w + v, so weight decay acts on w + v.
     """
     import copy
 
@@ -132,8 +134,8 @@ def _by_hand_awp_then_sgd(model, loss_of, gamma: float, lr: float) -> dict[str, 
                 p.add_(gamma * weights[name].norm() / d.norm() * d)
     moved.zero_grad()
     loss_of(moved).backward()
-    return {name: (w - lr * dict(moved.named_parameters())[name].grad).detach()
-            for name, w in weights.items()}
+    return {name: (w - lr * (p.grad + weight_decay * p)).detach()
+            for (name, w), p in zip(weights.items(), moved.parameters(), strict=True)}
 
 
 def _method_loss(name: str, x, x_adv, y):
@@ -220,6 +222,28 @@ def test_awp_step_is_sgd_at_the_perturbed_weights(name, train_batch) -> None:
         torch.testing.assert_close(w.detach(), expected[key], rtol=1e-4, atol=1e-5)
     moved = max((expected[k] - plain[k]).abs().max() for k in expected)
     assert moved > 1e-3  # AWP changed this update measurably (not a no-op test)
+
+
+def test_awp_step_decays_the_perturbed_weights_as_the_awp_authors_code(train_batch) -> None:
+    """The optimiser steps at w + v and v is removed after it, so weight decay acts on w + v;
+    stepping after the removal would decay w alone (lr * wd * v apart: a large weight decay
+    makes that measurable here)."""
+    import copy
+
+    x, y = train_batch[0][:16], train_batch[1][:16]
+    torch.manual_seed(0)
+    model = create_model("resnet_tiny", num_classes=10)
+    before = copy.deepcopy(model)
+    step = PGDATStep(model, torch.optim.SGD(model.parameters(), lr=0.5, weight_decay=0.5),
+                     steps=2, awp_gamma=0.05, keep_images=16)
+    step.run(x, y)
+    loss_of = _method_loss("pgd_at", x, step.last_images()["x_adv"], y)
+    expected = _by_hand_awp_then_sgd(before, loss_of, 0.05, 0.5, weight_decay=0.5)
+    for key, w in model.named_parameters():
+        torch.testing.assert_close(w.detach(), expected[key], rtol=1e-4, atol=1e-5)
+    no_decay = _by_hand_awp_then_sgd(before, loss_of, 0.05, 0.5)
+    decay_on_w = {k: no_decay[k] - 0.5 * 0.5 * w.detach() for k, w in before.named_parameters()}
+    assert max((expected[k] - decay_on_w[k]).abs().max() for k in expected) > 1e-3
 
 
 def test_awp_waits_for_its_warmup_epoch_and_comes_from_the_config(train_batch) -> None:
