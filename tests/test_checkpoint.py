@@ -32,15 +32,17 @@ def _state(value: float) -> dict:
 
 
 def test_save_is_atomic_and_keeps_older_copies(tmp_path: Path) -> None:
+    """keep=3: each save moves last.2.pt to last.3.pt before last.1.pt to last.2.pt (the
+    other order would overwrite one copy with a newer one, which keep=2 cannot show)."""
     path = tmp_path / "ckpt" / "last.pt"
-    for value in range(4):
-        save_checkpoint(_state(value), path, keep=2)
+    for value in range(5):
+        save_checkpoint(_state(value), path, keep=3)
     names = sorted(p.name for p in path.parent.iterdir())
-    assert names == ["last.1.pt", "last.2.pt", "last.pt"]  # no temporary files left behind
+    assert names == ["last.1.pt", "last.2.pt", "last.3.pt", "last.pt"]  # no temporary files
     epochs = [load_checkpoint(path.parent / n)["epoch"] for n in ("last.pt", "last.1.pt",
-                                                                  "last.2.pt")]
-    assert epochs == [3, 2, 1]
-    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.full((64, 64), 3.0))
+                                                                  "last.2.pt", "last.3.pt")]
+    assert epochs == [4, 3, 2, 1]
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.full((64, 64), 4.0))
 
 
 def test_truncated_checkpoints_give_one_line_errors(tmp_path: Path) -> None:
@@ -125,16 +127,6 @@ def test_checkpoints_for_another_model_or_class_count_are_refused() -> None:
         load_model_state(create("resnet_tiny", num_classes=100), weights, "best.pt")
     assert "best.pt does not fit this model" in str(info.value)
     assert "\n" not in str(info.value)
-
-
-def test_older_copies_shift_one_place_each_save(tmp_path: Path) -> None:
-    """With keep=3 each save moves last.2.pt to last.3.pt before last.1.pt to last.2.pt:
-    the other order would overwrite one copy with a newer one (keep=2 cannot tell)."""
-    path = tmp_path / "last.pt"
-    for value in range(5):
-        save_checkpoint(_state(value), path, keep=3)
-    names = ("last.pt", "last.1.pt", "last.2.pt", "last.3.pt")
-    assert [load_checkpoint(tmp_path / n)["epoch"] for n in names] == [4, 3, 2, 1]
 
 
 def test_a_crash_before_the_final_rename_leaves_last_pt_in_place(
